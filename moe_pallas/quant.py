@@ -1,0 +1,85 @@
+"""FP8 block-scaled tensors: one pytree of values + scales, and blockwise (de)quantization.
+
+Scales are dequantization multipliers (value = fp8 * scale), as in DeepSeek-V3 checkpoints
+(`weight_scale_inv`) and SPEC.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# DeepGEMM clamps a block's amax at 1e-4 so an all-zero block gets a finite, tiny scale instead of 0/0.
+AMAX_FLOOR = 1e-4
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockScaledArray:
+  """FP8 values with one float32 scale per `block_shape` tile of the last two axes.
+
+  Attributes:
+    values: float8_e4m3fn [..., M, K].
+    scales: float32 [..., M / bm, K / bk].
+    block_shape: (bm, bk), e.g. (128, 128) for weights, (1, 128) for activations.
+  """
+
+  values: jax.Array
+  scales: jax.Array
+  block_shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self):
+    return self.values.shape
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    return dequantize(self, dtype)
+
+
+def _check_blocks(shape, block_shape, what):
+  if len(shape) < 2:
+    raise ValueError(f"{what} must have rank >= 2, got shape {tuple(shape)}")
+  bm, bk = block_shape
+  if shape[-2] % bm or shape[-1] % bk:
+    raise ValueError(f"{what} shape {tuple(shape)} is not a multiple of block_shape {tuple(block_shape)} "
+                     "in its last two axes")
+
+
+def quantize_blockwise(x: jax.Array, block_shape: tuple[int, int] = (1, 128)) -> BlockScaledArray:
+  """Quantizes `x` [..., M, K] to FP8 e4m3 with one scale per (bm, bk) tile: scale = amax / 448."""
+  block_shape = tuple(int(b) for b in block_shape)
+  _check_blocks(x.shape, block_shape, "x")
+  bm, bk = block_shape
+  *lead, m, k = x.shape
+  tiles = x.astype(jnp.float32).reshape(*lead, m // bm, bm, k // bk, bk)
+  amax = jnp.max(jnp.abs(tiles), axis=(-3, -1))
+  scales = jnp.maximum(amax, AMAX_FLOOR) / FP8_MAX
+  values = (tiles / scales[..., :, None, :, None]).reshape(x.shape).astype(FP8_DTYPE)
+  return BlockScaledArray(values, scales, block_shape)
+
+
+def expand_scales(scales: jax.Array, block_shape: tuple[int, int]) -> jax.Array:
+  """Repeats each tile's scale over its (bm, bk) elements: [..., M/bm, K/bk] -> [..., M, K]."""
+  bm, bk = block_shape
+  return jnp.repeat(jnp.repeat(scales, bm, axis=-2), bk, axis=-1)
+
+
+def dequantize(a: BlockScaledArray, dtype=jnp.float32) -> jax.Array:
+  """values * scales, broadcast per tile, computed in float32 and returned as `dtype`."""
+  _check_blocks(a.values.shape, a.block_shape, "values")
+  full = a.values.astype(jnp.float32) * expand_scales(a.scales.astype(jnp.float32), a.block_shape)
+  return full.astype(dtype)
+
+
+def activation_scale_to_public(scale: jax.Array) -> jax.Array:
+  """[T, H/B] (row-major, as `quantize_blockwise` gives) -> the public transposed layout [H/B, T]."""
+  return jnp.swapaxes(scale, -1, -2)
+
+
+def activation_scale_from_public(scale: jax.Array) -> jax.Array:
+  """The public layout [H/B, T] (`scale[b, t]`) -> [T, H/B]."""
+  return jnp.swapaxes(scale, -1, -2)

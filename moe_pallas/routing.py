@@ -1,0 +1,115 @@
+"""DeepSeek grouped sigmoid routing and the local routing plan, as pure functions with static shapes.
+
+Nothing here reads a routing value on the host, so callers can `jit`, `vmap` and `shard_map` it; the
+plan's capacity is the worst case (every pick local), and `num_valid` says how much of it is used.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moe_pallas.config import MoEConfig
+
+# SPEC.md step 4: dropped groups are masked to the most negative float32 (not -inf, so that the
+# masked scores still order and never produce NaN in later arithmetic).
+_MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
+
+
+def route(routing_logits: jax.Array, routing_bias: jax.Array, *, config: MoEConfig,
+          routed_scaling_factor) -> tuple[jax.Array, jax.Array]:
+  """DeepSeek-V3 grouped top-k routing over all global experts (SPEC.md steps 2-5), in float32.
+
+  Args:
+    routing_logits: [T, E] float32 router logits.
+    routing_bias: [E] score-correction bias (bfloat16 or float32); used for selection only.
+    config: supplies top_k, n_group, topk_group (E comes from the shape and must match).
+    routed_scaling_factor: scalar multiplying the normalized weights.
+
+  Returns:
+    topk_ids: [T, top_k] int32 global expert ids, in descending biased score; equal scores go to
+      the lower index (`lax.top_k` is stable).
+    topk_weights: [T, top_k] float32, `s / (sum of the top_k picks' s + 1e-20) * routed_scaling_factor`
+      with the unbiased sigmoid score `s`, summed over all picks, local or not.
+  """
+  num_tokens, num_experts = routing_logits.shape
+  scores = jax.nn.sigmoid(routing_logits.astype(jnp.float32))
+  biased = scores + routing_bias.astype(jnp.float32)[None, :]
+
+  grouped = biased.reshape(num_tokens, config.n_group, num_experts // config.n_group)
+  group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+  _, kept_groups = jax.lax.top_k(group_scores, config.topk_group)
+  group_kept = jnp.any(kept_groups[:, :, None] == jnp.arange(config.n_group)[None, None, :], axis=1)
+  expert_kept = jnp.repeat(group_kept, num_experts // config.n_group, axis=1)
+  masked = jnp.where(expert_kept, biased, _MASKED_SCORE)
+
+  _, topk_ids = jax.lax.top_k(masked, config.top_k)
+  picked = jnp.take_along_axis(scores, topk_ids, axis=1)
+  factor = jnp.asarray(routed_scaling_factor, jnp.float32)
+  topk_weights = picked / (jnp.sum(picked, axis=1, keepdims=True) + 1e-20) * factor
+  return topk_ids.astype(jnp.int32), topk_weights
+
+
+class RoutingPlan(NamedTuple):
+  """This rank's (token, expert) pairs, sorted by local expert. R = T * top_k rows of capacity.
+
+  Invariant: rows [group_offsets[e], group_offsets[e + 1]) hold local expert e's pairs in token order;
+  rows [num_valid, R) are padding with token 0, expert `num_local_experts` and weight 0.
+  """
+
+  token_ids: jax.Array      # [R] int32: the token each sorted row reads and writes
+  expert_ids: jax.Array     # [R] int32: local expert of each row; num_local_experts for padding rows
+  weights: jax.Array        # [R] float32: routing weight of each row; 0 for padding rows
+  group_sizes: jax.Array    # [E_local] int32: rows per local expert
+  group_offsets: jax.Array  # [E_local + 1] int32: exclusive prefix sum of group_sizes
+  num_valid: jax.Array      # [] int32: local pairs, = group_offsets[-1]
+  pair_rows: jax.Array      # [T, top_k] int32: sorted row of pick (t, j); R where the pick is not local
+
+  @property
+  def capacity(self) -> int:
+    return self.token_ids.shape[0]
+
+  @property
+  def num_local_experts(self) -> int:
+    return self.group_sizes.shape[0]
+
+
+def plan_local(topk_ids: jax.Array, topk_weights: jax.Array, *, local_expert_offset,
+               num_local_experts: int) -> RoutingPlan:
+  """Keeps the picks of experts offset .. offset + num_local_experts - 1 and sorts them by expert.
+
+  Non-local picks are dropped, not renormalized (SPEC.md step 5). `local_expert_offset` may be traced
+  (e.g. a shard's axis index times E_local); an offset outside [0, E - E_local] simply selects the
+  experts that fall in range, possibly none.
+
+  Args:
+    topk_ids: [T, top_k] int global expert ids.
+    topk_weights: [T, top_k] float32.
+    local_expert_offset: scalar int, global id of local expert 0.
+    num_local_experts: static E_local.
+
+  Returns:
+    A RoutingPlan with capacity T * top_k.
+  """
+  num_tokens, top_k = topk_ids.shape
+  capacity = num_tokens * top_k
+  local_ids = topk_ids.astype(jnp.int32) - jnp.asarray(local_expert_offset, jnp.int32)
+  is_local = (local_ids >= 0) & (local_ids < num_local_experts)
+  # Non-local picks sort after every local expert, in one bucket of their own.
+  sort_keys = jnp.where(is_local, local_ids, num_local_experts).reshape(capacity)
+  order = jnp.argsort(sort_keys, stable=True).astype(jnp.int32)  # sorted row -> flat pair index
+
+  sorted_keys = sort_keys[order]
+  valid_rows = sorted_keys < num_local_experts
+  token_ids = jnp.where(valid_rows, order // top_k, 0)
+  weights = jnp.where(valid_rows, topk_weights.astype(jnp.float32).reshape(capacity)[order], 0.0)
+
+  group_sizes = jnp.zeros((num_local_experts + 1,), jnp.int32).at[sort_keys].add(1)[:num_local_experts]
+  group_offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])
+
+  rows_of_pairs = jnp.zeros((capacity,), jnp.int32).at[order].set(jnp.arange(capacity, dtype=jnp.int32))
+  pair_rows = jnp.where(is_local, rows_of_pairs.reshape(num_tokens, top_k), capacity)
+  return RoutingPlan(token_ids=token_ids, expert_ids=sorted_keys, weights=weights, group_sizes=group_sizes,
+                     group_offsets=group_offsets, num_valid=group_offsets[-1], pair_rows=pair_rows)

@@ -1,0 +1,141 @@
+"""Input checks at the public boundary: every message names the argument, what was expected and what came."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_pallas.config import MoEConfig
+
+_FP8 = jnp.dtype(jnp.float8_e4m3fn)
+_F32 = jnp.dtype(jnp.float32)
+_BIAS_DTYPES = (jnp.dtype(jnp.bfloat16), _F32)
+
+
+def _shape(x):
+  return tuple(getattr(x, "shape", np.shape(x)))
+
+
+def _dtype(x):
+  return jnp.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+
+
+def _expect_dtype(name, x, allowed):
+  allowed = tuple(jnp.dtype(d) for d in allowed)
+  if _dtype(x) not in allowed:
+    names = " or ".join(d.name for d in allowed)
+    raise TypeError(f"{name} must have dtype {names}, got {_dtype(x).name}")
+
+
+def _expect_shape(name, x, expected, meaning):
+  if _shape(x) != tuple(expected):
+    raise ValueError(f"{name} must have shape {list(expected)} ({meaning}), got {list(_shape(x))}")
+
+
+def _expect_rank(name, x, rank, meaning):
+  if len(_shape(x)) != rank:
+    raise ValueError(f"{name} must have rank {rank} ({meaning}), got shape {list(_shape(x))}")
+
+
+def concrete_value(x):
+  """The value of `x` as a NumPy array, or None when it is traced (checked later or not at all)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+def resolve_config(config, *, num_experts, hidden, intermediate, num_local_experts, block) -> MoEConfig:
+  """Sizes come from the shapes; routing constants from `config`, or DeepSeek-V3's when E = 256."""
+  if config is None:
+    if num_experts != 256:
+      raise ValueError(
+          f"config is required when routing_logits has E={num_experts} experts: the routing constants "
+          "(top_k, n_group, topk_group) default to DeepSeek-V3's (8, 8, 4) only for E=256")
+    preset = MoEConfig.deepseek_v3()
+    top_k, n_group, topk_group = preset.top_k, preset.n_group, preset.topk_group
+  else:
+    if not isinstance(config, MoEConfig):
+      raise TypeError(f"config must be a moe_pallas.MoEConfig or None, got {type(config).__name__}")
+    given = dict(num_experts=num_experts, hidden=hidden, intermediate=intermediate,
+                 num_local_experts=num_local_experts, block=block)
+    for field, value in given.items():
+      if getattr(config, field) != value:
+        raise ValueError(f"config.{field}={getattr(config, field)} does not match the inputs, whose shapes "
+                         f"give {field}={value}")
+    return config
+  return MoEConfig(hidden=hidden, intermediate=intermediate, num_experts=num_experts,
+                   num_local_experts=num_local_experts, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                   block=block)
+
+
+def validate_layer_inputs(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+                          gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, local_expert_offset,
+                          routed_scaling_factor, config, block=128) -> MoEConfig:
+  """Checks ranks, shapes, dtypes and (when concrete) values of the layer's inputs; returns the geometry."""
+  _expect_rank("routing_logits", routing_logits, 2, "[T, E]")
+  _expect_rank("hidden_states", hidden_states, 2, "[T, H]")
+  _expect_rank("gemm1_weights", gemm1_weights, 3, "[E_local, 2I, H]")
+  _expect_rank("gemm2_weights", gemm2_weights, 3, "[E_local, H, I]")
+  num_tokens, num_experts = _shape(routing_logits)
+  _, hidden = _shape(hidden_states)
+  num_local, two_i, _ = _shape(gemm1_weights)
+  intermediate = two_i // 2
+
+  for name, size, meaning in (("H (hidden_states.shape[1])", hidden, "hidden size"),
+                              ("2I (gemm1_weights.shape[1])", two_i, "gate+up width")):
+    if size <= 0 or size % block:
+      raise ValueError(f"{name} must be a positive multiple of {block}, got {size}")
+  if intermediate % block:
+    raise ValueError(f"I = gemm1_weights.shape[1] / 2 must be a multiple of {block}, got {intermediate}")
+
+  _expect_shape("hidden_states", hidden_states, (num_tokens, hidden), "[T, H], T from routing_logits")
+  _expect_shape("routing_bias", routing_bias, (num_experts,), "[E]")
+  _expect_shape("hidden_states_scale", hidden_states_scale, (hidden // block, num_tokens),
+                f"[H/{block}, T]: the public layout is transposed, scale[b, t] multiplies "
+                f"hidden_states[t, b*{block}:(b+1)*{block}]")
+  _expect_shape("gemm1_weights", gemm1_weights, (num_local, two_i, hidden), "[E_local, 2I, H]")
+  _expect_shape("gemm1_weights_scale", gemm1_weights_scale, (num_local, two_i // block, hidden // block),
+                f"[E_local, 2I/{block}, H/{block}]")
+  _expect_shape("gemm2_weights", gemm2_weights, (num_local, hidden, intermediate), "[E_local, H, I]")
+  _expect_shape("gemm2_weights_scale", gemm2_weights_scale, (num_local, hidden // block, intermediate // block),
+                f"[E_local, H/{block}, I/{block}]")
+
+  _expect_dtype("routing_logits", routing_logits, [_F32])
+  _expect_dtype("routing_bias", routing_bias, _BIAS_DTYPES)
+  _expect_dtype("hidden_states", hidden_states, [_FP8])
+  _expect_dtype("hidden_states_scale", hidden_states_scale, [_F32])
+  _expect_dtype("gemm1_weights", gemm1_weights, [_FP8])
+  _expect_dtype("gemm1_weights_scale", gemm1_weights_scale, [_F32])
+  _expect_dtype("gemm2_weights", gemm2_weights, [_FP8])
+  _expect_dtype("gemm2_weights_scale", gemm2_weights_scale, [_F32])
+
+  config = resolve_config(config, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
+                          num_local_experts=num_local, block=block)
+  validate_scalars(local_expert_offset=local_expert_offset, routed_scaling_factor=routed_scaling_factor,
+                   config=config)
+  return config
+
+
+def validate_scalars(*, local_expert_offset, routed_scaling_factor, config: MoEConfig):
+  """Scalar arguments: shape and dtype always; range and finiteness only when concrete."""
+  if _shape(local_expert_offset) != ():
+    raise ValueError(f"local_expert_offset must be a scalar, got shape {list(_shape(local_expert_offset))}")
+  if not jnp.issubdtype(_dtype(local_expert_offset), jnp.integer):
+    raise TypeError(f"local_expert_offset must be an integer, got dtype {_dtype(local_expert_offset).name}")
+  if _shape(routed_scaling_factor) != ():
+    raise ValueError(f"routed_scaling_factor must be a scalar, got shape {list(_shape(routed_scaling_factor))}")
+  if not (jnp.issubdtype(_dtype(routed_scaling_factor), jnp.floating)
+          or jnp.issubdtype(_dtype(routed_scaling_factor), jnp.integer)):
+    raise TypeError(f"routed_scaling_factor must be a real number, got dtype {_dtype(routed_scaling_factor).name}")
+
+  offset = concrete_value(local_expert_offset)
+  highest = config.num_experts - config.num_local_experts
+  if offset is not None and not 0 <= int(offset) <= highest:
+    raise ValueError(f"local_expert_offset must be in [0, {highest}] (E - E_local = {config.num_experts} - "
+                     f"{config.num_local_experts}), got {int(offset)}")
+  factor = concrete_value(routed_scaling_factor)
+  if factor is not None and not math.isfinite(float(factor)):
+    raise ValueError(f"routed_scaling_factor must be finite, got {float(factor)}")
