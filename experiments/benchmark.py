@@ -1,0 +1,481 @@
+r"""Benchmark of `moe_pallas.moe_layer` on the public workloads, against SPEC.md's floor.
+
+For each workload x scenario x implementation: a first call (compile included: `compile_s`), the output
+checked against an independent reference, warm-up calls, then up to --iters timed calls with the L2 flushed before each, as the public benchmark
+does (GPU span of one call from its first kernel's start to its last kernel's end; see experiments/timing.py).
+Rows go to a JSONL file as they finish (after a header record); a table is printed at the end and written
+next to the JSONL as Markdown.
+
+  # GPU (both implementations, the 19 public workloads, uniform routing; about 3 minutes on an H100):
+  PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/benchmark.py --implementations=xla,triton \
+      --workloads=public --scenarios=uniform --out=$OUT/h100_public.jsonl
+  # CPU smoke run (tiny shape, interpret mode, host clock):
+  PYTHONPATH=. python3 experiments/benchmark.py --smoke --out=/tmp/smoke.jsonl
+
+Reference (`--reference=auto`): the float64 NumPy oracle (tests/oracle.py) for T <= --oracle_max_tokens;
+above that the xla path with float32 output and highest matmul precision on the device, except for the
+xla implementation itself, which is checked against the oracle on --oracle_subset_tokens sampled tokens
+(the layer is row-independent, so a token subset is an exact sub-problem). Never the path against itself.
+
+moe_layer is called as a user calls it (not under an outer jit): it validates on the host, then runs one
+jitted program per (implementation, T) with the offset as a traced argument; the timer counts only that
+program's GPU work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+from absl import app
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+_IMPLEMENTATIONS = flags.DEFINE_list("implementations", ["xla", "triton"], "moe_layer implementations to time.")
+_WORKLOADS = flags.DEFINE_string(
+    "workloads", "public", "Comma list of public, extra, all (= public,extra), smoke, T or T@offset "
+    "(offsets at DeepSeek-V3 geometry; mapped onto the small shape's ranks).")
+_SCENARIOS = flags.DEFINE_list("scenarios", ["uniform"], "Routing scenarios: uniform, skewed, all_local, no_local.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed calls per row and trial (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls before the timed ones (each after an L2 flush).")
+_TRIALS = flags.DEFINE_integer("trials", 1, "Trials with fresh activations (same routing); time = median of "
+                               "the trials' medians. Correctness is checked on trial 0.")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds_per_row", 15.0, "Wall-time cap of one trial's timed loop; "
+                                  "stops early (after >= 3 calls) and records the calls timed.")
+_OUT = flags.DEFINE_string("out", "experiments/results/benchmark.jsonl", "JSONL output path (a .md table is "
+                           "written next to it).")
+_SHAPE = flags.DEFINE_enum("shape", "deepseek_v3", ["deepseek_v3", "small"], "Layer geometry.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "CPU smoke mode: small shape, CPU platform, interpret mode, "
+                           "host-clock timing, 2 iterations, the smoke workloads unless --workloads is set.")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "Run the Pallas kernels in interpret mode.")
+_REFERENCE = flags.DEFINE_enum("reference", "auto", ["auto", "oracle", "oracle_subset", "xla", "none"],
+                               "Reference for matched_ratio / rel_l2 (see the module docstring).")
+_ORACLE_MAX_TOKENS = flags.DEFINE_integer("oracle_max_tokens", 1024, "auto: full oracle up to this T.")
+_ORACLE_SUBSET = flags.DEFINE_integer("oracle_subset_tokens", 128, "Tokens the oracle checks in oracle_subset.")
+_ORACLE_WORKERS = flags.DEFINE_integer("oracle_workers", 0, "Host threads for the oracle (0: half the cores).")
+_INTERMEDIATE = flags.DEFINE_enum("intermediate_dtype", "float8_e4m3fn", ["float8_e4m3fn", "bfloat16"],
+                                  "SwiGLU output precision before GEMM2 on the kernel path.")
+_MATRIX_TFLOPS = flags.DEFINE_float("matrix_tflops", 1443.0, "FP8 matrix rate of the floor (cuBLAS 8192^3 "
+                                    "on our H100); a higher measured rate would replace it.")
+_COPY_MIB = flags.DEFINE_integer("copy_mib", 1024, "Buffer size of the copy-bandwidth measurement.")
+_CALIBRATE = flags.DEFINE_bool("calibrate", True, "Time a bf16 8192^3 XLA matmul as a sanity check of the "
+                               "timer (GPU only; ~700-800 TFLOP/s on H100).")
+_FLUSH_MIB = flags.DEFINE_integer("flush_mib", 256, "L2 flush buffer (>= 2x L2).")
+_COMMAND_BUFFERS = flags.DEFINE_bool("command_buffers", False, "Leave XLA command buffers (CUDA graphs) on. "
+                                     "Off by default: the public benchmark uses no CUDA graphs, and XLA "
+                                     "runs them thunk by thunk under the profiler anyway.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", str(REPO / "experiments" / ".jax_cache"),
+                                 "Persistent compilation cache ('' to disable).")
+_WEIGHT_SEED = flags.DEFINE_integer("weight_seed", 0, "Seed of the one weight set of the run.")
+
+FLAGS = flags.FLAGS
+
+
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _git_commit() -> dict:
+  info = {}
+  try:
+    info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                        check=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "moe_pallas", "experiments"], cwd=REPO,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    info["git_dirty"] = bool(dirty)
+  except Exception:  # the device machine's copy of the tree has no .git
+    info["git_commit"] = "unknown"
+  digest = hashlib.sha1()
+  for path in sorted((REPO / "moe_pallas").rglob("*.py")) + sorted((REPO / "experiments").glob("*.py")):
+    digest.update(str(path.relative_to(REPO)).encode())
+    digest.update(path.read_bytes())
+  info["source_sha1"] = digest.hexdigest()
+  return info
+
+
+def _load_oracle():
+  spec = importlib.util.spec_from_file_location("moe_bench_oracle", REPO / "tests" / "oracle.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.oracle_moe
+
+
+class References:
+  """Independent references for one run.
+
+  Oracle references run on the host in a thread pool, submitted for every draw before the GPU rows start,
+  so the float64 work (about 1 s per touched DeepSeek-V3 expert, mostly NumPy calls that release the GIL)
+  overlaps compilation and timing instead of adding to the run's wall time. The xla reference runs on the
+  device when a row asks for it.
+  """
+
+  def __init__(self, config, weights, *, workers: int):
+    import concurrent.futures
+    import threading
+    self._lock = threading.Lock()
+    self.config = config
+    self.weights = weights
+    self._host_weights = None
+    self._oracle = None
+    self._futures = {}
+    self._xla_fn = None
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
+                                                       thread_name_prefix="oracle")
+
+  def kind_for(self, implementation: str, num_tokens: int) -> str:
+    kind = _REFERENCE.value
+    if kind == "auto":
+      kind = "oracle" if num_tokens <= _ORACLE_MAX_TOKENS.value else "xla"
+    if kind == "xla" and implementation == "xla":
+      kind = "oracle_subset"  # never the path against itself
+    return kind
+
+  def _host_weight_arrays(self):
+    """Host copies of the weights; FP8 values widened to float64 once (exact) when RAM allows, so each
+    oracle call skips the FP8 decode of every expert it touches."""
+    import numpy as np
+    with self._lock:
+      if self._host_weights is None:
+        self._host_weights = self._widen(*(np.asarray(w) for w in self.weights))
+      return self._host_weights
+
+  @staticmethod
+  def _widen(w1, s1, w2, s2):
+    import numpy as np
+    try:
+      ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+      ram = 0
+    if 8 * (w1.size + w2.size) < ram // 4:
+      w1, w2 = w1.astype(np.float64), w2.astype(np.float64)
+    return w1, s1, w2, s2
+
+  def submit(self, draw, kind: str):
+    """Starts the reference of `draw` (oracle kinds on the pool); idempotent."""
+    import numpy as np
+    key = (draw.workload, draw.scenario, kind)
+    if key in self._futures or kind in ("none", "xla"):
+      return
+    t = draw.workload.num_tokens
+    logits, bias, hs, hss = (np.asarray(a) for a in draw.activations(0))
+    rows = None
+    if kind == "oracle_subset" and t > _ORACLE_SUBSET.value:
+      rng = np.random.default_rng(draw.seed)
+      rows = np.sort(rng.choice(t, size=_ORACLE_SUBSET.value, replace=False))
+      logits, hs, hss = logits[rows], hs[rows], hss[:, rows]
+    if self._oracle is None:
+      self._oracle = _load_oracle()
+    cfg, workload = self.config, draw.workload
+    label = "oracle_f64" if rows is None else f"oracle_f64_subset{len(rows)}"
+
+    def job():
+      weights = self._host_weight_arrays()  # the first job makes them; the others wait for it
+      t0 = time.perf_counter()
+      ref = self._oracle(logits, bias, hs, hss, *weights, local_expert_offset=workload.local_expert_offset,
+                         routed_scaling_factor=workload.routed_scaling_factor, top_k=cfg.top_k,
+                         n_group=cfg.n_group, topk_group=cfg.topk_group)
+      return np.asarray(ref), rows, label, time.perf_counter() - t0
+
+    self._futures[key] = self._pool.submit(job)
+
+  def get(self, draw, kind: str):
+    """(reference [n, H], token rows it covers or None for all, label, seconds it took)."""
+    import numpy as np
+    if kind == "xla":
+      t0 = time.perf_counter()
+      ref = np.asarray(self._xla(draw))
+      return ref, None, "xla_f32", time.perf_counter() - t0
+    self.submit(draw, kind)
+    return self._futures[(draw.workload, draw.scenario, kind)].result()
+
+  def release(self, draw):
+    for key in [k for k in self._futures if k[:2] == (draw.workload, draw.scenario)]:
+      del self._futures[key]
+
+  def shutdown(self):
+    self._pool.shutdown(wait=False, cancel_futures=True)
+
+  def _xla(self, draw):
+    import jax
+    import jax.numpy as jnp
+    from moe_pallas import apply_local_experts, plan_local, route
+    cfg = self.config
+    if self._xla_fn is None:
+      @jax.jit
+      def reference_f32(logits, bias, hs, hss, w1, s1, w2, s2, offset, scaling):
+        ids, weights = route(logits, bias, config=cfg, routed_scaling_factor=scaling)
+        plan = plan_local(ids, weights, local_expert_offset=offset, num_local_experts=cfg.num_local_experts)
+        return apply_local_experts(hs, hss, w1, s1, w2, s2, plan, out_dtype=jnp.float32, implementation="xla")
+      self._xla_fn = reference_f32
+    with jax.default_matmul_precision("highest"):
+      return self._xla_fn(*draw.activations(0), *self.weights, jnp.int32(draw.workload.local_expert_offset),
+                          jnp.float32(draw.workload.routed_scaling_factor))
+
+
+def _layer_fn(implementation: str, config, interpret: bool, intermediate_dtype, workload):
+  """moe_layer as a user calls it (it validates, then runs one jitted program per (implementation, T);
+  the offset and scaling factor are traced arguments of that program, so offsets share executables)."""
+  from moe_pallas import moe_layer
+  return functools.partial(moe_layer, local_expert_offset=workload.local_expert_offset,
+                           routed_scaling_factor=workload.routed_scaling_factor, config=config,
+                           implementation=implementation, interpret=interpret,
+                           intermediate_dtype=intermediate_dtype)
+
+
+def _fmt(v, spec):
+  return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+TABLE_COLUMNS = (("implementation", "impl", "s"), ("scenario", "scenario", "s"), ("T", "T", "d"),
+                 ("local_expert_offset", "offset", "d"), ("pairs", "pairs", "d"),
+                 ("experts_touched", "experts", "d"), ("floor_us", "floor µs", ".1f"),
+                 ("time_us", "time µs", ".1f"), ("time_over_floor", "×floor", ".2f"),
+                 ("tflops", "TFLOP/s", ".3g"), ("gbps", "GB/s", ".0f"), ("matched_ratio", "matched", ".4f"),
+                 ("rel_l2", "rel_l2", ".2e"), ("reference", "ref", "s"), ("compile_s", "compile s", ".1f"),
+                 ("num_kernels", "kernels", "d"), ("iters_timed", "iters", "d"))
+
+
+def table_markdown(rows) -> str:
+  head = "| " + " | ".join(c[1] for c in TABLE_COLUMNS) + " | status |"
+  sep = "|" + "|".join("---" for _ in range(len(TABLE_COLUMNS) + 1)) + "|"
+  lines = [head, sep]
+  for r in rows:
+    cells = [_fmt(r.get(k), spec) if spec != "s" else str(r.get(k, "-")) for k, _, spec in TABLE_COLUMNS]
+    status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')[:80]}"
+    lines.append("| " + " | ".join(cells) + f" | {status} |")
+  # Geometric mean of time / floor per implementation and scenario (ok rows).
+  groups = {}
+  for r in rows:
+    if r["status"] == "ok" and r.get("time_over_floor"):
+      groups.setdefault((r["implementation"], r["scenario"]), []).append(r["time_over_floor"])
+  if groups:
+    lines.append("")
+    for (impl, scen), vals in sorted(groups.items()):
+      geo = math.exp(sum(math.log(v) for v in vals) / len(vals))
+      lines.append(f"geomean time/floor {impl} {scen}: {geo:.3f} over {len(vals)} rows")
+  return "\n".join(lines)
+
+
+def _configure_jax():
+  if not _COMMAND_BUFFERS.value:
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_command_buffer" not in xla_flags:
+      os.environ["XLA_FLAGS"] = (xla_flags + " --xla_gpu_enable_command_buffer=").strip()
+  import jax
+  if _SMOKE.value:
+    jax.config.update("jax_platforms", "cpu")
+  if _CACHE_DIR.value:
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return jax
+
+
+def main(argv):
+  del argv
+  if _SMOKE.value:
+    for name, value in (("shape", "small"), ("interpret", True), ("iters", 2), ("warmup", 1)):
+      if not FLAGS[name].present:
+        FLAGS[name].value = value
+    if not FLAGS["workloads"].present:
+      FLAGS["workloads"].value = "smoke"
+  jax = _configure_jax()
+  import jax.numpy as jnp
+  import numpy as np
+
+  import moe_pallas
+  from moe_pallas import testing
+  from moe_pallas.config import MoEConfig
+
+  from experiments import floor as floor_lib
+  from experiments import timing
+  from experiments import workloads as workloads_lib
+
+  t_run = time.perf_counter()
+  config = MoEConfig.deepseek_v3() if _SHAPE.value == "deepseek_v3" else MoEConfig.small()
+  device = jax.devices()[0]
+  gpu = device.platform == "gpu"
+  if not gpu and not _SMOKE.value:
+    log(f"WARNING: no GPU ({device.platform}); timing falls back to the host clock and is not a GPU measurement")
+  intermediate_dtype = jnp.dtype(_INTERMEDIATE.value)
+  workloads = workloads_lib.select(_WORKLOADS.value, config)
+  for s in _SCENARIOS.value:
+    if s not in workloads_lib.SCENARIOS:
+      raise app.UsageError(f"--scenarios: {s!r} is not one of {workloads_lib.SCENARIOS}")
+
+  log(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}; "
+      f"{len(workloads)} workloads x {len(_SCENARIOS.value)} scenarios x {len(_IMPLEMENTATIONS.value)} implementations")
+  timer = timing.make_timer(gpu=gpu, device=device, flush_bytes=_FLUSH_MIB.value * 2**20,
+                            command_buffers="on" if _COMMAND_BUFFERS.value else "off")
+  copy = timing.measure_copy_bandwidth(timer, nbytes=_COPY_MIB.value * 2**20 if gpu else 2**24,
+                                       iters=10 if gpu else 3)
+  log(f"copy bandwidth {copy['copy_bw_Bps'] / 1e12:.3f} TB/s (read+write; elementwise "
+      f"{copy['copy_bw_elementwise_Bps'] / 1e12:.3f}, jnp.copy {copy['copy_bw_copy_Bps'] / 1e12:.3f})")
+  calibration = {}
+  matrix_flops = _MATRIX_TFLOPS.value * 1e12
+  matrix_source = f"--matrix_tflops={_MATRIX_TFLOPS.value} (cuBLAS FP8 8192^3 on our H100)"
+  if gpu and _CALIBRATE.value:
+    calibration["bf16_matmul_8192_tflops"] = timing.measure_matmul_rate(timer) / 1e12
+    calibration["fp8_xla_dot_8192_tflops"] = timing.measure_matmul_rate(timer, dtype=jnp.float8_e4m3fn) / 1e12
+    log(f"timer check: XLA 8192^3 matmul bf16 {calibration['bf16_matmul_8192_tflops']:.0f} TFLOP/s "
+        f"(H100: ~800 expected), fp8 {calibration['fp8_xla_dot_8192_tflops']:.0f} TFLOP/s")
+    if calibration["fp8_xla_dot_8192_tflops"] * 1e12 > matrix_flops:
+      matrix_flops = calibration["fp8_xla_dot_8192_tflops"] * 1e12
+      matrix_source = "measured: XLA FP8 8192^3 dot in this run"
+  copy_bw = copy["copy_bw_Bps"]
+
+  header = dict(
+      record="header", device=device.device_kind, platform=device.platform, jax_version=jax.__version__,
+      moe_pallas_version=moe_pallas.__version__, python=platform.python_version(), **_git_commit(),
+      flags={f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
+      argv=sys.argv, xla_flags=os.environ.get("XLA_FLAGS", ""), timing_method=timer.method,
+      copy_bw_Bps=copy_bw, copy=copy, matrix_flops=matrix_flops,
+      matrix_flops_source=matrix_source,
+      calibration=calibration, config=dataclasses.asdict(config),
+      routing="synthetic (moe_pallas.testing.random_activations), fixed seed per workload x scenario; "
+              "see experiments/workloads.py",
+      floor="max(bytes / copy_bw, flops / matrix_flops); bytes = touched experts' FP8 weights + scales + "
+            "activations in/out; flops = 2 * pairs * 3 * H * I (experiments/floor.py)",
+      started_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  out_path = pathlib.Path(_OUT.value)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  out_file = open(out_path, "w")
+
+  def emit(record):
+    out_file.write(json.dumps(record) + "\n")
+    out_file.flush()
+
+  emit(header)
+  log(f"timing: {timer.method}")
+  log(f"floor: copy {copy_bw / 1e12:.3f} TB/s, FP8 matrix {matrix_flops / 1e12:.0f} TFLOP/s; writing {out_path}")
+
+  t0 = time.perf_counter()
+  weights = jax.block_until_ready(testing.random_weights(config, seed=_WEIGHT_SEED.value))
+  log(f"weights generated ({sum(w.nbytes for w in weights) / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f}s")
+  references = References(config, weights, workers=_ORACLE_WORKERS.value or max(1, (os.cpu_count() or 2) // 2))
+
+  # Phase 1: every routing draw (cheap), and the host references started in the background.
+  draws = []
+  t0 = time.perf_counter()
+  for workload in workloads:
+    for scenario in _SCENARIOS.value:
+      td = time.perf_counter()
+      try:
+        d, err = workloads_lib.draw(config, workload, scenario), None
+        for impl in _IMPLEMENTATIONS.value:
+          references.submit(d, references.kind_for(impl, workload.num_tokens))
+      except Exception as e:  # noqa: BLE001 - recorded in the rows
+        d, err = None, f"{type(e).__name__}: {e}"
+      draws.append((workload, scenario, d, err, time.perf_counter() - td))
+  log(f"{len(draws)} routing draws in {time.perf_counter() - t0:.1f}s; host references started")
+
+  # Phase 2: the rows.
+  compiled = {}  # (implementation, T) -> seconds of the first call (compile + one run)
+  rows = []
+  total = len(draws) * len(_IMPLEMENTATIONS.value)
+  index = 0
+  for slot, (workload, scenario, draw, draw_error, draw_s) in enumerate(draws):
+    for impl in _IMPLEMENTATIONS.value:
+      index += 1
+      row = dict(record="row", device=device.device_kind, implementation=impl, scenario=scenario,
+                 T=workload.num_tokens, local_expert_offset=workload.local_expert_offset,
+                 workload_group=workload.group, routed_scaling_factor=workload.routed_scaling_factor,
+                 shape=_SHAPE.value, intermediate_dtype=_INTERMEDIATE.value, interpret=_INTERPRET.value)
+      t_row = time.perf_counter()
+      try:
+        if draw is None:
+          raise RuntimeError(f"routing draw failed: {draw_error}")
+        row.update(draw.describe(), draw_s=draw_s)
+        fl = floor_lib.floor(config, num_tokens=workload.num_tokens, pairs=draw.pairs,
+                             experts_touched=draw.experts_touched, copy_bw_Bps=copy_bw, matrix_flops=matrix_flops)
+        row.update(floor_us=fl.floor_us, floor_memory_us=fl.memory_us, floor_compute_us=fl.compute_us,
+                   floor_bound=fl.bound, bytes=fl.bytes, flops=fl.flops,
+                   arithmetic_intensity=fl.arithmetic_intensity)
+        layer = _layer_fn(impl, config, _INTERPRET.value, intermediate_dtype, workload)
+        args = tuple(draw.activations(0)) + tuple(weights)
+        key = (impl, workload.num_tokens)
+        row["compiled_here"] = key not in compiled
+        tc = time.perf_counter()
+        out = jax.block_until_ready(layer(*args))
+        first_call_s = time.perf_counter() - tc
+        if key not in compiled:
+          compiled[key] = first_call_s
+        row.update(compile_s=compiled[key], first_call_s=first_call_s)
+        got = np.asarray(out.astype(jnp.float32))
+        del out
+        trial_medians, trial_results = [], []
+        for trial in range(_TRIALS.value):
+          targs = args if trial == 0 else (*draw.activations(trial), *weights)
+          times = timer.time_calls(layer, targs, iters=_ITERS.value, warmup=_WARMUP.value,
+                                   max_seconds=_MAX_SECONDS.value)
+          trial_medians.append(times.median_us)
+          trial_results.append(times)
+        time_us = statistics.median(trial_medians)
+        row.update(trial_results[0].summary(), time_us=time_us, trial_time_us=trial_medians,
+                   capped=any(len(t.span_us) < _ITERS.value for t in trial_results),
+                   iters_requested=_ITERS.value, kernels=[list(k) for k in trial_results[0].kernels],
+                   time_over_floor=time_us / fl.floor_us if fl.floor_us > 0 else None,
+                   tflops=fl.flops / (time_us * 1e-6) / 1e12, gbps=fl.bytes / (time_us * 1e-6) / 1e9)
+        kind = references.kind_for(impl, workload.num_tokens)
+        if kind != "none":
+          tr = time.perf_counter()
+          ref, ref_rows, label, ref_s = references.get(draw, kind)
+          metrics = testing.acceptance_metrics(got if ref_rows is None else got[ref_rows], ref)
+          row.update(reference=label, matched_ratio=float(metrics["matched_ratio"]),
+                     rel_l2=float(metrics["rel_l2"]), finite=bool(metrics["finite"]),
+                     passed=bool(metrics["passed"]), reference_s=ref_s,
+                     reference_wait_s=time.perf_counter() - tr)
+        else:
+          row.update(reference="none", matched_ratio=None, rel_l2=None, passed=None)
+        row["status"] = "ok"
+      except NotImplementedError as e:
+        row.update(status="unsupported", error=f"NotImplementedError: {e}")
+      except Exception as e:  # noqa: BLE001 - one failing row must not end the run
+        row.update(status="error", error=f"{type(e).__name__}: {e}"[:4000])
+        traceback.print_exc()
+      row["row_wall_s"] = time.perf_counter() - t_row
+      rows.append(row)
+      emit(row)
+      if row["status"] == "ok":
+        log(f"[{index}/{total}] {impl:6s} {scenario:9s} T={workload.num_tokens:<6d} off={workload.local_expert_offset:<3d} "
+            f"pairs={row['pairs']:<6d} experts={row['experts_touched']:<2d} time={row['time_us']:9.1f}us "
+            f"floor={row['floor_us']:8.1f}us x{_fmt(row['time_over_floor'], '.2f')} "
+            f"matched={_fmt(row.get('matched_ratio'), '.4f')} rel_l2={_fmt(row.get('rel_l2'), '.2e')} "
+            f"({row.get('reference')}) compile={row['compile_s']:.1f}s{'' if row['compiled_here'] else '(reused)'} "
+            f"iters={row['iters_timed']} row={row['row_wall_s']:.1f}s total={time.perf_counter() - t_run:.0f}s")
+      else:
+        log(f"[{index}/{total}] {impl:6s} {scenario:9s} T={workload.num_tokens:<6d} {row['status'].upper()}: "
+            f"{row['error'][:300]}")
+    if draw is not None:
+      references.release(draw)
+    draws[slot] = None
+  references.shutdown()
+  emit(dict(record="footer", wall_s=time.perf_counter() - t_run, rows=len(rows),
+            ok=sum(r["status"] == "ok" for r in rows)))
+  out_file.close()
+  table = table_markdown(rows)
+  md_path = out_path.with_suffix(".md")
+  md_path.write_text(f"device: {device.device_kind}; jax {jax.__version__}; commit {header['git_commit']}\n\n"
+                     f"timing: {timer.method}\n\nfloor: copy {copy_bw / 1e12:.3f} TB/s, FP8 matrix "
+                     f"{matrix_flops / 1e12:.0f} TFLOP/s\n\n{table}\n")
+  print(table, flush=True)
+  log(f"done: {len(rows)} rows in {time.perf_counter() - t_run:.0f}s -> {out_path}, {md_path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,140 @@
+"""The benchmark harness (experiments/) stays runnable: CPU smoke run, plot, floor and timer bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import floor as floor_lib
+from experiments import timing
+from experiments import workloads as workloads_lib
+from moe_pallas import testing
+from moe_pallas.config import MoEConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ROW_KEYS = ("device", "implementation", "scenario", "T", "local_expert_offset", "pairs", "experts_touched",
+            "floor_us", "time_us", "matched_ratio", "rel_l2")
+HEADER_KEYS = ("device", "jax_version", "git_commit", "flags", "copy_bw_Bps", "matrix_flops", "timing_method")
+
+
+def _triton_interpret_works() -> bool:
+  """Whether moe_layer(..., implementation="triton", interpret=True) runs here (it may not exist yet)."""
+  from moe_pallas import moe_layer
+  config = MoEConfig.small()
+  inputs = testing.random_layer_inputs(config, 4, seed=0)
+  try:
+    out = moe_layer(*inputs, local_expert_offset=0, routed_scaling_factor=2.5, config=config,
+                    implementation="triton", interpret=True)
+    jax.block_until_ready(out)
+  except (NotImplementedError, ValueError, ImportError):
+    return False
+  return True
+
+
+def _run(args, tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+  return result
+
+
+def test_smoke_benchmark_and_plot(tmp_path):
+  implementations = ["xla"] + (["triton"] if _triton_interpret_works() else [])
+  out = tmp_path / "smoke.jsonl"
+  _run(["experiments/benchmark.py", "--smoke", f"--implementations={','.join(implementations)}",
+        "--scenarios=uniform,all_local,no_local", f"--out={out}", f"--cache_dir={tmp_path / 'cache'}"], tmp_path)
+
+  records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+  header, rows = records[0], [r for r in records if r.get("record") == "row"]
+  assert header["record"] == "header"
+  for key in HEADER_KEYS:
+    assert key in header, f"header lacks {key}"
+  assert header["timing_method"].startswith("host_clock"), header["timing_method"]
+  assert len(rows) == len(workloads_lib.SMOKE) * 3 * len(implementations)
+  for row in rows:
+    assert row["status"] == "ok", row
+    for key in ROW_KEYS:
+      assert key in row, f"row lacks {key}: {row}"
+    assert row["iters_timed"] == 2
+    assert row["passed"], (f"{row['implementation']} {row['scenario']} T={row['T']}: "
+                           f"matched_ratio={row['matched_ratio']:.4f} rel_l2={row['rel_l2']:.3e}")
+    assert row["matched_ratio"] >= 0.9
+    if row["scenario"] == "no_local":
+      assert row["pairs"] == 0 and row["experts_touched"] == 0
+    if row["scenario"] == "all_local":
+      assert row["pairs"] == row["T"] * MoEConfig.small().top_k
+  assert {r["implementation"] for r in rows} == set(implementations)
+  assert out.with_suffix(".md").read_text().count("| ok |") == len(rows)
+
+  png = tmp_path / "smoke.png"
+  _run(["experiments/plot.py", f"--inputs={out}", f"--out={png}"], tmp_path)
+  assert png.stat().st_size > 10_000
+
+
+def test_floor_matches_spec():
+  config = MoEConfig.deepseek_v3()
+  assert floor_lib.expert_bytes(config) == 4096 * 7168 + 7168 * 2048 + 4 * (32 * 56 + 56 * 16)  # 44.05 MB
+  assert floor_lib.flops_per_pair(config) == 88_080_384
+  # ANCHORS.md, T=1 at offset 32: 3 pairs on 3 experts, 44.1 µs at 3.0 TB/s.
+  fl = floor_lib.floor(config, num_tokens=1, pairs=3, experts_touched=3, copy_bw_Bps=3.0e12)
+  assert fl.bound == "memory" and fl.floor_us == pytest.approx(44.06, abs=0.05)
+  # all_local T=14107: 112856 pairs, compute-bound at 1443 TFLOP/s: 6888.7 µs.
+  fl = floor_lib.floor(config, num_tokens=14107, pairs=112856, experts_touched=32, copy_bw_Bps=3.0e12)
+  assert fl.bound == "compute" and fl.floor_us == pytest.approx(6888.7, abs=0.5)
+
+
+def test_public_workloads():
+  config = MoEConfig.deepseek_v3()
+  public = workloads_lib.select("public", config)
+  assert len(public) == 19
+  assert [(w.num_tokens, w.local_expert_offset) for w in public] == list(workloads_lib.PUBLIC)
+  assert all(w.routed_scaling_factor == 2.5 for w in public)
+  assert len(workloads_lib.select("all", config)) == 19 + len(workloads_lib.EXTRA)
+  assert [(w.num_tokens, w.local_expert_offset) for w in workloads_lib.select("901,5@64", config)] == [(901, 96), (5, 64)]
+  small = MoEConfig.small()
+  assert {w.local_expert_offset for w in workloads_lib.select("public", small)} <= {0, 8, 16, 24}
+
+
+def test_uniform_draw_has_a_local_pair_and_is_fixed():
+  config = MoEConfig.small()
+  workload = workloads_lib.Workload(1, 8, "custom")
+  first = workloads_lib.draw(config, workload, "uniform")
+  again = workloads_lib.draw(config, workload, "uniform")
+  assert first.pairs >= 1 and first.seed == again.seed
+  assert jnp.array_equal(first.routing_logits, again.routing_logits)
+  # A fresh trial keeps the routing and redraws the activations.
+  logits, _, hidden, _ = first.activations(1)
+  assert jnp.array_equal(logits, first.routing_logits)
+  assert not jnp.array_equal(hidden.astype(jnp.float32), first.hidden_states.astype(jnp.float32))
+
+
+def _event(name, start, end, module):
+  return timing._Event(name, float(start), float(end), module)
+
+
+def test_span_split_by_hlo_module():
+  flush, prog = timing.FLUSH_MODULE, "jit_moe"
+  events = [_event("flush", 0, 100, flush), _event("memcpy", 105, 106, None),  # wrapper's H2D, not the program
+            _event("k1", 110, 120, prog), _event("k2", 150, 170, prog),
+            _event("flush", 200, 300, flush), _event("k1", 310, 315, prog), _event("k2", 330, 340, prog)]
+  calls, method = timing._split_calls(events, 2, {"flush"}, 1)
+  assert method == "hlo_module"
+  assert [[e.name for e in c] for c in calls] == [["k1", "k2"], ["k1", "k2"]]
+  spans = [max(e.end_ns for e in c) - min(e.start_ns for e in c) for c in calls]
+  assert spans == [60, 30]  # first start to last end: the gap between k1 and k2 counts
+
+
+def test_span_split_by_flush_pattern():
+  events = [_event("flush", 0, 100, None), _event("k1", 110, 120, None), _event("k2", 130, 140, None),
+            _event("flush", 200, 300, None), _event("k1", 310, 320, None), _event("k2", 330, 345, None)]
+  calls, method = timing._split_calls(events, 2, {"flush"}, 1)
+  assert method == "flush_pattern" and [len(c) for c in calls] == [2, 2]
+  with pytest.raises(RuntimeError):
+    timing._split_calls(events[:-1], 2, {"flush"}, 1)
