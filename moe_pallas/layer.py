@@ -87,11 +87,11 @@ def _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_state
                                  routed_scaling_factor=routed_scaling_factor)
   plan = plan_local(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
                     num_local_experts=config.num_local_experts)
-  out = apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
-                            gemm2_weights, gemm2_weights_scale, plan, out_dtype=jnp.float32,
-                            implementation=implementation, interpret=interpret,
-                            intermediate_dtype=intermediate_dtype)
-  return out.astype(jnp.bfloat16)
+  # Both implementations sum in float32 and round to bf16 once, at their last step.
+  return apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
+                             gemm2_weights, gemm2_weights_scale, plan, out_dtype=jnp.bfloat16,
+                             implementation=implementation, interpret=interpret,
+                             intermediate_dtype=intermediate_dtype)
 
 
 def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,

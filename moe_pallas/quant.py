@@ -58,7 +58,10 @@ def quantize_blockwise(x: jax.Array, block_shape: tuple[int, int] = (1, 128)) ->
   tiles = x.astype(jnp.float32).reshape(*lead, m // bm, bm, k // bk, bk)
   amax = jnp.max(jnp.abs(tiles), axis=(-3, -1))
   scales = jnp.maximum(amax, AMAX_FLOOR) / FP8_MAX
-  values = (tiles / scales[..., :, None, :, None]).reshape(x.shape).astype(FP8_DTYPE)
+  # Clip before the cast: amax / (amax / 448) can round a hair above 448, and e4m3fn has no inf, so
+  # the cast would give NaN.
+  scaled = jnp.clip(tiles / scales[..., :, None, :, None], -FP8_MAX, FP8_MAX)
+  values = scaled.reshape(x.shape).astype(FP8_DTYPE)
   return BlockScaledArray(values, scales, block_shape)
 
 

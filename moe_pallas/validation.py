@@ -15,12 +15,16 @@ _F32 = jnp.dtype(jnp.float32)
 _BIAS_DTYPES = (jnp.dtype(jnp.bfloat16), _F32)
 
 
+# Read .shape/.dtype first and fall back to NumPy only for Python scalars and lists: np.asarray on a
+# tracer (a traced offset or factor) raises, so the fallback must not be evaluated eagerly.
 def _shape(x):
-  return tuple(getattr(x, "shape", np.shape(x)))
+  shape = getattr(x, "shape", None)
+  return tuple(shape) if shape is not None else np.shape(x)
 
 
 def _dtype(x):
-  return jnp.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+  dtype = getattr(x, "dtype", None)
+  return jnp.dtype(dtype if dtype is not None else np.asarray(x).dtype)
 
 
 def _expect_dtype(name, x, allowed):

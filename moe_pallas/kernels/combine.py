@@ -1,0 +1,72 @@
+"""Combine: each token's weighted expert rows summed in float32, as a Pallas kernel.
+
+out[t] = sum over t's local picks j of rows[pair_row[j, t]]. A gather with masked loads: a pick that is
+not local (pair_row = num_rows) reads nothing, so the kernel moves only the rows that exist, once, and
+writes every output row (zeros for tokens with no local pick). Deterministic: a fixed summation order.
+XLA's gather cannot skip the non-local picks, and its scatter-add would read every padded row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineTiling:
+  block_t: int = 16    # tokens per program
+  block_h: int = 512   # output columns per program
+  num_warps: int = 4
+
+
+def _combine_kernel(pair_row_ref, rows_ref, out_ref, *, num_tokens, top_k, tiling):
+  # Whole-array (gather) indices everywhere: masked loads with mixed slice/array indices have no
+  # interpret-mode rule, and these lower to the same coalesced pointer arithmetic in Triton.
+  bt, bh = tiling.block_t, tiling.block_h
+  tokens = pl.program_id(0) * bt + jnp.arange(bt, dtype=jnp.int32)
+  cols = pl.program_id(1) * bh + jnp.arange(bh, dtype=jnp.int32)
+  token_ok = tokens < num_tokens
+  num_rows = rows_ref.shape[0]
+  acc = jnp.zeros((bt, bh), jnp.float32)
+  for j in range(top_k):
+    row = pltriton.load(pair_row_ref.at[j * num_tokens + jnp.minimum(tokens, num_tokens - 1)], mask=token_ok,
+                        other=num_rows)
+    picked = jnp.broadcast_to((row < num_rows)[:, None], (bt, bh))
+    safe_row = jnp.minimum(row, num_rows - 1)
+    acc += pltriton.load(rows_ref.at[safe_row[:, None], cols[None, :]], mask=picked, other=0.0)
+  store_ok = jnp.broadcast_to(token_ok[:, None], (bt, bh))
+  # Tail lanes keep their out-of-range token index (masked, so Triton writes nothing there): clamping
+  # them would alias token T-1 and make interpret mode's scatter race with the real row.
+  pltriton.store(out_ref.at[tokens[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=store_ok)
+
+
+def combine_rows(rows: jax.Array, pair_row: jax.Array, *, out_dtype=jnp.float32,
+                 tiling: CombineTiling = CombineTiling(), interpret=False) -> jax.Array:
+  """Sums each token's rows.
+
+  Args:
+    rows: [num_rows, H] float32 weighted expert outputs.
+    pair_row: [T, top_k] int32, the row of pick (t, j), or num_rows where the pick is not local
+      (passed to the kernel as [top_k * T], so that one pick of a token tile is one contiguous load).
+    out_dtype: float32 or bfloat16 (rounded once, after the float32 sum).
+
+  Returns:
+    [T, H] out_dtype.
+  """
+  num_tokens, top_k = pair_row.shape
+  hidden = rows.shape[1]
+  block_h = min(tiling.block_h, hidden)
+  while hidden % block_h:  # H is a multiple of 128; fall back to the largest power-of-two divisor
+    block_h //= 2
+  tiling = dataclasses.replace(tiling, block_h=block_h)
+  kernel = functools.partial(_combine_kernel, num_tokens=num_tokens, top_k=top_k, tiling=tiling)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((num_tokens, hidden), out_dtype),
+      grid=(pl.cdiv(num_tokens, tiling.block_t), hidden // block_h), interpret=interpret,
+      name="moe_combine", compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
+  )(pair_row.T.reshape(-1), rows)

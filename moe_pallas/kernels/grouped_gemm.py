@@ -1,0 +1,188 @@
+"""FP8 block-scale grouped GEMMs over expert-sorted rows, as Pallas kernels lowered through Triton.
+
+Both kernels take rows already padded to whole M-tiles of one expert (see schedule.py); the expert of
+tile `i` is read inside the kernel from `tile_expert`, and a tile of no expert exits at once, so an
+expert that no token picked costs no weight reads. The grid is 1-D over (M-tile, N-tile) pairs in
+Triton's grouped order (`group_m` M-tiles per N sweep) to keep weight and activation tiles in L2.
+
+Scales: activations 1x128 (stored [K/128, rows] so a tile's scales are one contiguous load), weights
+128x128. Per K step: `acc = fma(dot_nt(a, w), row_scale * weight_scale, acc)`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from moe_pallas.kernels.fp8_dot import dot_nt, fma
+from moe_pallas.kernels.tiling import GemmTiling
+
+FP8_DTYPE = jnp.float8_e4m3fn
+_FP8_MAX = 448.0
+_AMAX_FLOOR = 1e-4  # as quant.quantize_blockwise, so both paths quantize alike
+_SCALE_BLOCK = 128
+
+
+def _tile_coordinates(num_m_tiles: int, num_n_tiles: int, group_m: int):
+  """(M-tile, N-tile) of this program in grouped order: group_m M-tiles share each N sweep."""
+  pid = pl.program_id(0)
+  programs_per_group = group_m * num_n_tiles
+  first_m = (pid // programs_per_group) * group_m
+  group_size = jnp.minimum(num_m_tiles - first_m, group_m)
+  within = pid % programs_per_group
+  return first_m + within % group_size, within // group_size
+
+
+def _silu(x):
+  # x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, never inf * 0 = NaN.
+  return x / (1.0 + jnp.exp(-x))
+
+
+def _gemm1_swiglu_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, out_ref,
+                         *out_scale_refs,
+                         num_m_tiles, num_n_tiles, num_k_steps, intermediate, num_local_experts, tiling,
+                         quantize_output):
+  i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
+  expert = tile_expert_ref[i]
+
+  @pl.when(expert < num_local_experts)
+  def _():
+    bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
+    rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
+    up_cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+    gate_cols = pl.ds(pl.multiple_of(intermediate + j * bn, bn), bn)
+    up_scale_row = j * bn // _SCALE_BLOCK
+    gate_scale_row = (intermediate + j * bn) // _SCALE_BLOCK
+    # The gather of each row's token is fused into the loads: no [rows, H] copy of the activations.
+    tokens = row_token_ref[rows]
+
+    def k_step(k, accs):
+      acc_up, acc_gate = accs
+      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+      # Scales load before the dots so their latency hides under the MMAs.
+      row_scale = a_scale_ref[k, tokens]
+      up_scale = row_scale * w_scale_ref[expert, up_scale_row, k]
+      gate_scale = row_scale * w_scale_ref[expert, gate_scale_row, k]
+      a = a_ref[tokens, ks]
+      acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
+      acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
+      return acc_up, acc_gate
+
+    zeros = jnp.zeros((bm, bn), jnp.float32)
+    acc_up, acc_gate = jax.lax.fori_loop(0, num_k_steps, k_step, (zeros, zeros))
+    swiglu = _silu(acc_gate) * acc_up  # silu on the SECOND half of W13's output (SPEC.md step 6)
+    if quantize_output:
+      [out_scale_ref] = out_scale_refs
+      scale = jnp.maximum(jnp.max(jnp.abs(swiglu), axis=1), _AMAX_FLOOR) / _FP8_MAX
+      out_ref[rows, up_cols] = jnp.clip(swiglu / scale[:, None], -_FP8_MAX, _FP8_MAX).astype(out_ref.dtype)
+      out_scale_ref[j, rows] = scale
+    else:
+      out_ref[rows, up_cols] = swiglu.astype(out_ref.dtype)
+
+
+def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: GemmTiling,
+                 out_dtype=FP8_DTYPE, interpret=False):
+  """Grouped `swiglu(a[row_token] @ W13[e].T)` per M-tile, quantized to FP8 in 1 x block_n blocks or bf16.
+
+  Args:
+    tile_expert: [num_tiles] int32 (E_local for tiles of no expert).
+    row_token: [num_tiles * block_m] int32, the token row of `a` that each padded row reads.
+    a: [T, H] float8_e4m3fn activations; a_scale: [H/128, T] float32 (the public layout).
+    w13: [E_local, 2I, H] float8_e4m3fn; w13_scale: [E_local, 2I/128, H/128] float32.
+    out_dtype: float8_e4m3fn (returns values [rows, I] and scales [I/block_n, rows]: a finer block than
+      1x128 when block_n < 128, which only helps accuracy) or bfloat16 (values only).
+
+  Returns:
+    (values, scales or None). Rows of tiles of no expert are left unwritten.
+  """
+  _, hidden = a.shape
+  num_rows = row_token.shape[0]
+  num_local, two_i, _ = w13.shape
+  intermediate = two_i // 2
+  num_m_tiles = tile_expert.shape[0]
+  if num_rows != num_m_tiles * tiling.block_m:
+    raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = "
+                     f"{num_m_tiles * tiling.block_m}")
+  num_n_tiles = intermediate // tiling.block_n
+  quantize_output = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
+  out_shape = [jax.ShapeDtypeStruct((num_rows, intermediate), out_dtype)]
+  if quantize_output:
+    # One scale per (row, block_n columns): GEMM2 reads it with K steps of block_n.
+    out_shape.append(jax.ShapeDtypeStruct((intermediate // tiling.block_n, num_rows), jnp.float32))
+  kernel = functools.partial(
+      _gemm1_swiglu_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
+      num_k_steps=hidden // tiling.block_k, intermediate=intermediate, num_local_experts=num_local,
+      tiling=tiling, quantize_output=quantize_output)
+  outs = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
+      name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16",
+      compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+  )(tile_expert, row_token, a, a_scale, w13, w13_scale)
+  return (outs[0], outs[1]) if quantize_output else (outs[0], None)
+
+
+def _gemm2_kernel(tile_expert_ref, c_ref, *refs, num_m_tiles, num_n_tiles, num_k_steps, num_local_experts,
+                  tiling, scaled_input):
+  if scaled_input:
+    c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref = refs
+  else:
+    w_ref, w_scale_ref, row_weight_ref, out_ref = refs
+  i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
+  expert = tile_expert_ref[i]
+
+  @pl.when(expert < num_local_experts)
+  def _():
+    bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
+    rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+    weight_scale_row = j * bn // _SCALE_BLOCK
+
+    def k_step(k, acc):
+      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+      weight_scale = w_scale_ref[expert, weight_scale_row, k * bk // _SCALE_BLOCK]
+      w = w_ref[expert, cols, ks]
+      if scaled_input:
+        scale = (c_scale_ref[k, rows] * weight_scale)[:, None]
+        return fma(dot_nt(c_ref[rows, ks], w), scale, acc)
+      return fma(dot_nt(c_ref[rows, ks], w.astype(c_ref.dtype)), weight_scale, acc)
+
+    acc = jax.lax.fori_loop(0, num_k_steps, k_step, jnp.zeros((bm, bn), jnp.float32))
+    out_ref[rows, cols] = acc * row_weight_ref[rows][:, None]
+
+
+def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling: GemmTiling, interpret=False):
+  """Grouped `row_weight * (c @ W2[e].T)` per M-tile, float32 out.
+
+  Args:
+    tile_expert: [num_tiles] int32.
+    c: [rows, I] float8_e4m3fn with c_scale [I/block_k, rows] (1 x block_k blocks), or bfloat16 with
+      c_scale None.
+    w2: [E_local, H, I] float8_e4m3fn; w2_scale: [E_local, H/128, I/128] float32.
+    row_weight: [rows] float32 routing weight of each row.
+
+  Returns:
+    [rows, H] float32; rows of tiles of no expert are left unwritten.
+  """
+  num_rows, intermediate = c.shape
+  num_local, hidden, _ = w2.shape
+  num_m_tiles = tile_expert.shape[0]
+  num_n_tiles = hidden // tiling.block_n
+  scaled_input = c_scale is not None
+  if scaled_input and c_scale.shape != (intermediate // tiling.block_k, num_rows):
+    raise ValueError(f"c_scale must be [I/block_k, rows] = {[intermediate // tiling.block_k, num_rows]}, "
+                     f"got {list(c_scale.shape)}")
+  kernel = functools.partial(
+      _gemm2_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
+      num_k_steps=intermediate // tiling.block_k, num_local_experts=num_local, tiling=tiling,
+      scaled_input=scaled_input)
+  operands = [tile_expert, c] + ([c_scale] if scaled_input else []) + [w2, w2_scale, row_weight]
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((num_rows, hidden), jnp.float32),
+      grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
+      name="moe_gemm2_fp8" if scaled_input else "moe_gemm2_bf16",
+      compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+  )(*operands)

@@ -1,0 +1,82 @@
+"""Tile sizes of the grouped GEMMs, with a per-shape default.
+
+Constraints: block_n and block_k divide 128, so that a (block_n x block_k) weight tile sees one 128x128
+weight scale and a K step one activation scale (the "row-scale" form: `acc = fma(dot(a, w), sa * sw,
+acc)`, one FFMA per accumulator element per K step). GEMM1's K step is 128 (the activations' 1x128
+scale block). GEMM1's epilogue quantizes SwiGLU's output in 1 x gemm1.block_n blocks, so GEMM2's K step
+is gemm1.block_n: narrow GEMM1 tiles (more programs at small T) give finer, more accurate blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+_SCALE_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTiling:
+  """One grouped GEMM's tiles and Triton launch parameters.
+
+  Attributes:
+    block_m: rows per M-tile (every tile belongs to one expert; 64 is wgmma's M per warpgroup).
+    block_n: output columns per program.
+    block_k: K step; 128 = the scale block.
+    group_m: M-tiles visited together before moving to the next N-tile, so that a group's weight tile
+      and activation rows stay in L2 (Triton's grouped ordering).
+    num_warps, num_stages: Triton launch parameters (warps per program, software pipeline depth).
+  """
+
+  block_m: int = 64
+  block_n: int = 128
+  block_k: int = _SCALE_BLOCK
+  group_m: int = 8
+  num_warps: int = 4
+  num_stages: int = 3
+
+  def __post_init__(self):
+    for name in ("block_n", "block_k"):
+      value = getattr(self, name)
+      if _SCALE_BLOCK % value or value < 32:
+        raise ValueError(f"{name} must divide {_SCALE_BLOCK} and be >= 32, got {value}")
+    if self.block_m not in (16, 32, 64, 128):
+      raise ValueError(f"block_m must be 16, 32, 64 or 128, got {self.block_m}")
+    if self.group_m < 1:
+      raise ValueError(f"group_m must be >= 1, got {self.group_m}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoETiling:
+  """Tiles of GEMM1 (+ fused SwiGLU-quant) and GEMM2; both share block_m (one tile schedule)."""
+
+  gemm1: GemmTiling = GemmTiling()
+  gemm2: GemmTiling = GemmTiling()
+
+  def __post_init__(self):
+    if self.gemm1.block_m != self.gemm2.block_m:
+      raise ValueError(f"gemm1 and gemm2 share the tile schedule: block_m {self.gemm1.block_m} != "
+                       f"{self.gemm2.block_m}")
+    if self.gemm1.block_k != _SCALE_BLOCK:
+      raise ValueError(f"gemm1.block_k must be {_SCALE_BLOCK} (the activations' scale block), got "
+                       f"{self.gemm1.block_k}")
+    if self.gemm2.block_k != self.gemm1.block_n:
+      raise ValueError(f"gemm2.block_k must equal gemm1.block_n (the SwiGLU output's quantization block), "
+                       f"got {self.gemm2.block_k} and {self.gemm1.block_n}")
+
+  @property
+  def block_m(self) -> int:
+    return self.gemm1.block_m
+
+
+def default_tiling(num_tokens: int, top_k: int, num_local_experts: int) -> MoETiling:
+  """Per-shape default (T is static under jit).
+
+  Few rows per expert (memory-bound): narrow GEMM2 N-tiles give more programs, so that the weights of
+  a few touched experts are streamed by all SMs. Many rows (compute-bound): wide tiles and L2 grouping.
+  """
+  rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
+  if rows_per_expert <= 64:
+    return MoETiling(gemm1=GemmTiling(block_m=64, block_n=64, group_m=1, num_warps=4, num_stages=4),
+                     gemm2=GemmTiling(block_m=64, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=4))
+  return MoETiling(gemm1=GemmTiling(block_m=64, block_n=128, group_m=8, num_warps=8, num_stages=3),
+                   gemm2=GemmTiling(block_m=64, block_n=128, group_m=8, num_warps=8, num_stages=3))
