@@ -23,8 +23,6 @@ _ALL_LOCAL = flags.DEFINE_list("all_local_T", ["901", "14107"], "Token counts wi
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per row.")
 _DUMP = flags.DEFINE_string("dump_dir", "", "If set, dump XLA's PTX here and grep it for wgmma / mma.sync.")
 _TILINGS = flags.DEFINE_bool("tilings", False, "Also time a few tile variants at each T.")
-_WGMMA = flags.DEFINE_bool("check_wgmma", False,
-                           "Compile one call with Triton's MLIR dump on and count wgmma vs mma.sync dots.")
 
 
 def main(argv):
@@ -89,11 +87,13 @@ def main(argv):
   if _TILINGS.value:
     G = tiling_lib.GemmTiling
     variants.update({
-        "n1_32": tiling_lib.MoETiling(G(64, 32, group_m=1, num_stages=4), G(64, 64, 32, group_m=1, num_stages=4)),
-        "n1_128_n2_64": tiling_lib.MoETiling(G(64, 128, group_m=1, num_stages=4), G(64, 64, 128, group_m=1, num_stages=4)),
-        "n1_64_s5": tiling_lib.MoETiling(G(64, 64, group_m=1, num_stages=5), G(64, 128, 64, group_m=1, num_stages=5)),
-        "big_m128w8": tiling_lib.MoETiling(G(128, 128, group_m=8, num_warps=8), G(128, 128, group_m=8, num_warps=8)),
-        "big_m64w4": tiling_lib.MoETiling(G(64, 128, group_m=8, num_warps=4), G(64, 128, group_m=8, num_warps=4)),
+        "g1w4s4": tiling_lib.MoETiling(G(64, 128, group_m=8, num_stages=4), G(64, 64, group_m=8, num_stages=4)),
+        "g1w8s3": tiling_lib.MoETiling(G(64, 128, group_m=8, num_warps=8, num_stages=3),
+                                       G(64, 64, group_m=8, num_stages=3)),
+        "g1w8s5": tiling_lib.MoETiling(G(64, 128, group_m=8, num_warps=8, num_stages=5),
+                                       G(64, 64, group_m=8, num_stages=5)),
+        "g1n64w8": tiling_lib.MoETiling(G(64, 64, group_m=8, num_warps=8, num_stages=4),
+                                        G(64, 64, 64, group_m=8, num_stages=4)),
     })
   xla_fn = layer("xla")
   fns = {name: layer("triton", t) for name, t in variants.items()}
@@ -131,13 +131,13 @@ def main(argv):
                  f"{times}  {matched:.4f}  {rel:.2e}{'' if finite else '  NON-FINITE'}")
     print(table[-1], flush=True)
 
+  print("moe kernels (GPU us) per variant; 'other' = all non-moe kernels summed:")
   for label, kernels in breakdowns.items():
-    if label.startswith("triton "):
-      print(f"kernels of {label}: " + ", ".join(f"{n[:30]} {us:.1f}" for n, us in kernels if us > 2.0))
+    moe = [f"{n.replace('moe_', '')} {us:.1f}" for n, us in kernels if n.startswith("moe_")]
+    other = sum(us for n, us in kernels if not n.startswith("moe_"))
+    print(f"  {label}: {', '.join(moe)}, other {other:.1f} in {len(kernels) - len(moe)} kernels")
   print("span us (GPU, L2 flushed, median):")
   print("\n".join(table))
-  if _WGMMA.value:
-    _count_triton_dots()
   if _DUMP.value:
     # XLA compiles the Pallas-Triton custom calls itself; whichever dumped file holds their PTX/LLVM
     # is searched for the tensor-core instructions.
@@ -156,26 +156,6 @@ def main(argv):
         if n:
           holders.add(os.path.basename(path))
     print(f"dump: tensor-core instructions {counts} in {sorted(holders)[:8]}")
-
-def _count_triton_dots():
-  """Triton's own pass dump names the MMA it chose: ttng.warp_group_dot is wgmma (MMAv3)."""
-  import subprocess
-  code = ("import jax, jax.numpy as jnp, moe_pallas as mp\n"
-          "from moe_pallas import testing\n"
-          "c = mp.DEEPSEEK_V3\n"
-          "x = testing.random_layer_inputs(c, 64, seed=0, local_expert_offset=32)\n"
-          "mp.moe_layer(*x, local_expert_offset=32, routed_scaling_factor=2.5, implementation='triton')"
-          ".block_until_ready()\n")
-  env = dict(os.environ, MLIR_ENABLE_DUMP="1")
-  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-  dump = proc.stderr
-  print(f"Triton MLIR dump ({len(dump)} chars, rc={proc.returncode}): "
-        f"ttng.warp_group_dot={dump.count('ttng.warp_group_dot')}, "
-        f"ttg mma v2 (mma.sync) layouts={dump.count('versionMajor = 2')}, "
-        f"mma v3 layouts={dump.count('versionMajor = 3')}, tt.dot={dump.count('tt.dot ')}")
-  if proc.returncode:
-    print(dump[-2000:])
-
 
 if __name__ == "__main__":
   sys.exit(app.run(main))

@@ -60,20 +60,25 @@ def _gemm1_swiglu_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_r
     # The gather of each row's token is fused into the loads: no [rows, H] copy of the activations.
     tokens = row_token_ref[rows]
 
-    def k_step(k, accs):
-      acc_up, acc_gate = accs
-      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-      # Scales load before the dots so their latency hides under the MMAs.
+    def scales_of_step(k):
       row_scale = a_scale_ref[k, tokens]
-      up_scale = row_scale * w_scale_ref[expert, up_scale_row, k]
-      gate_scale = row_scale * w_scale_ref[expert, gate_scale_row, k]
+      return (row_scale * w_scale_ref[expert, up_scale_row, k],
+              row_scale * w_scale_ref[expert, gate_scale_row, k])
+
+    def k_step(k, carry):
+      acc_up, acc_gate, up_scale, gate_scale = carry
+      # The next step's scales are loaded one step ahead (through the loop carry): Triton pipelines
+      # the tile loads that feed the dots, not these small ones, whose latency would otherwise stall
+      # every step. The last step reloads its own scales, an unused in-bounds load.
+      next_scales = scales_of_step(jnp.minimum(k + 1, num_k_steps - 1))
+      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
       a = a_ref[tokens, ks]
       acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
       acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
-      return acc_up, acc_gate
+      return (acc_up, acc_gate, *next_scales)
 
     zeros = jnp.zeros((bm, bn), jnp.float32)
-    acc_up, acc_gate = jax.lax.fori_loop(0, num_k_steps, k_step, (zeros, zeros))
+    acc_up, acc_gate, _, _ = jax.lax.fori_loop(0, num_k_steps, k_step, (zeros, zeros, *scales_of_step(0)))
     swiglu = _silu(acc_gate) * acc_up  # silu on the SECOND half of W13's output (SPEC.md step 6)
     if quantize_output:
       [out_scale_ref] = out_scale_refs
@@ -141,16 +146,23 @@ def _gemm2_kernel(tile_expert_ref, c_ref, *refs, num_m_tiles, num_n_tiles, num_k
     cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
     weight_scale_row = j * bn // _SCALE_BLOCK
 
-    def k_step(k, acc):
-      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+    def scale_of_step(k):
       weight_scale = w_scale_ref[expert, weight_scale_row, k * bk // _SCALE_BLOCK]
-      w = w_ref[expert, cols, ks]
       if scaled_input:
-        scale = (c_scale_ref[k, rows] * weight_scale)[:, None]
-        return fma(dot_nt(c_ref[rows, ks], w), scale, acc)
-      return fma(dot_nt(c_ref[rows, ks], w.astype(c_ref.dtype)), weight_scale, acc)
+        return c_scale_ref[k, rows] * weight_scale
+      return jnp.full((bm,), weight_scale, jnp.float32)
 
-    acc = jax.lax.fori_loop(0, num_k_steps, k_step, jnp.zeros((bm, bn), jnp.float32))
+    def k_step(k, carry):
+      acc, scale = carry
+      next_scale = scale_of_step(jnp.minimum(k + 1, num_k_steps - 1))  # one step ahead, as in GEMM1
+      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+      w = w_ref[expert, cols, ks]
+      a = c_ref[rows, ks]
+      if not scaled_input:
+        w = w.astype(c_ref.dtype)
+      return fma(dot_nt(a, w), scale[:, None], acc), next_scale
+
+    acc, _ = jax.lax.fori_loop(0, num_k_steps, k_step, (jnp.zeros((bm, bn), jnp.float32), scale_of_step(0)))
     out_ref[rows, cols] = acc * row_weight_ref[rows][:, None]
 
 

@@ -72,11 +72,17 @@ def default_tiling(num_tokens: int, top_k: int, num_local_experts: int) -> MoETi
   """Per-shape default (T is static under jit).
 
   Few rows per expert (memory-bound): narrow GEMM2 N-tiles give more programs, so that the weights of
-  a few touched experts are streamed by all SMs. Many rows (compute-bound): wide tiles and L2 grouping.
+  a few touched experts are streamed by all SMs. Many rows (compute-bound): wider GEMM2 tiles.
   """
+  # Measured on H100 (experiments/check_kernels.py, GPU kernel times, uniform routing): GEMM1 (two
+  # 64x128 accumulators) is fastest with 8 warps at every T (T=80: 300 -> 271 us; T=14107: 3272 ->
+  # 2483 us); GEMM2 with 64-wide N-tiles up to T=901 (135 vs 159 us there) and 128-wide, 4 warps above
+  # (1005 us at T=14107 against 1155-1932 for the other variants). Narrower GEMM1 tiles force GEMM2's K
+  # step down to 64, which cost GEMM2 more than they gained (T=16: 89 -> 112 us). 3 pipeline stages
+  # for GEMM2 beat 4 and 5 at every T.
   rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
-  if rows_per_expert <= 64:
-    return MoETiling(gemm1=GemmTiling(block_m=64, block_n=64, group_m=1, num_warps=4, num_stages=4),
-                     gemm2=GemmTiling(block_m=64, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=4))
-  return MoETiling(gemm1=GemmTiling(block_m=64, block_n=128, group_m=8, num_warps=8, num_stages=3),
-                   gemm2=GemmTiling(block_m=64, block_n=128, group_m=8, num_warps=8, num_stages=3))
+  gemm1 = GemmTiling(block_m=64, block_n=128, group_m=8, num_warps=8, num_stages=4)
+  if rows_per_expert <= 512:
+    return MoETiling(gemm1=gemm1, gemm2=GemmTiling(block_m=64, block_n=64, group_m=8, num_warps=4, num_stages=3))
+  return MoETiling(gemm1=dataclasses.replace(gemm1, num_stages=3),
+                   gemm2=GemmTiling(block_m=64, block_n=128, group_m=8, num_warps=4, num_stages=3))
