@@ -83,6 +83,8 @@ def _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_state
                        gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, local_expert_offset,
                        routed_scaling_factor, *, config: MoEConfig, implementation: str, interpret: bool,
                        intermediate_dtype):
+  local_expert_offset = jnp.asarray(local_expert_offset, jnp.int32)
+  routed_scaling_factor = jnp.asarray(routed_scaling_factor, jnp.float32)
   topk_ids, topk_weights = route(routing_logits, routing_bias, config=config,
                                  routed_scaling_factor=routed_scaling_factor)
   plan = plan_local(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
@@ -137,9 +139,10 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
   num_tokens = routing_logits.shape[0]
   if num_tokens == 0:
     return jnp.zeros((0, config.hidden), jnp.bfloat16)
+  # The scalars go in as they came and are converted inside the program: a conversion here would be a
+  # device program of its own per call, launched ahead of the layer's.
   return _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
-                            gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
-                            jnp.asarray(local_expert_offset, jnp.int32),
-                            jnp.asarray(routed_scaling_factor, jnp.float32), config=config,
+                            gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, local_expert_offset,
+                            routed_scaling_factor, config=config,
                             implementation=implementation, interpret=interpret,
                             intermediate_dtype=jnp.dtype(intermediate_dtype))
