@@ -231,6 +231,28 @@ def test_layer_matches_oracle_other_tilings(request, tiles):
   _check_layer(mp.SMALL, 50, _seed(request), "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 
 
+def test_expert_chunking_for_int32_offsets_is_exact(request, monkeypatch):
+  """Weights too large for int32 offsets run in per-expert chunks; forced here at a small shape."""
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 40, seed=_seed(request), scenario="uniform", local_expert_offset=8)
+  whole = mp.moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
+                       implementation="triton", interpret=True)
+  per_expert = 2 * config.intermediate * config.hidden  # W13 elements of one expert
+  monkeypatch.setattr(grouped_gemm, "_INT32_OFFSET_LIMIT", 3 * per_expert)  # 2 experts per W13 call
+  assert grouped_gemm._per_expert_chunks(inputs.gemm1_weights) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+  assert len(grouped_gemm._per_expert_chunks(inputs.gemm2_weights)) == 2  # W2 is half of W13
+  chunked = mp.moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
+                         implementation="triton", interpret=True)
+  np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
+
+
+def test_int32_offset_overflow_rule():
+  assert not grouped_gemm.int32_offsets_overflow((32, 4096, 7168), jnp.float8_e4m3fn)   # 0.94 GB
+  assert grouped_gemm.int32_offsets_overflow((128, 4096, 7168), jnp.float8_e4m3fn)      # 3.76 GB
+  assert not grouped_gemm.int32_offsets_overflow((256, 4096, 7168), jnp.float8_e4m3fn)  # 7.5 GB: int64
+  assert not grouped_gemm.int32_offsets_overflow((300_000, 7168), jnp.float32)          # 8.6 GB: int64
+
+
 def test_untouched_experts_are_never_read(request):
   """NaN weights in every expert that no token picked leave the output unchanged (and finite)."""
   config = mp.SMALL

@@ -31,6 +31,15 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
     tiling = default_tiling(num_tokens, top_k, num_local)
 
   schedule = make_tile_schedule(plan, block_m=tiling.block_m)
+  # Weights are split per expert chunk where needed (grouped_gemm); the activations and the SwiGLU
+  # output are not, so their sizes are checked here rather than read at wrapped addresses.
+  for name, shape in (("hidden_states", hidden_states.shape),
+                      ("the [rows, I] SwiGLU output", (schedule.num_rows, gemm2_weights.shape[2]))):
+    if grouped_gemm.int32_offsets_overflow(shape, jnp.float8_e4m3fn):
+      raise NotImplementedError(
+          f"implementation='triton' cannot index {name} of shape {list(shape)} (2**31 to 2**32 one-byte "
+          f"elements overflow Pallas-Triton's int32 offsets at T={num_tokens}); use implementation='xla' "
+          "or split the tokens into smaller calls")
   swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(
       schedule.tile_expert, schedule.row_token, hidden_states, hidden_states_scale, gemm1_weights,
       gemm1_weights_scale, tiling=tiling.gemm1, out_dtype=intermediate_dtype, interpret=interpret)
