@@ -1,63 +1,49 @@
-"""Kernel bring-up on the GPU: wgmma in the compiled kernels, correctness at full shape, rough times.
+"""Kernel bring-up on the GPU: correctness at full shape and per-kernel GPU times of tile variants.
 
-  PYTHONPATH=. python3 experiments/check_kernels.py --dump_dir=/tmp/xla_dump
+  PYTHONPATH=. python3 experiments/check_kernels.py --tilings --T=1,16,80,901,14107 --all_local_T=901
 
 For each T (uniform routing, plus all_local rows) it checks implementation="triton" against the xla path
-(float32, on device) under SPEC.md's criterion, and prints host-clock times of both (median of --iters
-calls, each after an L2 flush; host clocks include launch overhead: the benchmark harness gives GPU spans).
-With --dump_dir it dumps XLA's compiled PTX and reports whether the Pallas kernels use wgmma.
+(float32, on device) under SPEC.md's criterion (inputs from moe_pallas.testing), and prints GPU spans (experiments/timing.py: L2 flushed
+before every call, median) of the xla path, the default tiling and, with --tilings, a few tile variants,
+with the per-kernel times of each. Its seeds are its own, not experiments/workloads.py's: use
+experiments/benchmark.py for reportable numbers. Which MMA the GEMMs use is
+read with ncu through experiments/tensor_core_check.py.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import statistics
 import sys
-import time
 
 from absl import app, flags
 
 _T = flags.DEFINE_list("T", ["1", "7", "16", "32", "80", "901", "14107"], "Token counts (uniform routing).")
 _ALL_LOCAL = flags.DEFINE_list("all_local_T", ["901", "14107"], "Token counts with all_local routing.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per row.")
-_DUMP = flags.DEFINE_string("dump_dir", "", "If set, dump XLA's PTX here and grep it for wgmma / mma.sync.")
 _TILINGS = flags.DEFINE_bool("tilings", False, "Also time a few tile variants at each T.")
 
 
 def main(argv):
   del argv
-  if _DUMP.value:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={_DUMP.value}")
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   import moe_pallas as mp
+  from moe_pallas import testing
   from moe_pallas.kernels import grouped_moe, tiling as tiling_lib
 
   config = mp.DEEPSEEK_V3
   device = jax.devices()[0]
   print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
-  L, H, I, E = config.num_local_experts, config.hidden, config.intermediate, config.num_experts
+  L = config.num_local_experts
 
-  def fp8(key, shape):
-    return jnp.clip(jax.random.normal(key, shape, jnp.float32), -2, 2).astype(jnp.float8_e4m3fn)
-
-  keys = jax.random.split(jax.random.key(0), 4)
-  weights = (fp8(keys[0], (L, 2 * I, H)), jax.random.normal(keys[1], (L, 2 * I // 128, H // 128)),
-             fp8(keys[2], (L, H, I)), jax.random.normal(keys[3], (L, H // 128, I // 128)))
-  flush = jnp.zeros((64 * 2**20,), jnp.float32)
-  flush_fn = jax.jit(lambda x: x + 1.0)
+  weights = testing.random_weights(config, seed=0)
 
   def activations(T, seed, offset, all_local):
-    k = jax.random.split(jax.random.key(seed), 4)
-    logits = jax.random.normal(k[0], (T, E), jnp.float32)
-    if all_local:
-      logits = logits.at[:, offset:offset + L].add(4.0)
-    bias = (0.1 * jax.random.normal(k[1], (E,))).astype(jnp.bfloat16)
-    return (logits, bias, fp8(k[2], (T, H)), jax.random.normal(k[3], (H // 128, T)))
+    return testing.random_activations(config, T, seed=seed, local_expert_offset=offset,
+                                      scenario="all_local" if all_local else "uniform")
 
   sys.path.insert(0, os.path.dirname(__file__))
   from timing import GpuTimer  # the benchmark harness's GPU-span timer
@@ -118,12 +104,8 @@ def main(argv):
         print(f"  {name} failed at T={T}: {type(err).__name__}: {str(err)[:400]}", flush=True)
     out = results.get("triton", (None,))[0]
     if out is not None:
-      r = np.asarray(ref, np.float64)
-      o = np.asarray(out, np.float64)
-      diff = np.abs(o - r)
-      matched = float(np.mean((diff <= 1) | (diff / (np.abs(r) + 1e-8) <= 0.3)))
-      rel = float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
-      finite = bool(np.isfinite(o).all())
+      metrics = testing.acceptance_metrics(out, ref)
+      matched, rel, finite = metrics["matched_ratio"], metrics["rel_l2"], metrics["finite"]
     else:
       matched, rel, finite = float("nan"), float("nan"), False
     times = " ".join(f"{results[n][1]:14.1f}" if n in results else f"{'fail':>14}" for n in fns)
@@ -138,24 +120,7 @@ def main(argv):
     print(f"  {label}: {', '.join(moe)}, other {other:.1f} in {len(kernels) - len(moe)} kernels")
   print("span us (GPU, L2 flushed, median):")
   print("\n".join(table))
-  if _DUMP.value:
-    # XLA compiles the Pallas-Triton custom calls itself; whichever dumped file holds their PTX/LLVM
-    # is searched for the tensor-core instructions.
-    counts = {"wgmma.mma_async": 0, "mma.sync": 0, "llvm.nvvm.wgmma": 0}
-    holders = set()
-    for path in glob.glob(os.path.join(_DUMP.value, "**", "*"), recursive=True):
-      if not os.path.isfile(path):
-        continue
-      try:
-        text = open(path, errors="ignore").read()
-      except OSError:
-        continue
-      for needle in counts:
-        n = text.count(needle)
-        counts[needle] += n
-        if n:
-          holders.add(os.path.basename(path))
-    print(f"dump: tensor-core instructions {counts} in {sorted(holders)[:8]}")
+
 
 if __name__ == "__main__":
   sys.exit(app.run(main))

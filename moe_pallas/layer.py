@@ -58,7 +58,8 @@ def apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1
     gemm2_weights: [E_local, H, I] float8_e4m3fn; gemm2_weights_scale: [E_local, H/128, I/128] float32.
     plan: from `plan_local`, with E_local experts and capacity T * top_k.
     out_dtype: float32 (default) for partial sums that are added across ranks before rounding, or bfloat16.
-    implementation: "xla", "triton" or None (see `resolve_implementation`).
+    implementation: "xla", "triton" or None: the best available (see `resolve_implementation`); with None,
+      a case the kernels do not cover (they raise NotImplementedError) runs on "xla".
     interpret: run Pallas kernels in interpret mode (CPU).
     intermediate_dtype: SwiGLU output precision before GEMM2 in the kernels: float8_e4m3fn (1x128 block
       scales, as the fast paths do) or bfloat16. The xla path keeps float32.
@@ -66,16 +67,22 @@ def apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1
   Returns:
     [T, H] in `out_dtype`; rows of tokens with no local pair are zero.
   """
-  implementation = resolve_implementation(implementation, interpret=interpret)
-  if implementation == "xla":
-    return reference.apply_local_experts_xla(hidden_states, hidden_states_scale, gemm1_weights,
-                                             gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, plan,
-                                             out_dtype=out_dtype)
-  from moe_pallas.kernels import grouped_moe  # the kernel tier imports Pallas internals: load it on use
-  return grouped_moe.apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights,
-                                                gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, plan,
-                                                out_dtype=out_dtype, interpret=interpret,
-                                                intermediate_dtype=intermediate_dtype)
+  chosen = resolve_implementation(implementation, interpret=interpret)
+  if chosen == "triton":
+    from moe_pallas.kernels import grouped_moe  # the kernel tier imports Pallas internals: load it on use
+    try:
+      return grouped_moe.apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights,
+                                                    gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, plan,
+                                                    out_dtype=out_dtype, interpret=interpret,
+                                                    intermediate_dtype=intermediate_dtype)
+    except NotImplementedError:
+      if implementation is not None:  # asked for by name: say why it cannot run
+        raise
+      # Best available (None): a case the kernels do not cover falls through to the reference, as
+      # tokamax's dispatch does. This happens while tracing, never on device values.
+  return reference.apply_local_experts_xla(hidden_states, hidden_states_scale, gemm1_weights,
+                                           gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, plan,
+                                           out_dtype=out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "implementation", "interpret", "intermediate_dtype"))
@@ -133,9 +140,8 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
       routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
       gemm2_weights, gemm2_weights_scale, local_expert_offset=local_expert_offset,
       routed_scaling_factor=routed_scaling_factor, config=config)
-  if jnp.dtype(intermediate_dtype) not in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.bfloat16)):
-    raise ValueError(f"intermediate_dtype must be float8_e4m3fn or bfloat16, got {jnp.dtype(intermediate_dtype).name}")
-  implementation = resolve_implementation(implementation, interpret=interpret)
+  validation.validate_intermediate_dtype(intermediate_dtype)
+  resolve_implementation(implementation, interpret=interpret)  # a bad name fails here, before tracing
   num_tokens = routing_logits.shape[0]
   if num_tokens == 0:
     return jnp.zeros((0, config.hidden), jnp.bfloat16)

@@ -437,8 +437,7 @@ def moe_layer_sharded(routing_logits, routing_bias, hidden_states, hidden_states
       routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
       gemm2_weights, gemm2_weights_scale, local_expert_offset=0, routed_scaling_factor=routed_scaling_factor,
       config=config)
-  if jnp.dtype(intermediate_dtype) not in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.bfloat16)):
-    raise ValueError(f"intermediate_dtype must be float8_e4m3fn or bfloat16, got {jnp.dtype(intermediate_dtype).name}")
+  validation.validate_intermediate_dtype(intermediate_dtype)
   implementation = resolve_implementation(implementation, interpret=interpret)
   shard_config = config.with_local_experts(num_experts // num_shards)
 

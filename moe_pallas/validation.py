@@ -143,3 +143,10 @@ def validate_scalars(*, local_expert_offset, routed_scaling_factor, config: MoEC
   factor = concrete_value(routed_scaling_factor)
   if factor is not None and not math.isfinite(float(factor)):
     raise ValueError(f"routed_scaling_factor must be finite, got {float(factor)}")
+
+
+def validate_intermediate_dtype(intermediate_dtype):
+  """The SwiGLU output's precision on the kernel path: float8_e4m3fn or bfloat16."""
+  if jnp.dtype(intermediate_dtype) not in (_FP8, jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"intermediate_dtype must be float8_e4m3fn or bfloat16, got {jnp.dtype(intermediate_dtype).name}")
+  return jnp.dtype(intermediate_dtype)

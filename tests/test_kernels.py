@@ -246,6 +246,21 @@ def test_expert_chunking_for_int32_offsets_is_exact(request, monkeypatch):
   np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
 
 
+def test_best_available_falls_back_to_xla_where_kernels_cannot_run(request, monkeypatch):
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 11, seed=_seed(request), local_expert_offset=8)
+
+  def unsupported(*args, **kwargs):
+    raise NotImplementedError("not covered by the kernels")
+
+  monkeypatch.setattr(grouped_moe, "apply_local_experts_triton", unsupported)
+  kwargs = dict(local_expert_offset=8, routed_scaling_factor=2.5, config=config, interpret=True)
+  best = mp.moe_layer(*inputs, implementation=None, **kwargs)
+  np.testing.assert_array_equal(np.asarray(best), np.asarray(mp.moe_layer(*inputs, implementation="xla", **kwargs)))
+  with pytest.raises(NotImplementedError, match="not covered"):
+    mp.moe_layer(*inputs, implementation="triton", **kwargs)
+
+
 def test_int32_offset_overflow_rule():
   assert not grouped_gemm.int32_offsets_overflow((32, 4096, 7168), jnp.float8_e4m3fn)   # 0.94 GB
   assert grouped_gemm.int32_offsets_overflow((128, 4096, 7168), jnp.float8_e4m3fn)      # 3.76 GB

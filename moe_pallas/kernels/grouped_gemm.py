@@ -21,10 +21,9 @@ from jax.experimental.pallas import triton as pltriton
 
 from moe_pallas.kernels.fp8_dot import dot_nt, fma
 from moe_pallas.kernels.tiling import GemmTiling
+# The epilogue quantizes as quant.quantize_blockwise does (amax / 448, amax floor), so both agree.
+from moe_pallas.quant import AMAX_FLOOR as _AMAX_FLOOR, FP8_DTYPE, FP8_MAX as _FP8_MAX
 
-FP8_DTYPE = jnp.float8_e4m3fn
-_FP8_MAX = 448.0
-_AMAX_FLOOR = 1e-4  # as quant.quantize_blockwise, so both paths quantize alike
 _SCALE_BLOCK = 128
 
 

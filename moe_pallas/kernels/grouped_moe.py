@@ -7,7 +7,6 @@ caller's jitted program: three Pallas kernels and a few small XLA fusions for ro
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from moe_pallas.kernels import combine, fp8_dot, grouped_gemm
