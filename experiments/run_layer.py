@@ -72,13 +72,8 @@ def _load_oracle():
 
 
 def _resolve_implementation(layer, name: str, interpret: bool) -> tuple[str, str]:
-  """(implementation to run, note): auto falls back to xla while the kernel tier is not in the tree."""
-  if name != "auto":
-    return layer.resolve_implementation(name, interpret=interpret), ""
-  chosen = layer.resolve_implementation(None, interpret=interpret)
-  if chosen != "xla" and importlib.util.find_spec("moe_pallas.kernels.grouped_moe") is None:
-    return "xla", f" (auto chose {chosen}, whose kernels are not in this tree: running xla)"
-  return chosen, ""
+  """(implementation to run, note): "auto" is moe_layer's best available on this device."""
+  return layer.resolve_implementation(None if name == "auto" else name, interpret=interpret), ""
 
 
 def _time_calls(fn, *, warmup: int, iters: int) -> tuple[float, list[float]]:

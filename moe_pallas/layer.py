@@ -62,11 +62,19 @@ def apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1
       a case the kernels do not cover (they raise NotImplementedError) runs on "xla".
     interpret: run Pallas kernels in interpret mode (CPU).
     intermediate_dtype: SwiGLU output precision before GEMM2 in the kernels: float8_e4m3fn (1x128 block
-      scales, as the fast paths do) or bfloat16. The xla path keeps float32.
+      scales, as the fast paths do) or bfloat16. The xla path keeps float32 (its dots at XLA's default
+      matmul precision: TF32 on Ampere/Hopper GPUs).
 
   Returns:
     [T, H] in `out_dtype`; rows of tokens with no local pair are zero.
+
+  Raises:
+    ValueError / TypeError for arrays whose shapes or dtypes disagree with each other or with the plan.
   """
+  _, num_local, _ = validation.validate_expert_arrays(hidden_states, hidden_states_scale, gemm1_weights,
+                                                      gemm1_weights_scale, gemm2_weights, gemm2_weights_scale)
+  validation.validate_plan(plan, num_tokens=hidden_states.shape[0], num_local_experts=num_local)
+  validation.validate_intermediate_dtype(intermediate_dtype)
   chosen = resolve_implementation(implementation, interpret=interpret)
   if chosen == "triton":
     from moe_pallas.kernels import grouped_moe  # the kernel tier imports Pallas internals: load it on use
@@ -117,10 +125,11 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
     gemm1_weights: [E_local, 2I, H] float8_e4m3fn (W13, [out, in]); gemm1_weights_scale: [E_local, 2I/128, H/128].
     gemm2_weights: [E_local, H, I] float8_e4m3fn (W2); gemm2_weights_scale: [E_local, H/128, I/128].
     local_expert_offset: int, global id of local expert 0, in [0, E - E_local]. May be traced (e.g. from
-      `lax.axis_index`): a traced value is not range-checked, and an out-of-range one selects only the
-      experts that fall inside [0, E), possibly none (all-zero output).
+      `lax.axis_index`) or a jax.Array: such a value is not range-checked (reading it would be a device-to-
+      host sync), and an out-of-range one selects only the experts that fall inside [0, E), possibly none
+      (all-zero output).
     routed_scaling_factor: float multiplying the normalized routing weights (2.5 in DeepSeek-V3). Must be
-      finite; a traced non-finite value is not caught and propagates into every routed row.
+      finite; a traced or jax.Array non-finite value is not caught and propagates into every routed row.
     config: routing constants (top_k, n_group, topk_group); defaults to DeepSeek-V3's when E = 256 and is
       required otherwise. Its sizes must match the shapes.
     implementation: "xla" (pure jnp), "triton" (Pallas kernels) or None for the best available.

@@ -63,14 +63,16 @@ def route(routing_logits: jax.Array, routing_bias: jax.Array, *, config: MoEConf
       with the unbiased sigmoid score `s`, summed over all picks, local or not.
   """
   num_tokens, num_experts = routing_logits.shape
+  if num_experts != config.num_experts:
+    raise ValueError(f"routing_logits has E={num_experts} experts, config.num_experts={config.num_experts}")
   scores = jax.nn.sigmoid(routing_logits.astype(jnp.float32))
   biased = scores + routing_bias.astype(jnp.float32)[None, :]
 
-  grouped = biased.reshape(num_tokens, config.n_group, num_experts // config.n_group)
+  grouped = biased.reshape(num_tokens, config.n_group, config.experts_per_group)
   group_scores = _top2_sum(grouped)
   kept_groups = _top_k_indices(group_scores, config.topk_group)
   group_kept = jnp.any(kept_groups[:, :, None] == jnp.arange(config.n_group)[None, None, :], axis=1)
-  expert_kept = jnp.repeat(group_kept, num_experts // config.n_group, axis=1)
+  expert_kept = jnp.repeat(group_kept, config.experts_per_group, axis=1)
   masked = jnp.where(expert_kept, biased, _MASKED_SCORE)
 
   topk_ids = _top_k_indices(masked, config.top_k)

@@ -312,6 +312,7 @@ def _shard_program(routing_logits, routing_bias, hidden_states, hidden_states_sc
 @functools.partial(jax.jit, static_argnames=("mesh", "st"))
 def _sharded_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
                      gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, routed_scaling_factor, *, mesh, st):
+  routed_scaling_factor = jnp.asarray(routed_scaling_factor, jnp.float32)  # inside: no extra program per call
   num_tokens = routing_logits.shape[0]
   num_token_shards = math.prod(mesh.shape[a] for a in st.token_axes)
   padded = -(-num_tokens // num_token_shards) * num_token_shards
@@ -438,7 +439,8 @@ def moe_layer_sharded(routing_logits, routing_bias, hidden_states, hidden_states
       gemm2_weights, gemm2_weights_scale, local_expert_offset=0, routed_scaling_factor=routed_scaling_factor,
       config=config)
   validation.validate_intermediate_dtype(intermediate_dtype)
-  implementation = resolve_implementation(implementation, interpret=interpret)
+  # Checked here; passed on as given, so that None keeps apply_local_experts' fall-back to xla.
+  resolve_implementation(implementation, interpret=interpret)
   shard_config = config.with_local_experts(num_experts // num_shards)
 
   token_axes = (expert_axis,) if data_axis is None else (data_axis, expert_axis)
@@ -464,8 +466,8 @@ def moe_layer_sharded(routing_logits, routing_bias, hidden_states, hidden_states
                expert_axis=expert_axis, token_axes=token_axes, implementation=implementation, interpret=interpret,
                intermediate_dtype=jnp.dtype(intermediate_dtype), ragged_collective=jax.lax.ragged_all_to_all)
   out, stats = _sharded_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
-                                gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
-                                jnp.asarray(routed_scaling_factor, jnp.float32), mesh=mesh, st=st)
+                                gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, routed_scaling_factor,
+                                mesh=mesh, st=st)
   return (out, stats) if return_stats else out
 
 
@@ -494,10 +496,9 @@ def moe_layer_all_experts(routing_logits, routing_bias, hidden_states, hidden_st
       routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
       gemm2_weights, gemm2_weights_scale, local_expert_offset=0, routed_scaling_factor=routed_scaling_factor,
       config=config)
-  implementation = resolve_implementation(implementation, interpret=interpret)
+  resolve_implementation(implementation, interpret=interpret)  # checked; None passed on (xla fall-back)
   return _all_experts_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
-                              gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
-                              jnp.asarray(routed_scaling_factor, jnp.float32),
+                              gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, routed_scaling_factor,
                               config=config.with_local_experts(experts_per_call), implementation=implementation,
                               interpret=interpret, intermediate_dtype=jnp.dtype(intermediate_dtype))
 

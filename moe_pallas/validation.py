@@ -45,8 +45,12 @@ def _expect_rank(name, x, rank, meaning):
 
 
 def concrete_value(x):
-  """The value of `x` as a NumPy array, or None when it is traced (checked later or not at all)."""
-  if isinstance(x, jax.core.Tracer):
+  """The value of a Python or NumPy scalar, or None for a jax.Array (traced or not).
+
+  A jax.Array is not read: np.asarray on it would copy it to the host and wait for the device, a sync
+  on every call. Such values are documented as unchecked, like traced ones.
+  """
+  if isinstance(x, jax.Array):
     return None
   return np.asarray(x)
 
@@ -80,11 +84,31 @@ def validate_layer_inputs(routing_logits, routing_bias, hidden_states, hidden_st
                           routed_scaling_factor, config, block=128) -> MoEConfig:
   """Checks ranks, shapes, dtypes and (when concrete) values of the layer's inputs; returns the geometry."""
   _expect_rank("routing_logits", routing_logits, 2, "[T, E]")
+  num_tokens, num_experts = _shape(routing_logits)
+  _expect_rank("hidden_states", hidden_states, 2, "[T, H]")
+  _expect_shape("hidden_states", hidden_states, (num_tokens, _shape(hidden_states)[1]),
+                "[T, H], T from routing_logits")
+  hidden, num_local, intermediate = validate_expert_arrays(
+      hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
+      block=block)
+  _expect_shape("routing_bias", routing_bias, (num_experts,), "[E]")
+  _expect_dtype("routing_logits", routing_logits, [_F32])
+  _expect_dtype("routing_bias", routing_bias, _BIAS_DTYPES)
+
+  config = resolve_config(config, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
+                          num_local_experts=num_local, block=block)
+  validate_scalars(local_expert_offset=local_expert_offset, routed_scaling_factor=routed_scaling_factor,
+                   config=config)
+  return config
+
+
+def validate_expert_arrays(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
+                           gemm2_weights, gemm2_weights_scale, *, block=128) -> tuple[int, int, int]:
+  """Ranks, shapes and dtypes of the activations and expert weights; returns (H, E_local, I)."""
   _expect_rank("hidden_states", hidden_states, 2, "[T, H]")
   _expect_rank("gemm1_weights", gemm1_weights, 3, "[E_local, 2I, H]")
   _expect_rank("gemm2_weights", gemm2_weights, 3, "[E_local, H, I]")
-  num_tokens, num_experts = _shape(routing_logits)
-  _, hidden = _shape(hidden_states)
+  num_tokens, hidden = _shape(hidden_states)
   num_local, two_i, _ = _shape(gemm1_weights)
   intermediate = two_i // 2
 
@@ -95,8 +119,6 @@ def validate_layer_inputs(routing_logits, routing_bias, hidden_states, hidden_st
   if intermediate % block:
     raise ValueError(f"I = gemm1_weights.shape[1] / 2 must be a multiple of {block}, got {intermediate}")
 
-  _expect_shape("hidden_states", hidden_states, (num_tokens, hidden), "[T, H], T from routing_logits")
-  _expect_shape("routing_bias", routing_bias, (num_experts,), "[E]")
   _expect_shape("hidden_states_scale", hidden_states_scale, (hidden // block, num_tokens),
                 f"[H/{block}, T]: the public layout is transposed, scale[b, t] multiplies "
                 f"hidden_states[t, b*{block}:(b+1)*{block}]")
@@ -107,20 +129,21 @@ def validate_layer_inputs(routing_logits, routing_bias, hidden_states, hidden_st
   _expect_shape("gemm2_weights_scale", gemm2_weights_scale, (num_local, hidden // block, intermediate // block),
                 f"[E_local, H/{block}, I/{block}]")
 
-  _expect_dtype("routing_logits", routing_logits, [_F32])
-  _expect_dtype("routing_bias", routing_bias, _BIAS_DTYPES)
   _expect_dtype("hidden_states", hidden_states, [_FP8])
   _expect_dtype("hidden_states_scale", hidden_states_scale, [_F32])
   _expect_dtype("gemm1_weights", gemm1_weights, [_FP8])
   _expect_dtype("gemm1_weights_scale", gemm1_weights_scale, [_F32])
   _expect_dtype("gemm2_weights", gemm2_weights, [_FP8])
   _expect_dtype("gemm2_weights_scale", gemm2_weights_scale, [_F32])
+  return hidden, num_local, intermediate
 
-  config = resolve_config(config, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
-                          num_local_experts=num_local, block=block)
-  validate_scalars(local_expert_offset=local_expert_offset, routed_scaling_factor=routed_scaling_factor,
-                   config=config)
-  return config
+
+def validate_plan(plan, *, num_tokens: int, num_local_experts: int):
+  """A RoutingPlan must come from plan_local over these T tokens and E_local experts."""
+  top_k = _shape(plan.pair_rows)[1] if len(_shape(plan.pair_rows)) == 2 else None
+  _expect_shape("plan.pair_rows", plan.pair_rows, (num_tokens, top_k), "[T, top_k], T from hidden_states")
+  _expect_shape("plan.group_sizes", plan.group_sizes, (num_local_experts,), "[E_local], E_local from gemm1_weights")
+  _expect_shape("plan.token_ids", plan.token_ids, (num_tokens * top_k,), "[T * top_k]")
 
 
 def validate_scalars(*, local_expert_offset, routed_scaling_factor, config: MoEConfig):

@@ -127,7 +127,7 @@ def test_traced_offset_and_factor_under_jit(request):
 
 @pytest.mark.parametrize("offset", [-8, 32, 10**6])
 def test_traced_out_of_range_offset_gives_zeros(request, offset):
-  """Documented: a traced offset is not range-checked; outside [0, E) it selects no expert."""
+  """Documented: a traced offset is not range-checked; far outside [0, E) it selects no expert."""
   config = SMALL
   inputs = random_layer_inputs(config, _TRACED_T, seed=_seed(request.node.name), scenario="uniform")
   out = _layer_traced(inputs, jnp.int32(offset), jnp.float32(FACTOR))

@@ -144,10 +144,22 @@ def test_offset_not_an_int_scalar(inputs, offset, error, message):
   _raises(error, message, inputs, local_expert_offset=offset)
 
 
-@pytest.mark.parametrize("factor", [float("inf"), float("-inf"), float("nan"), np.float32("nan"), jnp.float32("inf")])
+@pytest.mark.parametrize("factor", [float("inf"), float("-inf"), float("nan"), np.float32("nan")])
 def test_non_finite_factor(inputs, factor):
   _raises(ValueError, f"routed_scaling_factor must be finite, got {float(factor)}", inputs,
           routed_scaling_factor=factor)
+
+
+def test_device_array_scalars_are_not_read_on_the_host(inputs):
+  """jax.Array offset/factor: no device-to-host copy per call, so no range check either (documented)."""
+  offset, factor = jnp.int32(CONFIG.num_local_experts), jnp.float32(2.5)
+  with jax.transfer_guard_device_to_host("disallow"):
+    out = _call(inputs, local_expert_offset=offset, routed_scaling_factor=factor, implementation="xla")
+  jax.block_until_ready(out)
+  # Out of range, unchecked: selects no local expert, as a traced offset would.
+  far = _call(inputs, local_expert_offset=jnp.int32(CONFIG.num_experts), routed_scaling_factor=factor,
+              implementation="xla")
+  assert not np.asarray(far, np.float32).any()
 
 
 @pytest.mark.parametrize("factor,error,message", [
@@ -209,3 +221,22 @@ def test_bad_intermediate_dtype(inputs):
 def test_config_construction_errors(field, value, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     MoEConfig(**{**CONFIG.__dict__, field: value})
+
+
+def test_apply_local_experts_checks_the_plan_against_the_arrays(inputs):
+  from moe_pallas import apply_local_experts, plan_local, route
+  ids, weights = route(inputs["routing_logits"], inputs["routing_bias"], config=CONFIG, routed_scaling_factor=2.5)
+  arrays = [inputs[k] for k in ("hidden_states", "hidden_states_scale", "gemm1_weights", "gemm1_weights_scale",
+                                "gemm2_weights", "gemm2_weights_scale")]
+  fewer_tokens = plan_local(ids[:-1], weights[:-1], local_expert_offset=8, num_local_experts=CONFIG.num_local_experts)
+  with pytest.raises(ValueError, match=re.escape(f"plan.pair_rows must have shape [{T}, {CONFIG.top_k}]")):
+    apply_local_experts(*arrays, fewer_tokens, implementation="xla")
+  other_experts = plan_local(ids, weights, local_expert_offset=8, num_local_experts=CONFIG.num_local_experts - 1)
+  with pytest.raises(ValueError, match=re.escape(f"plan.group_sizes must have shape [{CONFIG.num_local_experts}]")):
+    apply_local_experts(*arrays, other_experts, implementation="xla")
+
+
+def test_route_checks_experts_against_config(inputs):
+  from moe_pallas import route
+  with pytest.raises(ValueError, match="routing_logits has E=16 experts, config.num_experts=32"):
+    route(inputs["routing_logits"][:, :16], inputs["routing_bias"][:16], config=CONFIG, routed_scaling_factor=2.5)

@@ -60,13 +60,11 @@ def combine_rows(rows: jax.Array, pair_row: jax.Array, *, out_dtype=jnp.float32,
   """
   num_tokens, top_k = pair_row.shape
   hidden = rows.shape[1]
-  block_h = min(tiling.block_h, hidden)
-  while hidden % block_h:  # H is a multiple of 128; fall back to the largest power-of-two divisor
-    block_h //= 2
-  tiling = dataclasses.replace(tiling, block_h=block_h)
+  # Triton tensors have power-of-two sizes: the largest power of two dividing H (H = 384 gives 128).
+  tiling = dataclasses.replace(tiling, block_h=min(tiling.block_h, hidden & -hidden))
   kernel = functools.partial(_combine_kernel, num_tokens=num_tokens, top_k=top_k, tiling=tiling)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((num_tokens, hidden), out_dtype),
-      grid=(pl.cdiv(num_tokens, tiling.block_t), hidden // block_h), interpret=interpret,
+      grid=(pl.cdiv(num_tokens, tiling.block_t), hidden // tiling.block_h), interpret=interpret,
       name="moe_combine", compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
   )(pair_row.T.reshape(-1), rows)

@@ -39,16 +39,19 @@ except ImportError as err:  # pragma: no cover - only on an untested JAX
 
 
 def check_pallas_triton_internals() -> None:
-  """Raises a RuntimeError naming what moved if the private Pallas-Triton API these rules use is gone."""
+  """Raises NotImplementedError naming what moved if the private Pallas-Triton API these rules use is gone.
+
+  NotImplementedError (not RuntimeError): `implementation=None` then falls back to the xla path.
+  """
   if _IMPORT_ERROR is not None:
-    raise RuntimeError(
+    raise NotImplementedError(
         f"moe_pallas's FP8 dot primitives need jax._src.pallas.triton internals, which failed to import on "
         f"jax {jax.__version__} (tested: {', '.join(TESTED_JAX_VERSIONS)}): {_IMPORT_ERROR}")
   missing = [name for name in ("triton_lowering_rules", "_zeros") if not hasattr(_triton_lowering, name)]
   if not hasattr(_tt, "dot") or not hasattr(_tt, "trans"):
     missing.append("triton dialect dot/trans")
   if missing:
-    raise RuntimeError(
+    raise NotImplementedError(
         f"jax {jax.__version__} moved Pallas-Triton internals that moe_pallas's FP8 dot primitives use "
         f"(missing: {', '.join(missing)}; tested: {', '.join(TESTED_JAX_VERSIONS)})")
 

@@ -161,6 +161,9 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
   if num_rows != num_m_tiles * tiling.block_m:
     raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = "
                      f"{num_m_tiles * tiling.block_m}")
+  if tiling.block_k != _SCALE_BLOCK:
+    raise ValueError(f"gemm1_swiglu needs block_k = {_SCALE_BLOCK} (one activation scale per K step), got "
+                     f"{tiling.block_k}")
   num_n_tiles = intermediate // tiling.block_n
   quantize_output = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
   out_shape = [jax.ShapeDtypeStruct((num_rows, intermediate), out_dtype)]

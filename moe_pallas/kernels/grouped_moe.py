@@ -2,7 +2,8 @@
 
 plan -> tile schedule -> GEMM1 (rows gathered in its loads) + SwiGLU + FP8 quant -> GEMM2 x routing
 weight -> combine (each token's rows summed in float32, rounded once). All of it traces into the
-caller's jitted program: three Pallas kernels and a few small XLA fusions for routing and scheduling.
+caller's jitted program: three Pallas kernels, after the ~20 small XLA kernels of routing, plan and
+schedule (at small T their launches, not their work, are a large part of the layer's time).
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
   schedule = make_tile_schedule(plan, block_m=tiling.block_m)
   # Weights are split per expert chunk where needed (grouped_gemm); the activations and the SwiGLU
   # output are not, so their sizes are checked here rather than read at wrapped addresses.
-  for name, shape in (("hidden_states", hidden_states.shape),
-                      ("the [rows, I] SwiGLU output", (schedule.num_rows, gemm2_weights.shape[2]))):
-    if grouped_gemm.int32_offsets_overflow(shape, jnp.float8_e4m3fn):
+  for name, shape, dtype in (("hidden_states", hidden_states.shape, hidden_states.dtype),
+                             ("the [rows, I] SwiGLU output", (schedule.num_rows, gemm2_weights.shape[2]),
+                              intermediate_dtype)):
+    if grouped_gemm.int32_offsets_overflow(shape, dtype):
       raise NotImplementedError(
-          f"implementation='triton' cannot index {name} of shape {list(shape)} (2**31 to 2**32 one-byte "
-          f"elements overflow Pallas-Triton's int32 offsets at T={num_tokens}); use implementation='xla' "
-          "or split the tokens into smaller calls")
+          f"implementation='triton' cannot index {name} of shape {list(shape)} ({jnp.dtype(dtype).name}: "
+          f"2**31 elements or more in 2**32 bytes or fewer overflow Pallas-Triton's int32 offsets at "
+          f"T={num_tokens}); use implementation='xla' or split the tokens into smaller calls")
   swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(
       schedule.tile_expert, schedule.row_token, hidden_states, hidden_states_scale, gemm1_weights,
       gemm1_weights_scale, tiling=tiling.gemm1, out_dtype=intermediate_dtype, interpret=interpret)
