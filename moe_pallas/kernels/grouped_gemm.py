@@ -20,11 +20,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from moe_pallas.kernels.fp8_dot import dot_nt, fma
-from moe_pallas.kernels.tiling import GemmTiling
+from moe_pallas.kernels.tiling import SCALE_BLOCK as _SCALE_BLOCK, GemmTiling
 # The epilogue quantizes as quant.quantize_blockwise does (amax / 448, amax floor), so both agree.
 from moe_pallas.quant import AMAX_FLOOR as _AMAX_FLOOR, FP8_DTYPE, FP8_MAX as _FP8_MAX
 
-_SCALE_BLOCK = 128
 
 
 # Pallas-Triton's offset arithmetic (jax 0.11.2, lowering.py `_compute_offsets_from_indices`): int32

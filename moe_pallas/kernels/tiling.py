@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-_SCALE_BLOCK = 128
+SCALE_BLOCK = 128  # the FP8 scale block of SPEC.md (1x128 activations, 128x128 weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ class GemmTiling:
 
   block_m: int = 64
   block_n: int = 128
-  block_k: int = _SCALE_BLOCK
+  block_k: int = SCALE_BLOCK
   group_m: int = 8
   num_warps: int = 4
   num_stages: int = 3
@@ -37,8 +37,8 @@ class GemmTiling:
   def __post_init__(self):
     for name in ("block_n", "block_k"):
       value = getattr(self, name)
-      if _SCALE_BLOCK % value or value < 32:
-        raise ValueError(f"{name} must divide {_SCALE_BLOCK} and be >= 32, got {value}")
+      if SCALE_BLOCK % value or value < 32:
+        raise ValueError(f"{name} must divide {SCALE_BLOCK} and be >= 32, got {value}")
     if self.block_m not in (16, 32, 64, 128):
       raise ValueError(f"block_m must be 16, 32, 64 or 128, got {self.block_m}")
     if self.group_m < 1:
@@ -56,8 +56,8 @@ class MoETiling:
     if self.gemm1.block_m != self.gemm2.block_m:
       raise ValueError(f"gemm1 and gemm2 share the tile schedule: block_m {self.gemm1.block_m} != "
                        f"{self.gemm2.block_m}")
-    if self.gemm1.block_k != _SCALE_BLOCK:
-      raise ValueError(f"gemm1.block_k must be {_SCALE_BLOCK} (the activations' scale block), got "
+    if self.gemm1.block_k != SCALE_BLOCK:
+      raise ValueError(f"gemm1.block_k must be {SCALE_BLOCK} (the activations' scale block), got "
                        f"{self.gemm1.block_k}")
     if self.gemm2.block_k != self.gemm1.block_n:
       raise ValueError(f"gemm2.block_k must equal gemm1.block_n (the SwiGLU output's quantization block), "
