@@ -20,7 +20,15 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
                                gemm2_weights, gemm2_weights_scale, plan: RoutingPlan, *,
                                out_dtype=jnp.float32, interpret=False, intermediate_dtype=jnp.float8_e4m3fn,
                                tiling: MoETiling | None = None):
-  """Same contract as `moe_pallas.apply_local_experts` (see there), computed by Pallas kernels."""
+  """Same contract as `moe_pallas.apply_local_experts` (see there), computed by Pallas kernels.
+
+  Args (beyond apply_local_experts'):
+    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local)`.
+
+  Raises:
+    NotImplementedError: the Pallas-Triton internals moved, or an operand is too large for its int32
+      offsets; `implementation=None` then falls back to the xla path.
+  """
   fp8_dot.check_pallas_triton_internals()
   num_tokens, hidden = hidden_states.shape
   if num_tokens == 0:
