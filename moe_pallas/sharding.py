@@ -354,6 +354,20 @@ def _place(x, mesh, spec):
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
+def _validate_all_expert_inputs(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+                                gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, routed_scaling_factor,
+                                config, intermediate_dtype) -> MoEConfig:
+  """moe_layer's checks for a layer that holds all E experts (offset 0, E_local = E); returns the geometry."""
+  if config is not None and isinstance(config, MoEConfig):
+    config = config.with_local_experts(gemm1_weights.shape[0])
+  config = validation.validate_layer_inputs(
+      routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
+      gemm2_weights, gemm2_weights_scale, local_expert_offset=0, routed_scaling_factor=routed_scaling_factor,
+      config=config)
+  validation.validate_intermediate_dtype(intermediate_dtype)
+  return config
+
+
 def moe_layer_sharded(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
                       gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, mesh: jax.sharding.Mesh,
                       routed_scaling_factor, config: MoEConfig | None = None, strategy: str = "all_to_all",
@@ -432,13 +446,10 @@ def moe_layer_sharded(routing_logits, routing_bias, hidden_states, hidden_states
   num_shards = mesh.shape[expert_axis]
   if num_experts % num_shards:
     raise ValueError(f"the expert axis size {num_shards} (mesh axis {expert_axis!r}) must divide E={num_experts}")
-  if config is not None and isinstance(config, MoEConfig):
-    config = config.with_local_experts(num_experts)
-  config = validation.validate_layer_inputs(
+  config = _validate_all_expert_inputs(
       routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
-      gemm2_weights, gemm2_weights_scale, local_expert_offset=0, routed_scaling_factor=routed_scaling_factor,
-      config=config)
-  validation.validate_intermediate_dtype(intermediate_dtype)
+      gemm2_weights, gemm2_weights_scale, routed_scaling_factor=routed_scaling_factor, config=config,
+      intermediate_dtype=intermediate_dtype)
   # Checked here; passed on as given, so that None keeps apply_local_experts' fall-back to xla.
   resolve_implementation(implementation, interpret=interpret)
   shard_config = config.with_local_experts(num_experts // num_shards)
@@ -490,12 +501,10 @@ def moe_layer_all_experts(routing_logits, routing_bias, hidden_states, hidden_st
   experts_per_call = num_experts if experts_per_call is None else experts_per_call
   if num_experts % experts_per_call:
     raise ValueError(f"experts_per_call={experts_per_call} must divide E={num_experts}")
-  if config is not None and isinstance(config, MoEConfig):
-    config = config.with_local_experts(num_experts)
-  config = validation.validate_layer_inputs(
+  config = _validate_all_expert_inputs(
       routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
-      gemm2_weights, gemm2_weights_scale, local_expert_offset=0, routed_scaling_factor=routed_scaling_factor,
-      config=config)
+      gemm2_weights, gemm2_weights_scale, routed_scaling_factor=routed_scaling_factor, config=config,
+      intermediate_dtype=intermediate_dtype)
   resolve_implementation(implementation, interpret=interpret)  # checked; None passed on (xla fall-back)
   return _all_experts_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
                               gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, routed_scaling_factor,
