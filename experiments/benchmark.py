@@ -3,6 +3,13 @@ r"""Benchmark of `moe_pallas.moe_layer` on the public workloads, against SPEC.md
 For each workload x scenario x implementation: a first call (compile included: `compile_s`), the output
 checked against an independent reference, warm-up calls, then up to --iters timed calls with the L2 flushed before each, as the public benchmark
 does (GPU span of one call from its first kernel's start to its last kernel's end; see experiments/timing.py).
+Each row also gets the pipelined time (`--pipelined`, on by default; `pipelined_us`, the table's headline
+column): moe_layer under one `jax.jit` (offset and scaling factor traced), called N = --pipelined_iters
+(default: --iters) times back to back from Python with a chained, donated L2 flush before each call and no
+wait in between; per call = (wall time of that loop - the same loop's flushes alone) / N, median of
+--pipelined_rounds rounds
+(`timing.time_pipelined`). That is what a model sees: launch gaps and host dispatch count where the device
+would wait for them, and no profiler is active. The span (`time_us`) stays beside it.
 Rows go to a JSONL file as they finish (after a header record); a table is printed at the end and written
 next to the JSONL as Markdown.
 
@@ -19,7 +26,7 @@ xla implementation itself, which is checked against the oracle on --oracle_subse
 
 moe_layer is called as a user calls it (not under an outer jit): it validates on the host, then runs one
 jitted program per (implementation, T) with the offset as a traced argument; the timer counts only that
-program's GPU work.
+program's GPU work. The pipelined mode instead calls it under an outer jit, as a model's step does.
 """
 
 from __future__ import annotations
@@ -80,6 +87,13 @@ _FLUSH_MIB = flags.DEFINE_integer("flush_mib", 256, "L2 flush buffer (>= 2x L2).
 _COMMAND_BUFFERS = flags.DEFINE_bool("command_buffers", False, "Leave XLA command buffers (CUDA graphs) on. "
                                      "Off by default: the public benchmark uses no CUDA graphs, and XLA "
                                      "runs them thunk by thunk under the profiler anyway.")
+_PIPELINED = flags.DEFINE_bool("pipelined", True, "Also time each row pipelined (pipelined_us: calls "
+                               "enqueued back to back under jit, L2 flushed before each; see the module doc).")
+_PIPELINED_ROUNDS = flags.DEFINE_integer("pipelined_rounds", 5, "Rounds of --iters pipelined calls; "
+                                         "pipelined_us is their median (pipelined_min_us the fastest).")
+_PIPELINED_ITERS = flags.DEFINE_integer("pipelined_iters", 0, "Calls per pipelined round (0: --iters). The "
+                                        "smoke mode uses 10: with 2 the host clock's noise can exceed a "
+                                        "tiny layer's time.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", str(REPO / "experiments" / ".jax_cache"),
                                  "Persistent compilation cache ('' to disable).")
 _WEIGHT_SEED = flags.DEFINE_integer("weight_seed", 0, "Seed of the one weight set of the run.")
@@ -238,6 +252,63 @@ def _layer_fn(implementation: str, config, interpret: bool, intermediate_dtype, 
                            intermediate_dtype=intermediate_dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_layer(implementation: str, config, interpret: bool, intermediate_dtype):
+  """moe_layer under one jax.jit, as a model's step calls it: the offset and the scaling factor are traced
+  arguments (one executable per T, shared by every offset), and the host-side validation runs at trace time
+  only, so a call is one program dispatch."""
+  import jax
+  from moe_pallas import moe_layer
+
+  def layer(logits, bias, hidden, hidden_scale, w1, s1, w2, s2, offset, scaling):
+    return moe_layer(logits, bias, hidden, hidden_scale, w1, s1, w2, s2, local_expert_offset=offset,
+                     routed_scaling_factor=scaling, config=config, implementation=implementation,
+                     interpret=interpret, intermediate_dtype=intermediate_dtype)
+  return jax.jit(layer)
+
+
+def pipelined_iters() -> int:
+  return _PIPELINED_ITERS.value or _ITERS.value
+
+
+def pipelined_flush_bytes(gpu: bool) -> int:
+  """The pipelined mode's L2 flush: --flush_mib on a GPU; 1 MiB on the CPU (smoke mode), where a flush
+  comparable to the tiny layer's time would only add host-clock noise to the subtraction."""
+  return _FLUSH_MIB.value * 2**20 if gpu else 2**20
+
+
+def _pipelined_fields(implementation, config, intermediate_dtype, workload, args, device, floor_us) -> dict:
+  """The row's pipelined_* fields (`timing.time_pipelined` of `_jitted_layer`) and pipelined_x_floor.
+
+  A failure here is recorded (pipelined_error, pipelined_us None) and does not fail the row: its span and
+  correctness were measured already."""
+  import jax
+  import jax.numpy as jnp
+  from experiments import timing
+  try:
+    layer = _jitted_layer(implementation, config, _INTERPRET.value, intermediate_dtype)
+    scalars = jax.device_put((jnp.int32(workload.local_expert_offset),
+                              jnp.float32(workload.routed_scaling_factor)), device)
+    result = timing.time_pipelined(layer, (*args, *scalars), iters=pipelined_iters(), rounds=_PIPELINED_ROUNDS.value,
+                                   flush_bytes=pipelined_flush_bytes(device.platform == "gpu"), device=device)
+  except Exception as e:  # noqa: BLE001 - recorded in the row
+    traceback.print_exc()
+    return dict(pipelined_us=None, pipelined_x_floor=None, pipelined_error=f"{type(e).__name__}: {e}"[:4000])
+  result["pipelined_x_floor"] = result["pipelined_us"] / floor_us if floor_us > 0 else None
+  return result
+
+
+def command_buffers_state(xla_flags: str) -> str:
+  """Whether XLA command buffers (CUDA graphs) are on, from XLA_FLAGS: the last
+  --xla_gpu_enable_command_buffer wins; an empty value turns them off; absent means XLA's default (on)."""
+  state = "on (XLA default)"
+  for token in xla_flags.split():
+    if token.startswith("--xla_gpu_enable_command_buffer="):
+      value = token.split("=", 1)[1]
+      state = "off" if not value else f"on ({value})"
+  return state
+
+
 def _fmt(v, spec):
   return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -245,7 +316,8 @@ def _fmt(v, spec):
 TABLE_COLUMNS = (("implementation", "impl", "s"), ("scenario", "scenario", "s"), ("T", "T", "d"),
                  ("local_expert_offset", "offset", "d"), ("pairs", "pairs", "d"),
                  ("experts_touched", "experts", "d"), ("floor_us", "floor µs", ".1f"),
-                 ("time_us", "time µs", ".1f"), ("time_over_floor", "×floor", ".2f"),
+                 ("pipelined_us", "pipelined µs", ".1f"), ("pipelined_x_floor", "pipelined ×floor", ".2f"),
+                 ("time_us", "span µs", ".1f"), ("time_over_floor", "span ×floor", ".2f"),
                  ("tflops", "TFLOP/s", ".3g"), ("gbps", "GB/s", ".0f"), ("matched_ratio", "matched", ".4f"),
                  ("rel_l2", "rel_l2", ".2e"), ("reference", "ref", "s"), ("compile_s", "compile s", ".1f"),
                  ("num_kernels", "kernels", "d"), ("iters_timed", "iters", "d"))
@@ -259,16 +331,19 @@ def table_markdown(rows) -> str:
     cells = [_fmt(r.get(k), spec) if spec != "s" else str(r.get(k, "-")) for k, _, spec in TABLE_COLUMNS]
     status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')[:80]}"
     lines.append("| " + " | ".join(cells) + f" | {status} |")
-  # Geometric mean of time / floor per implementation and scenario (ok rows).
-  groups = {}
-  for r in rows:
-    if r["status"] == "ok" and r.get("time_over_floor"):
-      groups.setdefault((r["implementation"], r["scenario"]), []).append(r["time_over_floor"])
-  if groups:
-    lines.append("")
+  # Geometric means of pipelined / floor and span / floor per implementation and scenario (ok rows).
+  blank = False
+  for key, label in (("pipelined_x_floor", "pipelined/floor"), ("time_over_floor", "time/floor")):
+    groups = {}
+    for r in rows:
+      if r["status"] == "ok" and r.get(key) and r[key] > 0:
+        groups.setdefault((r["implementation"], r["scenario"]), []).append(r[key])
+    if groups and not blank:
+      lines.append("")
+      blank = True
     for (impl, scen), vals in sorted(groups.items()):
       geo = math.exp(sum(math.log(v) for v in vals) / len(vals))
-      lines.append(f"geomean time/floor {impl} {scen}: {geo:.3f} over {len(vals)} rows")
+      lines.append(f"geomean {label} {impl} {scen}: {geo:.3f} over {len(vals)} rows")
   return "\n".join(lines)
 
 
@@ -289,7 +364,8 @@ def _configure_jax():
 def main(argv):
   del argv
   if _SMOKE.value:
-    for name, value in (("shape", "small"), ("interpret", True), ("iters", 2), ("warmup", 1)):
+    for name, value in (("shape", "small"), ("interpret", True), ("iters", 2), ("warmup", 1),
+                        ("pipelined_iters", 10)):
       if not FLAGS[name].present:
         FLAGS[name].value = value
     if not FLAGS["workloads"].present:
@@ -344,6 +420,9 @@ def main(argv):
       moe_pallas_version=moe_pallas.__version__, python=platform.python_version(), **_git_commit(),
       flags={f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
       argv=sys.argv, xla_flags=os.environ.get("XLA_FLAGS", ""), timing_method=timer.method,
+      command_buffers=command_buffers_state(os.environ.get("XLA_FLAGS", "")),
+      pipelined_method=timing.pipelined_method(device.platform, iters=pipelined_iters(), rounds=_PIPELINED_ROUNDS.value,
+                                               flush_bytes=pipelined_flush_bytes(gpu)) if _PIPELINED.value else None,
       copy_bw_Bps=copy_bw, copy=copy, matrix_flops=matrix_flops,
       matrix_flops_source=matrix_source,
       calibration=calibration, config=dataclasses.asdict(config),
@@ -361,7 +440,8 @@ def main(argv):
     out_file.flush()
 
   emit(header)
-  log(f"timing: {timer.method}")
+  log(f"timing: {timer.method}; command buffers {header['command_buffers']}")
+  log(f"pipelined: {header['pipelined_method']}")
   log(f"floor: copy {copy_bw / 1e12:.3f} TB/s, FP8 matrix {matrix_flops / 1e12:.0f} TFLOP/s; writing {out_path}")
 
   t0 = time.perf_counter()
@@ -431,6 +511,8 @@ def main(argv):
                    iters_requested=_ITERS.value, kernels=[list(k) for k in trial_results[0].kernels],
                    time_over_floor=time_us / fl.floor_us if fl.floor_us > 0 else None,
                    tflops=fl.flops / (time_us * 1e-6) / 1e12, gbps=fl.bytes / (time_us * 1e-6) / 1e9)
+        if _PIPELINED.value:
+          row.update(_pipelined_fields(impl, config, intermediate_dtype, workload, args, device, fl.floor_us))
         kind = references.kind_for(impl, workload.num_tokens)
         if kind != "none":
           tr = time.perf_counter()
@@ -453,7 +535,8 @@ def main(argv):
       emit(row)
       if row["status"] == "ok":
         log(f"[{index}/{total}] {impl:6s} {scenario:9s} T={workload.num_tokens:<6d} off={workload.local_expert_offset:<3d} "
-            f"pairs={row['pairs']:<6d} experts={row['experts_touched']:<2d} time={row['time_us']:9.1f}us "
+            f"pairs={row['pairs']:<6d} experts={row['experts_touched']:<2d} "
+            f"pipelined={_fmt(row.get('pipelined_us'), '9.1f')}us span={row['time_us']:9.1f}us "
             f"floor={row['floor_us']:8.1f}us x{_fmt(row['time_over_floor'], '.2f')} "
             f"matched={_fmt(row.get('matched_ratio'), '.4f')} rel_l2={_fmt(row.get('rel_l2'), '.2e')} "
             f"({row.get('reference')}) compile={row['compile_s']:.1f}s{'' if row['compiled_here'] else '(reused)'} "
@@ -471,8 +554,10 @@ def main(argv):
   table = table_markdown(rows)
   md_path = out_path.with_suffix(".md")
   md_path.write_text(f"device: {device.device_kind}; jax {jax.__version__}; commit {header['git_commit']}\n\n"
-                     f"timing: {timer.method}\n\nfloor: copy {copy_bw / 1e12:.3f} TB/s, FP8 matrix "
-                     f"{matrix_flops / 1e12:.0f} TFLOP/s\n\n{table}\n")
+                     f"timing (span): {timer.method}; XLA command buffers {header['command_buffers']}\n\n"
+                     f"pipelined (headline): {header['pipelined_method']}\n\n"
+                     f"floor: copy {copy_bw / 1e12:.3f} TB/s, FP8 matrix {matrix_flops / 1e12:.0f} TFLOP/s"
+                     f"\n\n{table}\n")
   print(table, flush=True)
   log(f"done: {len(rows)} rows in {time.perf_counter() - t_run:.0f}s -> {out_path}, {md_path}")
 

@@ -21,6 +21,16 @@ Caveat stated in every header: while a profiler session is active XLA runs comma
 thunk by thunk, so a profiled program runs like an unprofiled one only with command buffers off; the
 benchmark turns them off by default (`--xla_gpu_enable_command_buffer=`), as the public benchmark uses no
 CUDA graphs.
+
+Pipelined mode (`time_pipelined`; what a model sees): the jitted program is called N times from Python with
+no host wait in between, each call preceded by a donated L2-flush program that chains on the previous flush
+(it takes the flush buffer and returns the rewritten one), so the device runs flush, call, flush, call, ...
+back to back while the host keeps enqueueing. The loop ends with one `block_until_ready` on the last outputs;
+per call = (wall time of that loop - wall time of the same loop with the flushes alone) / N, so the flushes,
+the final host sync and the first dispatch's latency cancel, while launch gaps between the kernels of one
+call, and host dispatch if it is slower than the device, count. Median over rounds. No profiler session is
+active, so XLA command buffers run as configured (the benchmark header records whether they were on). On CPU
+the same loop runs on the host (smoke mode, labelled as such).
 """
 
 from __future__ import annotations
@@ -262,6 +272,126 @@ class HostTimer:
         break
     return CallTimes(span_us=spans, kernel_sum_us=[], num_kernels=None, kernels=[], method="host_clock",
                      wall_s=time.perf_counter() - t_start)
+
+
+PIPELINED_WARMUP = 3  # pipelined calls (each after a flush) between the compiling call and the timed rounds
+PIPELINED_METHOD = ("pipelined_{clock}: the jitted program called {iters} times from Python with no wait in "
+                    "between, each call after a donated {flush_mib:g} MiB L2-flush program chained on the "
+                    "previous one; per call = (wall time of that loop, ended by one block_until_ready on the last "
+                    "outputs, - wall time of the same loop with the flushes alone) / {iters}; median of {rounds} "
+                    "rounds (min recorded) after a compiling call and {warmup} warm-up calls")
+_PIPELINED_CLOCKS = {"gpu": "device_wall (host wall clock of the device's queue)",
+                     "cpu": "host_clock (CPU smoke mode only, NOT a GPU measurement)"}
+
+
+def pipelined_method(platform: str, *, iters: int, rounds: int, flush_bytes: int) -> str:
+  """The `pipelined_method` string of `time_pipelined` (also for a run's header, before any row is timed)."""
+  clock = _PIPELINED_CLOCKS.get(platform, f"{platform}_wall (host wall clock)")
+  return PIPELINED_METHOD.format(clock=clock, iters=iters, rounds=rounds, flush_mib=flush_bytes / 2**20,
+                                 warmup=PIPELINED_WARMUP)
+
+
+class ChainedFlusher:
+  """L2 flushes that chain on the device without a host wait (pipelined timing).
+
+  Unlike `L2Flusher`, `enqueue` does not block: each flush is a jitted rewrite that donates the buffer and
+  returns the new one, so flush k+1 depends on flush k on the device and the host only enqueues. With several
+  devices (the arguments of a sharded program) the buffer holds `nbytes` per device, sharded one block per
+  device, so one dispatch flushes every device's L2 and costs the host no more per call than one device.
+  """
+
+  def __init__(self, nbytes: int, devices: Sequence[Any]):
+    devices = list(devices)
+    words = max(1, int(nbytes) // 4)
+    if len(devices) == 1:
+      sharding = jax.sharding.SingleDeviceSharding(devices[0])
+    else:
+      mesh = jax.sharding.Mesh(np.array(devices), ("flush",))
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("flush"))
+    self.nbytes = int(nbytes)
+    self.devices = devices
+    # Made on the devices by a program (no host array of nbytes x devices to transfer).
+    self.buffer = jax.jit(lambda: jnp.zeros((len(devices) * words,), jnp.uint32), out_shardings=sharding)()
+    self._fn = jax.jit(l2_flush, donate_argnums=0)  # its module is FLUSH_MODULE, as the GpuTimer's flush
+    self.enqueue()
+    self.sync()
+
+  def enqueue(self):
+    self.buffer = self._fn(self.buffer)
+
+  def sync(self):
+    _block(self.buffer)
+
+
+def _arg_devices(args, device) -> list:
+  """The devices of the call: `device` if given, else every device the arguments' jax.Arrays live on."""
+  if device is not None:
+    return [device]
+  found = {}
+  for leaf in jax.tree_util.tree_leaves(args):
+    if isinstance(leaf, jax.Array):
+      for d in leaf.devices():
+        found[d.id] = d
+  return [found[i] for i in sorted(found)] or [jax.devices()[0]]
+
+
+def _pipelined_loop(flusher: ChainedFlusher, fn: Callable[..., Any] | None, args: Sequence[Any], n: int) -> float:
+  """Seconds of `n` x (flush, fn(*args)) enqueued back to back, ended by one block_until_ready.
+
+  Only the last output is kept: rebinding `out` drops the previous call's outputs, which the runtime frees
+  once that call has run (JAX dispatch is async, so every call is already enqueued when it returns).
+  """
+  flusher.sync()  # the device is idle when the clock starts (the previous loop ended with a block)
+  out = None
+  t0 = time.perf_counter()
+  for _ in range(n):
+    flusher.enqueue()
+    if fn is not None:
+      out = fn(*args)
+  _block((out, flusher.buffer))
+  return time.perf_counter() - t0
+
+
+def time_pipelined(fn, args, *, iters: int, rounds: int = 5, flush_bytes: int = DEFAULT_FLUSH_BYTES,
+                   device=None) -> dict:
+  """Per-call time of `fn(*args)` called back to back from Python (see the module docstring).
+
+  `fn` should be a jitted program whose non-array parameters are traced arguments (as a model calls its
+  layer), with `args` already on the device(s): a Python wrapper's host work, or a host-to-device copy per
+  call, would count. The L2 flush runs on `device`, or when None on every device the arguments live on (one
+  sharded flush program for a multi-device call). Round r times the flush-only loop, then the loop with the
+  calls; per call = (loop - flush-only loop) / iters. A function much faster than the noise of the host
+  clock can come out near zero or negative: `pipelined_rounds_us` shows the spread.
+
+  Returns a dict: pipelined_us (median over rounds, µs per call), pipelined_min_us, pipelined_max_us,
+  pipelined_rounds_us, pipelined_iters, pipelined_rounds, pipelined_flush_us (flush-only loop per call,
+  median), pipelined_loop_us (flush + call per call, median), pipelined_first_call_s (compile + one run),
+  pipelined_devices, pipelined_clock and pipelined_method.
+  """
+  if iters < 1 or rounds < 1:
+    raise ValueError(f"iters and rounds must be >= 1, got iters={iters}, rounds={rounds}")
+  devices = _arg_devices(args, device)
+  flusher = ChainedFlusher(flush_bytes, devices)
+  t0 = time.perf_counter()
+  _block(fn(*args))  # compile (or a cache hit) + one run, outside every timed loop
+  first_call_s = time.perf_counter() - t0
+  _pipelined_loop(flusher, fn, args, PIPELINED_WARMUP)
+  _pipelined_loop(flusher, None, args, PIPELINED_WARMUP)
+  per_call, flush_only, loops = [], [], []
+  for _ in range(rounds):
+    flush_s = _pipelined_loop(flusher, None, args, iters)
+    loop_s = _pipelined_loop(flusher, fn, args, iters)
+    per_call.append((loop_s - flush_s) / iters * 1e6)
+    flush_only.append(flush_s / iters * 1e6)
+    loops.append(loop_s / iters * 1e6)
+  platform = devices[0].platform
+  return dict(pipelined_us=statistics.median(per_call), pipelined_min_us=min(per_call),
+              pipelined_max_us=max(per_call), pipelined_rounds_us=per_call, pipelined_iters=iters,
+              pipelined_rounds=rounds, pipelined_flush_us=statistics.median(flush_only),
+              pipelined_loop_us=statistics.median(loops), pipelined_first_call_s=first_call_s,
+              pipelined_devices=len(devices),
+              pipelined_clock="device_wall" if platform == "gpu" else "host_clock",
+              pipelined_method=pipelined_method(platform, iters=iters, rounds=rounds, flush_bytes=flush_bytes))
 
 
 def make_timer(*, gpu: bool, **kwargs):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -19,7 +21,15 @@ from moe_pallas.config import MoEConfig
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ROW_KEYS = ("device", "implementation", "scenario", "T", "local_expert_offset", "pairs", "experts_touched",
             "floor_us", "time_us", "matched_ratio", "rel_l2")
-HEADER_KEYS = ("device", "jax_version", "git_commit", "flags", "copy_bw_Bps", "matrix_flops", "timing_method")
+HEADER_KEYS = ("device", "jax_version", "git_commit", "flags", "copy_bw_Bps", "matrix_flops", "timing_method",
+               "command_buffers", "pipelined_method")
+# Fields of every row that the peer harness (side_by_side.py) and the results tables read.
+ROW_TIMING_KEYS = ("time_us", "kernel_sum_us", "num_kernels", "floor_us", "passed", "device", "pipelined_us")
+PIPELINED_POSITIVE = ("pipelined_us", "pipelined_x_floor", "pipelined_flush_us")
+
+
+def _positive_finite(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _run(args, tmp_path):
@@ -41,12 +51,25 @@ def test_smoke_benchmark_and_plot(tmp_path):
   for key in HEADER_KEYS:
     assert key in header, f"header lacks {key}"
   assert header["timing_method"].startswith("host_clock"), header["timing_method"]
+  assert header["pipelined_method"].startswith("pipelined_host_clock"), header["pipelined_method"]
+  assert header["command_buffers"] == "off"  # the benchmark's default (--command_buffers=false)
   assert len(rows) == len(workloads_lib.SMOKE) * 3 * len(implementations)
   for row in rows:
     assert row["status"] == "ok", row
     for key in ROW_KEYS:
       assert key in row, f"row lacks {key}: {row}"
     assert row["iters_timed"] == 2
+    for key in ROW_TIMING_KEYS:
+      assert key in row, f"row lacks {key}: {row}"
+    for key in PIPELINED_POSITIVE:
+      assert _positive_finite(row[key]), f"{key}={row.get(key)!r} in {row}"
+    # Smoke mode: 10 pipelined calls per round (--pipelined_iters), 5 rounds. A single round of a tiny layer
+    # may come out below zero on a busy host (the flush-only loop is subtracted); the median may not.
+    assert row["pipelined_iters"] == 10 and len(row["pipelined_rounds_us"]) == 5
+    assert all(math.isfinite(v) for v in row["pipelined_rounds_us"]) and math.isfinite(row["pipelined_min_us"])
+    assert row["pipelined_min_us"] <= row["pipelined_us"]
+    assert row["pipelined_x_floor"] == pytest.approx(row["pipelined_us"] / row["floor_us"])
+    assert row["pipelined_method"].startswith("pipelined_host_clock"), row["pipelined_method"]
     assert row["passed"], (f"{row['implementation']} {row['scenario']} T={row['T']}: "
                            f"matched_ratio={row['matched_ratio']:.4f} rel_l2={row['rel_l2']:.3e}")
     assert row["matched_ratio"] >= 0.9
@@ -55,7 +78,11 @@ def test_smoke_benchmark_and_plot(tmp_path):
     if row["scenario"] == "all_local":
       assert row["pairs"] == row["T"] * MoEConfig.small().top_k
   assert {r["implementation"] for r in rows} == set(implementations)
-  assert out.with_suffix(".md").read_text().count("| ok |") == len(rows)
+  table = out.with_suffix(".md").read_text()
+  assert table.count("| ok |") == len(rows)
+  # The pipelined time is the headline column; the span stays beside it.
+  head = next(line for line in table.splitlines() if line.startswith("| impl"))
+  assert head.index("pipelined µs") < head.index("span µs")
 
   png = tmp_path / "smoke.png"
   _run(["experiments/plot.py", f"--inputs={out}", f"--out={png}"], tmp_path)
@@ -122,3 +149,42 @@ def test_span_split_by_flush_pattern():
   assert method == "flush_pattern" and [len(c) for c in calls] == [2, 2]
   with pytest.raises(RuntimeError):
     timing._split_calls(events[:-1], 2, {"flush"}, 1)
+
+
+def test_time_pipelined_on_cpu():
+  x = jnp.ones((256, 256), jnp.float32)
+  jitted = jax.jit(lambda x: jnp.tanh(x @ x) @ x)
+  calls = []
+
+  def fn(x):  # counts the calls: every one is enqueued (async dispatch), none is skipped
+    calls.append(1)
+    return jitted(x)
+
+  iters, rounds = 4, 3
+  result = timing.time_pipelined(fn, (x,), iters=iters, rounds=rounds, flush_bytes=2**20)
+  assert len(calls) == 1 + timing.PIPELINED_WARMUP + iters * rounds
+  for key in ("pipelined_us", "pipelined_min_us", "pipelined_flush_us", "pipelined_loop_us"):
+    assert _positive_finite(result[key]), (key, result)
+  assert result["pipelined_iters"] == iters and len(result["pipelined_rounds_us"]) == rounds
+  assert result["pipelined_min_us"] <= result["pipelined_us"] <= result["pipelined_max_us"]
+  assert result["pipelined_loop_us"] > result["pipelined_flush_us"]
+  assert result["pipelined_clock"] == "host_clock" and result["pipelined_devices"] == 1
+  assert result["pipelined_method"].startswith("pipelined_host_clock")
+  with pytest.raises(ValueError):
+    timing.time_pipelined(fn, (x,), iters=0)
+
+
+def test_chained_flusher_donates_and_chains():
+  flusher = timing.ChainedFlusher(2**16, jax.devices()[:1])  # the constructor runs one flush
+  for _ in range(5):
+    flusher.enqueue()  # no host wait: each flush takes the previous one's (donated) buffer
+  flusher.sync()
+  assert flusher.buffer.shape == (2**14,) and int(flusher.buffer[0]) == int(flusher.buffer[-1]) == 6
+
+
+def test_command_buffers_state():
+  from experiments import benchmark
+  assert benchmark.command_buffers_state("") == "on (XLA default)"
+  assert benchmark.command_buffers_state("--foo=1 --xla_gpu_enable_command_buffer=") == "off"
+  assert benchmark.command_buffers_state("--xla_gpu_enable_command_buffer= "
+                                         "--xla_gpu_enable_command_buffer=FUSION") == "on (FUSION)"
