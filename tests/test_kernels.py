@@ -174,8 +174,10 @@ def test_combine_matches_jnp(request, num_tokens):
 def test_tiling_rejects_inconsistent_blocks():
   with pytest.raises(ValueError, match="block_n must divide 128"):
     tiling.GemmTiling(block_n=96)
+  mixed = tiling.MoETiling(gemm1=tiling.GemmTiling(block_n=64), gemm2=tiling.GemmTiling(block_k=128))
+  mixed.check_intermediate(quantized=False)  # a bf16 intermediate has no quantization block to follow
   with pytest.raises(ValueError, match="gemm2.block_k must equal gemm1.block_n"):
-    tiling.MoETiling(gemm1=tiling.GemmTiling(block_n=64), gemm2=tiling.GemmTiling(block_k=128))
+    mixed.check_intermediate(quantized=True)
   with pytest.raises(ValueError, match="share the tile schedule"):
     tiling.MoETiling(gemm1=tiling.GemmTiling(block_m=64), gemm2=tiling.GemmTiling(block_m=128))
 
@@ -226,7 +228,8 @@ def test_layer_matches_oracle_wide_preset(request, num_tokens, scenario):
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=32), tiling.GemmTiling(block_m=16, block_n=32, block_k=32)),
     tiling.MoETiling(tiling.GemmTiling(block_m=32, block_n=128, group_m=3),
                      tiling.GemmTiling(block_m=32, block_n=128, group_m=5)),
-], ids=["narrow", "grouped"])
+    tiling.default_tiling(50, 4, 8, device_kind="NVIDIA H200"),
+], ids=["narrow", "grouped", "h200_small_t"])
 def test_layer_matches_oracle_other_tilings(request, tiles):
   _check_layer(mp.SMALL, 50, _seed(request), "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 
@@ -254,6 +257,7 @@ def test_best_available_falls_back_to_xla_where_kernels_cannot_run(request, monk
     raise NotImplementedError("not covered by the kernels")
 
   monkeypatch.setattr(grouped_moe, "apply_local_experts_triton", unsupported)
+  monkeypatch.setattr(grouped_moe, "moe_layer_triton", unsupported)
   kwargs = dict(local_expert_offset=8, routed_scaling_factor=2.5, config=config, interpret=True)
   best = mp.moe_layer(*inputs, implementation=None, **kwargs)
   np.testing.assert_array_equal(np.asarray(best), np.asarray(mp.moe_layer(*inputs, implementation="xla", **kwargs)))

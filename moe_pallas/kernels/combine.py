@@ -16,12 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-
-@dataclasses.dataclass(frozen=True)
-class CombineTiling:
-  block_t: int = 16    # tokens per program
-  block_h: int = 512   # output columns per program
-  num_warps: int = 4
+from moe_pallas.kernels.tiling import CombineTiling
 
 
 def _combine_kernel(pair_row_ref, rows_ref, out_ref, *, num_tokens, top_k, tiling):

@@ -1,19 +1,56 @@
 """The layer's expert computation on the kernels: the `"triton"` implementation.
 
-plan -> tile schedule -> GEMM1 (rows gathered in its loads) + SwiGLU + FP8 quant -> GEMM2 x routing
-weight -> combine (each token's rows summed in float32, rounded once). All of it traces into the
-caller's jitted program: three Pallas kernels, after the ~20 small XLA kernels of routing, plan and
-schedule (at small T their launches, not their work, are a large part of the layer's time).
+tile schedule -> GEMM1 (rows gathered in its loads) + SwiGLU + FP8 quant -> GEMM2 x routing weight ->
+combine (each token's rows summed in float32, rounded once). All of it traces into the caller's jitted
+program. Two entries:
+
+- `moe_layer_triton`: the whole layer from the router logits: XLA's routing and sort-based plan (~20-45
+  small kernels), then the three Pallas kernels. `fused_routing_kernels=True` routes and schedules with
+  three Pallas kernels instead (exactly the same schedule; slower today, see fused_routing.py).
+- `apply_local_experts_triton`: from a RoutingPlan (the public `apply_local_experts`, used by sharded
+  callers that route once for all ranks).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from moe_pallas.kernels import combine, fp8_dot, grouped_gemm
-from moe_pallas.kernels.schedule import make_tile_schedule
+from moe_pallas.config import MoEConfig
+from moe_pallas.kernels import combine, fp8_dot, fused_routing, grouped_gemm
+from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule
 from moe_pallas.kernels.tiling import MoETiling, default_tiling
-from moe_pallas.routing import RoutingPlan
+from moe_pallas.routing import RoutingPlan, plan_local, route
+
+
+def _tiling_for(tiling, num_tokens, top_k, num_local, intermediate_dtype) -> MoETiling:
+  if tiling is None:
+    tiling = default_tiling(num_tokens, top_k, num_local)
+  tiling.check_intermediate(jnp.dtype(intermediate_dtype) == jnp.dtype(jnp.float8_e4m3fn))
+  return tiling
+
+
+def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+             gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
+             intermediate_dtype):
+  num_tokens = hidden_states.shape[0]
+  # Weights are split per expert chunk where needed (grouped_gemm); the activations and the SwiGLU
+  # output are not, so their sizes are checked here rather than read at wrapped addresses.
+  for name, shape, dtype in (("hidden_states", hidden_states.shape, hidden_states.dtype),
+                             ("the [rows, I] SwiGLU output", (schedule.num_rows, gemm2_weights.shape[2]),
+                              intermediate_dtype)):
+    if grouped_gemm.int32_offsets_overflow(shape, dtype):
+      raise NotImplementedError(
+          f"implementation='triton' cannot index {name} of shape {list(shape)} ({jnp.dtype(dtype).name}: "
+          f"2**31 elements or more in 2**32 bytes or fewer overflow Pallas-Triton's int32 offsets at "
+          f"T={num_tokens}); use implementation='xla' or split the tokens into smaller calls")
+  swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(
+      schedule.tile_expert, schedule.row_token, hidden_states, hidden_states_scale, gemm1_weights,
+      gemm1_weights_scale, tiling=tiling.gemm1, out_dtype=intermediate_dtype, interpret=interpret)
+  weighted_rows = grouped_gemm.gemm2_weighted(
+      schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights, gemm2_weights_scale, schedule.row_weight,
+      tiling=tiling.gemm2, interpret=interpret)
+  return combine.combine_rows(weighted_rows, schedule.pair_padded_row, out_dtype=out_dtype,
+                              tiling=tiling.combine, interpret=interpret)
 
 
 def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
@@ -33,27 +70,46 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
   num_tokens, hidden = hidden_states.shape
   if num_tokens == 0:
     return jnp.zeros((0, hidden), out_dtype)
-  top_k = plan.pair_rows.shape[1]
-  num_local = gemm1_weights.shape[0]
-  if tiling is None:
-    tiling = default_tiling(num_tokens, top_k, num_local)
-
+  tiling = _tiling_for(tiling, num_tokens, plan.pair_rows.shape[1], gemm1_weights.shape[0], intermediate_dtype)
   schedule = make_tile_schedule(plan, block_m=tiling.block_m)
-  # Weights are split per expert chunk where needed (grouped_gemm); the activations and the SwiGLU
-  # output are not, so their sizes are checked here rather than read at wrapped addresses.
-  for name, shape, dtype in (("hidden_states", hidden_states.shape, hidden_states.dtype),
-                             ("the [rows, I] SwiGLU output", (schedule.num_rows, gemm2_weights.shape[2]),
-                              intermediate_dtype)):
-    if grouped_gemm.int32_offsets_overflow(shape, dtype):
-      raise NotImplementedError(
-          f"implementation='triton' cannot index {name} of shape {list(shape)} ({jnp.dtype(dtype).name}: "
-          f"2**31 elements or more in 2**32 bytes or fewer overflow Pallas-Triton's int32 offsets at "
-          f"T={num_tokens}); use implementation='xla' or split the tokens into smaller calls")
-  swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(
-      schedule.tile_expert, schedule.row_token, hidden_states, hidden_states_scale, gemm1_weights,
-      gemm1_weights_scale, tiling=tiling.gemm1, out_dtype=intermediate_dtype, interpret=interpret)
-  weighted_rows = grouped_gemm.gemm2_weighted(
-      schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights, gemm2_weights_scale, schedule.row_weight,
-      tiling=tiling.gemm2, interpret=interpret)
-  return combine.combine_rows(weighted_rows, schedule.pair_padded_row, out_dtype=out_dtype,
-                              interpret=interpret)
+  return _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+                  gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
+                  intermediate_dtype=intermediate_dtype)
+
+
+def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+                     gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, local_expert_offset,
+                     routed_scaling_factor, *, config: MoEConfig, out_dtype=jnp.bfloat16, interpret=False,
+                     intermediate_dtype=jnp.float8_e4m3fn, tiling: MoETiling | None = None,
+                     fused_routing_kernels: bool = False):
+  """The whole layer (SPEC.md steps 1-7) on the kernels, from validated inputs, inside a jitted program.
+
+  Args (beyond moe_layer's):
+    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local)` for this device.
+    fused_routing_kernels: route and schedule with the three Pallas kernels of `fused_routing` instead of
+      XLA's ~20 small kernels. Both give the same schedule (tested); on the H200 the fused kernels are
+      slower today (T=16: 48 us against 27; experiments/PERF.md), so the default is False.
+
+  Raises:
+    NotImplementedError: as `apply_local_experts_triton`.
+  """
+  fp8_dot.check_pallas_triton_internals()
+  num_tokens, hidden = hidden_states.shape
+  if num_tokens == 0:
+    return jnp.zeros((0, hidden), out_dtype)
+  num_local = gemm1_weights.shape[0]
+  tiling = _tiling_for(tiling, num_tokens, config.top_k, num_local, intermediate_dtype)
+  if fused_routing_kernels:
+    schedule, _, _ = fused_routing.route_and_schedule(routing_logits, routing_bias, routed_scaling_factor,
+                                                      local_expert_offset, config=config,
+                                                      num_local_experts=num_local, block_m=tiling.block_m,
+                                                      interpret=interpret)
+  else:
+    topk_ids, topk_weights = route(routing_logits, routing_bias, config=config,
+                                   routed_scaling_factor=routed_scaling_factor)
+    plan = plan_local(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
+                      num_local_experts=num_local)
+    schedule = make_tile_schedule(plan, block_m=tiling.block_m)
+  return _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+                  gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
+                  intermediate_dtype=intermediate_dtype)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 SCALE_BLOCK = 128  # the FP8 scale block of SPEC.md (1x128 activations, 128x128 weights)
 
 
@@ -46,11 +48,21 @@ class GemmTiling:
 
 
 @dataclasses.dataclass(frozen=True)
+class CombineTiling:
+  """The combine kernel's program: block_t tokens x block_h output columns."""
+
+  block_t: int = 16
+  block_h: int = 512
+  num_warps: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
 class MoETiling:
-  """Tiles of GEMM1 (+ fused SwiGLU-quant) and GEMM2; both share block_m (one tile schedule)."""
+  """Tiles of GEMM1 (+ fused SwiGLU-quant), GEMM2 and the combine; the GEMMs share block_m (one schedule)."""
 
   gemm1: GemmTiling = GemmTiling()
   gemm2: GemmTiling = GemmTiling()
+  combine: CombineTiling = CombineTiling()
 
   def __post_init__(self):
     if self.gemm1.block_m != self.gemm2.block_m:
@@ -59,30 +71,66 @@ class MoETiling:
     if self.gemm1.block_k != SCALE_BLOCK:
       raise ValueError(f"gemm1.block_k must be {SCALE_BLOCK} (the activations' scale block), got "
                        f"{self.gemm1.block_k}")
-    if self.gemm2.block_k != self.gemm1.block_n:
-      raise ValueError(f"gemm2.block_k must equal gemm1.block_n (the SwiGLU output's quantization block), "
-                       f"got {self.gemm2.block_k} and {self.gemm1.block_n}")
 
   @property
   def block_m(self) -> int:
     return self.gemm1.block_m
 
+  def check_intermediate(self, quantized: bool) -> None:
+    """An FP8 SwiGLU output is quantized in 1 x gemm1.block_n blocks, so GEMM2 must step K by that block."""
+    if quantized and self.gemm2.block_k != self.gemm1.block_n:
+      raise ValueError(f"with an FP8 intermediate, gemm2.block_k must equal gemm1.block_n (the SwiGLU "
+                       f"output's quantization block), got {self.gemm2.block_k} and {self.gemm1.block_n}")
 
-def default_tiling(num_tokens: int, top_k: int, num_local_experts: int) -> MoETiling:
-  """Per-shape default (T is static under jit).
 
-  Few rows per expert (memory-bound): narrow GEMM2 N-tiles give more programs, so that the weights of
-  a few touched experts are streamed by all SMs. Many rows (compute-bound): wider GEMM2 tiles.
-  """
-  # Measured on H100 (experiments/check_kernels.py, GPU kernel times, uniform routing): GEMM1 (two
-  # 64x128 accumulators) is fastest with 8 warps at every T (T=80: 300 -> 271 us; T=14107: 3272 ->
+def _h100_tiling(rows_per_expert: float) -> MoETiling:
+  # Measured on H100 (experiments/check_kernels.py, GPU kernel times, uniform routing; 2026-11-25): GEMM1
+  # (two 64x128 accumulators) is fastest with 8 warps at every T (T=80: 300 -> 271 us; T=14107: 3272 ->
   # 2483 us); GEMM2 with 64-wide N-tiles up to T=901 (135 vs 159 us there) and 128-wide, 4 warps above
   # (1005 us at T=14107 against 1155-1932 for the other variants). Narrower GEMM1 tiles force GEMM2's K
   # step down to 64, which cost GEMM2 more than they gained (T=16: 89 -> 112 us). 3 pipeline stages
   # for GEMM2 beat 4 and 5 at every T.
-  rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
   gemm1 = GemmTiling(block_m=64, block_n=128, group_m=8, num_warps=8, num_stages=4)
   if rows_per_expert <= 512:
     return MoETiling(gemm1=gemm1, gemm2=GemmTiling(block_m=64, block_n=64, group_m=8, num_warps=4, num_stages=3))
   return MoETiling(gemm1=dataclasses.replace(gemm1, num_stages=3),
                    gemm2=GemmTiling(block_m=64, block_n=128, group_m=8, num_warps=4, num_stages=3))
+
+
+def _h200_tiling(rows_per_expert: float) -> MoETiling:
+  # Measured on H200 (experiments/tune_tiles.py on the benchmark's uniform draws, 2026-11-29; results in
+  # experiments/results/h200_tune_tiles.jsonl). Up to 32 rows per expert (T <= 128 at DeepSeek-V3's
+  # shape) 16-row tiles: GEMM1 with 8 warps, GEMM2 64-wide with 3 stages (T=16: GEMM1 124 -> 79 us,
+  # GEMM2 42 -> 32; T=57: 230 -> 183, 95 -> 78; T=1: 49 -> 44, 17 -> 15). Narrower GEMM1 tiles
+  # (32, 64) gain a few us on GEMM1 at T=1 but force GEMM2's K step down, which costs more there.
+  # The combine with 8 x 256 programs: T=57 9.9 -> 4.8 us, T=16 6.3 -> 4.0, T=14107 232 -> 152.
+  # Above, the H100 tiles stay best (T=901: 16- and 32-row variants were 3-16 % slower in sum; T=14107:
+  # 128-row tiles 36 % slower).
+  combine = CombineTiling(block_t=8, block_h=256)
+  if rows_per_expert <= 32:
+    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4),
+                     gemm2=GemmTiling(block_m=16, block_n=64, group_m=8, num_warps=4, num_stages=3),
+                     combine=combine)
+  return dataclasses.replace(_h100_tiling(rows_per_expert), combine=combine)
+
+
+# device_kind substring -> tiles measured there. Other GPUs get the H100's (the first measured).
+_TILINGS_BY_DEVICE = (("H200", _h200_tiling), ("H100", _h100_tiling))
+
+
+def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_kind: str | None = None) -> MoETiling:
+  """Per-shape, per-device default (T is static under jit).
+
+  Few rows per expert (memory-bound): short M-tiles and narrow GEMM2 N-tiles, so that the weights of a
+  few touched experts are streamed by all SMs. Many rows (compute-bound): 64-row tiles, wider GEMM2 tiles.
+
+  Args:
+    device_kind: `jax.Device.device_kind` whose measured table applies; default: the first device's.
+  """
+  if device_kind is None:
+    device_kind = jax.devices()[0].device_kind
+  rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
+  for name, tiling_for in _TILINGS_BY_DEVICE:
+    if name in device_kind:
+      return tiling_for(rows_per_expert)
+  return _h100_tiling(rows_per_expert)

@@ -1,0 +1,168 @@
+"""Tile sweep of the grouped GEMMs on the benchmark's own routing draws: per-kernel GPU times per variant.
+
+  PYTHONPATH=. python3 experiments/tune_tiles.py --out=$OUT/tune.jsonl
+
+For each workload (experiments/workloads.py draws, the same routing as experiments/benchmark.py) and each
+tile variant, the layer's kernel path runs under jit and `GpuTimer` (L2 flushed before every call, median)
+reports GEMM1, GEMM2, combine and the rest (routing, plan, schedule). Every variant's output is checked
+against the xla path (float32, highest matmul precision) with SPEC.md's criterion.
+
+Variant names: `m{block_m}` then GEMM1 `n{block_n}w{warps}s{stages}` / GEMM2 `n{block_n}k{block_k}w..s..`;
+`bf16` keeps the SwiGLU output in bfloat16; `c{block_t}x{block_h}` the combine's tile;
+`xlaroute` routes with XLA instead of the fused routing kernels. The best variants become the device's
+entries in moe_pallas/kernels/tiling.py (experiments/PERF.md keeps what each sweep showed).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+_WORKLOADS = flags.DEFINE_string("workloads", "1,7,16,57,80", "Small-T workloads (benchmark.py --workloads syntax).")
+_LARGE = flags.DEFINE_string("large_workloads", "901,14107", "Large-T workloads (uniform) for the large-T variants.")
+_ALL_LOCAL = flags.DEFINE_string("all_local_workloads", "14107", "Workloads run with all_local routing (large-T variants).")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these variant names (plus the default).")
+_OUT = flags.DEFINE_string("out", "tune.jsonl", "JSONL output.")
+_BUDGET = flags.DEFINE_float("max_seconds", 540.0, "Stop starting new variants after this much wall time.")
+
+
+def _gemm(bm, bn, bk, warps, stages, group_m=8):
+  from moe_pallas.kernels.tiling import GemmTiling
+  return GemmTiling(block_m=bm, block_n=bn, block_k=bk, group_m=group_m, num_warps=warps, num_stages=stages)
+
+
+def _variant(bm, g1, g2, *, combine=(8, 256), bf16=False, fused=None):
+  """g1 = (block_n, warps, stages); g2 = (block_n, block_k, warps, stages); combine = (block_t, block_h)."""
+  from moe_pallas.kernels.tiling import CombineTiling, MoETiling
+  tiling = MoETiling(gemm1=_gemm(bm, g1[0], 128, g1[1], g1[2]), gemm2=_gemm(bm, g2[0], g2[1], g2[2], g2[3]),
+                     combine=CombineTiling(*combine))
+  name = (f"m{bm}_n{g1[0]}w{g1[1]}s{g1[2]}_n{g2[0]}k{g2[1]}w{g2[2]}s{g2[3]}_c{combine[0]}x{combine[1]}"
+          + ("_bf16" if bf16 else "") + {None: "", True: "_fused", False: "_xlaroute"}[fused])
+  return name, tiling, bf16, fused
+
+
+def _with_combine(base, name, block_t, block_h):
+  import dataclasses
+  from moe_pallas.kernels.tiling import CombineTiling
+  return name, dataclasses.replace(base, combine=CombineTiling(block_t, block_h)), False, None
+
+
+def small_t_variants(base):
+  return [
+      ("default_xlaroute", base, False, False),
+      _variant(16, (128, 8, 3), (64, 128, 4, 3)),
+      _variant(16, (128, 4, 4), (64, 128, 4, 4)),
+      _variant(16, (128, 8, 4), (128, 128, 8, 3)),
+      _with_combine(base, "default_c16x512", 16, 512),
+  ]
+
+
+def large_t_variants(base, num_tokens):
+  out = [_with_combine(base, "default_c16x512", 16, 512), _with_combine(base, "default_c16x256", 16, 256)]
+  if num_tokens * 8 <= 8192:
+    out += [("default_xlaroute", base, False, False)]
+  return out
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import moe_pallas as mp
+  from experiments import workloads as wl
+  from experiments.timing import GpuTimer
+  from moe_pallas import testing
+  from moe_pallas.kernels import grouped_moe
+  from moe_pallas.kernels.tiling import default_tiling
+
+  t_start = time.time()
+  config = mp.DEEPSEEK_V3
+  device = jax.devices()[0]
+  print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
+  weights = testing.random_weights(config, seed=0)
+  timer = GpuTimer()
+  L, K = config.num_local_experts, config.top_k
+
+  def layer(tiling, bf16, fused):
+    inter = jnp.bfloat16 if bf16 else jnp.float8_e4m3fn
+
+    def run(logits, bias, hs, hss, w1, w1s, w2, w2s, offset):
+      return grouped_moe.moe_layer_triton(logits, bias, hs, hss, w1, w1s, w2, w2s, offset, jnp.float32(2.5),
+                                          config=config, tiling=tiling, intermediate_dtype=inter,
+                                          fused_routing_kernels=fused)
+    return jax.jit(run)
+
+  def reference(logits, bias, hs, hss, offset):
+    with jax.default_matmul_precision("highest"):
+      return np.asarray(mp.moe_layer(logits, bias, hs, hss, *weights, local_expert_offset=offset,
+                                     routed_scaling_factor=2.5, config=config, implementation="xla"),
+                        np.float32)
+
+  cases = []
+  for spec, scenario, large in ((_WORKLOADS.value, "uniform", False), (_LARGE.value, "uniform", True),
+                                (_ALL_LOCAL.value, "all_local", True)):
+    if spec:
+      cases += [(w, scenario, large) for w in wl.select(spec, config)]
+  out_file = open(_OUT.value, "w")
+  summary = []
+  for workload, scenario, large in cases:
+    d = wl.draw(config, workload, scenario)
+    T, offset = workload.num_tokens, workload.local_expert_offset
+    acts = d.activations(0)
+    args = (*acts, *weights, jnp.int32(offset))
+    ref = reference(*acts, offset)
+    base = default_tiling(T, K, L)
+    variants = [("default", base, False, None)]
+    variants += large_t_variants(base, T) if large else small_t_variants(base)
+    if _ONLY.value:
+      variants = [v for v in variants if v[0] == "default" or v[0] in _ONLY.value]
+    for name, tiling, bf16, fused in variants:
+      if time.time() - t_start > _BUDGET.value:
+        print(f"budget spent: skipping {name} at T={T}", flush=True)
+        continue
+      try:
+        t0 = time.time()
+        fn = layer(tiling, bf16, fused)
+        out = fn(*args).block_until_ready()
+        compile_s = time.time() - t0
+        times = timer.time_calls(fn, args, iters=_ITERS.value, warmup=2)
+      except Exception as err:  # one bad variant must not hide the others
+        print(f"T={T} {scenario} {name}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+        continue
+      metrics = testing.acceptance_metrics(np.asarray(out, np.float32), ref)
+      parts = {"gemm1": 0.0, "gemm2": 0.0, "combine": 0.0, "other": 0.0}
+      other_n = 0
+      for kname, us in times.kernels:
+        key = ("gemm1" if "gemm1" in kname else "gemm2" if "gemm2" in kname else
+               "combine" if "combine" in kname else "other")
+        parts[key] += us
+        other_n += key == "other"
+      row = dict(T=T, offset=offset, scenario=scenario, pairs=d.pairs, experts=d.experts_touched, variant=name,
+                 span_us=statistics.median(times.span_us), kernel_sum_us=statistics.median(times.kernel_sum_us),
+                 **{f"{k}_us": round(v, 2) for k, v in parts.items()}, other_kernels=other_n,
+                 num_kernels=times.num_kernels, matched=metrics["matched_ratio"], rel_l2=metrics["rel_l2"],
+                 passed=metrics["passed"], compile_s=round(compile_s, 1), device=device.device_kind,
+                 kernels=[(kname, round(us, 2)) for kname, us in times.kernels])
+      out_file.write(json.dumps(row) + "\n")
+      out_file.flush()
+      line = (f"T={T:>5} {scenario:>9} p={d.pairs:>6} e={d.experts_touched:>2} {name:<40} g1 {parts['gemm1']:8.1f} "
+              f"g2 {parts['gemm2']:8.1f} comb {parts['combine']:6.1f} other {parts['other']:6.1f}/{other_n:>2} "
+              f"sum {row['kernel_sum_us']:8.1f} span {row['span_us']:8.1f} rel {metrics['rel_l2']:.2e} "
+              f"{'ok' if metrics['passed'] else 'FAIL'}")
+      routing = " ".join(f"{kname.replace('moe_', '')} {us:.1f}" for kname, us in times.kernels
+                         if kname.startswith("moe_") and not any(p in kname for p in ("gemm", "combine")))
+      line += f"  [{routing}]" if routing else ""
+      print(line, flush=True)
+      summary.append(line)
+  print("\n".join(summary))
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

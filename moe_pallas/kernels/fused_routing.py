@@ -1,0 +1,221 @@
+"""Routing, plan and tile schedule in three small Pallas kernels (opt-in: slower than XLA's today).
+
+Why try: at small T the ~20 small XLA kernels of `route` -> `plan_local` -> `make_tile_schedule` (sorts,
+scatters, cumsums) take ~28-32 us of GPU time on the H200, whatever the token count. These kernels compute
+the same TileSchedule with a counting sort instead of a sort:
+
+1. `route` (grid over blocks of tokens): SPEC.md steps 2-5 on a [tokens, E] tile in registers (sigmoid,
+   biased scores, top-2 group sums, kept groups, top_k experts, normalized weights; ties to the lower
+   index, as `moe_pallas.routing.route`), plus the block's pick count per local expert.
+2. `layout` (one program): from the blocks' counts, each expert's range of padded rows (whole block_m
+   tiles), where each block's picks of each expert start in it, tile -> expert, and the padding rows
+   (token 0, weight 0).
+3. `place` (grid over blocks of tokens): each local pick's padded row = its block's start for that expert
+   + its rank among the block's picks of that expert (picks in flat (token, j) order, the order of
+   `plan_local`'s stable sort); writes row -> token, row -> weight and pick -> row.
+
+Every output element is written by exactly one program (real rows by `place`, padding rows by `layout`):
+no atomics, no barriers, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
+field by field (tests/test_fused_routing.py).
+
+Measured on the H200 (experiments/PERF.md): `place` takes 2.8-3.3 us at every T, as a small kernel
+should; `route` 30-38 us even for one token (its ~20 row reductions over a [16, 256] tile cost ~1.5 us
+each as Triton lays them out) and `layout` 3-60 us (its row loop grows with T). Until those two are
+fixed, `moe_layer_triton` routes with XLA by default.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from moe_pallas.config import MoEConfig
+from moe_pallas.kernels.schedule import TileSchedule, max_tiles
+
+TOKENS_PER_BLOCK = 16
+_ROWS_PER_STEP = 256
+_MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def supports(config: MoEConfig) -> bool:
+  """Whether a token's E scores and a group's experts make Triton tiles (power-of-two sizes)."""
+  return all(n & (n - 1) == 0 for n in (config.num_experts, config.n_group, config.top_k))
+
+
+def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref, *, num_tokens,
+                  config: MoEConfig, num_local, lanes):
+  bt, k = TOKENS_PER_BLOCK, config.top_k
+  num_experts, num_groups, per_group = config.num_experts, config.n_group, config.experts_per_group
+  tokens = pl.program_id(0) * bt + jnp.arange(bt, dtype=jnp.int32)
+  token_ok = tokens < num_tokens
+  experts = jnp.arange(num_experts, dtype=jnp.int32)
+  logits = pltriton.load(logits_ref.at[jnp.minimum(tokens, num_tokens - 1)[:, None], experts[None, :]])
+  scores = jax.nn.sigmoid(logits)
+  biased = scores + bias_ref[...][None, :]
+
+  # Group score: the sum of the group's two largest biased scores (SPEC.md step 3).
+  grouped = biased.reshape(bt, num_groups, per_group)
+  in_group = jnp.arange(per_group, dtype=jnp.int32)[None, None, :]
+  first = jnp.argmax(grouped, axis=2).astype(jnp.int32)
+  second = jnp.max(jnp.where(in_group == first[:, :, None], -jnp.inf, grouped), axis=2)
+  group_scores = jnp.max(grouped, axis=2) + second
+  # Keep the topk_group best groups: a group is kept when fewer than topk_group groups beat it (a larger
+  # score, or an equal one at a lower index).
+  g = jnp.arange(num_groups, dtype=jnp.int32)
+  mine, other = group_scores[:, :, None], group_scores[:, None, :]
+  beats = (other > mine) | ((other == mine) & (g[None, None, :] < g[None, :, None]))
+  kept = jnp.sum(beats.astype(jnp.int32), axis=2) < config.topk_group
+  keep = jnp.broadcast_to(kept[:, :, None], (bt, num_groups, per_group)).reshape(bt, num_experts)
+  masked = jnp.where(keep, biased, _MASKED_SCORE)
+
+  positions = experts[None, :]
+  picks = []
+  for _ in range(k):
+    pick = jnp.argmax(masked, axis=1).astype(jnp.int32)  # the lowest index among equal maxima
+    picks.append(pick)
+    masked = jnp.where(positions == pick[:, None], -jnp.inf, masked)
+  # [bt, k] tiles from k columns (Triton's stack takes two operands only).
+  column = jnp.arange(k, dtype=jnp.int32)[None, :]
+  ids = functools.reduce(jnp.add, [jnp.where(column == j, pick[:, None], 0) for j, pick in enumerate(picks)])
+  picked = functools.reduce(jnp.add, [
+      jnp.where(column == j, jnp.sum(jnp.where(positions == pick[:, None], scores, 0.0), axis=1)[:, None], 0.0)
+      for j, pick in enumerate(picks)])
+  weights = picked / (jnp.sum(picked, axis=1, keepdims=True) + 1e-20) * factor_ref[0]
+  flat = tokens[:, None] * k + jnp.arange(k, dtype=jnp.int32)[None, :]
+  store_ok = jnp.broadcast_to(token_ok[:, None], (bt, k))
+  pltriton.store(ids_ref.at[flat], ids, mask=store_ok)
+  pltriton.store(weights_ref.at[flat], weights, mask=store_ok)
+
+  # This block's picks of each local expert (padding tokens count nothing).
+  local = (ids - offset_ref[0]).reshape(bt * k)
+  is_local = (local >= 0) & (local < num_local) & jnp.broadcast_to(token_ok[:, None], (bt, k)).reshape(bt * k)
+  one_hot = (local[:, None] == jnp.arange(lanes, dtype=jnp.int32)[None, :]) & is_local[:, None]
+  counts_ref[pl.program_id(0), :] = jnp.sum(one_hot.astype(jnp.int32), axis=0)
+
+
+def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, row_token_ref, row_weight_ref, *, num_blocks,
+                   num_local, lanes, block_m, num_tiles):
+  experts = jnp.arange(lanes, dtype=jnp.int32)
+  blocks = jnp.arange(counts_ref.shape[0], dtype=jnp.int32)  # a power of two >= num_blocks
+  counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
+                         other=0)
+  totals = jnp.sum(counts, axis=0)
+  padded = (totals + block_m - 1) // block_m * block_m
+  earlier = experts[None, :] < experts[:, None]  # [e, e']: e' comes before e
+  padded_start = jnp.sum(jnp.where(earlier, padded[None, :], 0), axis=1)
+  padded_end = padded_start + padded
+  # Where each block's picks of each expert start: the expert's start + the earlier blocks' picks.
+  block_start_ref[...] = padded_start[None, :] + jnp.cumsum(counts, axis=0) - counts
+
+  def expert_of(rows):  # the number of experts whose padded range ends at or before `rows`
+    ended = (padded_end[None, :] <= rows[:, None]) & (experts[None, :] < num_local)
+    return jnp.sum(ended.astype(jnp.int32), axis=1)
+
+  # Tile -> expert (num_local for the unused tiles at the end).
+  def tiles_step(step, carry):
+    tiles = step * _ROWS_PER_STEP + jnp.arange(_ROWS_PER_STEP, dtype=jnp.int32)
+    pltriton.store(tile_expert_ref.at[tiles], expert_of(tiles * block_m), mask=tiles < num_tiles)
+    return carry
+  jax.lax.fori_loop(0, pl.cdiv(num_tiles, _ROWS_PER_STEP), tiles_step, 0)
+
+  # Padding rows (past an expert's picks, or in unused tiles) read token 0 with weight 0; `place`
+  # writes the real rows.
+  def rows_step(step, carry):
+    rows = step * _ROWS_PER_STEP + jnp.arange(_ROWS_PER_STEP, dtype=jnp.int32)
+    expert = expert_of(rows)
+    mine = experts[None, :] == expert[:, None]
+    start = jnp.sum(jnp.where(mine, padded_start[None, :], 0), axis=1)
+    total = jnp.sum(jnp.where(mine, totals[None, :], 0), axis=1)
+    padding = (rows < num_tiles * block_m) & ((expert >= num_local) | (rows - start >= total))
+    pltriton.store(row_token_ref.at[rows], jnp.zeros_like(rows), mask=padding)
+    pltriton.store(row_weight_ref.at[rows], jnp.zeros(rows.shape, jnp.float32), mask=padding)
+    return carry
+  jax.lax.fori_loop(0, pl.cdiv(num_tiles * block_m, _ROWS_PER_STEP), rows_step, 0)
+
+
+def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, _row_token_in, _row_weight_in, row_token_ref,
+                  row_weight_ref, pair_row_ref, *, num_pairs, top_k, num_local, lanes, num_rows):
+  # _row_token_in / _row_weight_in alias row_token_ref / row_weight_ref (layout's padding rows stay).
+  block_pairs = TOKENS_PER_BLOCK * top_k
+  block = pl.program_id(0)
+  pairs = block * block_pairs + jnp.arange(block_pairs, dtype=jnp.int32)
+  pair_ok = pairs < num_pairs
+  safe_pairs = jnp.minimum(pairs, num_pairs - 1)
+  local = pltriton.load(ids_ref.at[safe_pairs]) - offset_ref[0]
+  is_local = pair_ok & (local >= 0) & (local < num_local)
+  one_hot = ((local[:, None] == jnp.arange(lanes, dtype=jnp.int32)[None, :]) & is_local[:, None]).astype(jnp.int32)
+  before = jnp.cumsum(one_hot, axis=0) - one_hot  # earlier picks of the same expert in this block
+  start = block_start_ref[block, :]
+  row = jnp.where(is_local, jnp.sum(one_hot * (before + start[None, :]), axis=1), num_rows)
+  pltriton.store(pair_row_ref.at[pairs], row, mask=pair_ok)
+  # Masked-off lanes store nothing on the GPU; interpret mode writes their old values back, which is
+  # harmless unless row num_rows - 1 is also a real row of this block (every tile full: never in tests).
+  safe_row = jnp.minimum(row, num_rows - 1)
+  pltriton.store(row_token_ref.at[safe_row], pairs // top_k, mask=is_local)
+  pltriton.store(row_weight_ref.at[safe_row], pltriton.load(weights_ref.at[safe_pairs]), mask=is_local)
+
+
+def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
+                       config: MoEConfig, num_local_experts: int, block_m: int, interpret=False):
+  """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as three kernels.
+
+  Returns:
+    (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32).
+
+  Raises:
+    NotImplementedError: a geometry whose tiles are not powers of two (see `supports`).
+  """
+  num_tokens, num_experts = routing_logits.shape
+  if not supports(config) or num_experts != config.num_experts:
+    raise NotImplementedError(f"the fused routing kernels need power-of-two E, n_group and top_k, got "
+                              f"E={num_experts}, n_group={config.n_group}, top_k={config.top_k}")
+  top_k = config.top_k
+  num_pairs = num_tokens * top_k
+  num_blocks = pl.cdiv(num_tokens, TOKENS_PER_BLOCK)
+  lanes = _next_pow2(num_local_experts)
+  num_tiles = max_tiles(num_pairs, num_local_experts, block_m)
+  num_rows = num_tiles * block_m
+  params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+  offset = jnp.reshape(jnp.asarray(local_expert_offset, jnp.int32), (1,))
+
+  counts_shape = (_next_pow2(num_blocks), lanes)  # the layout program holds all blocks' counts as one tile
+  ids, weights, counts = pl.pallas_call(
+      functools.partial(_route_kernel, num_tokens=num_tokens, config=config, num_local=num_local_experts,
+                        lanes=lanes),
+      grid=(num_blocks,), interpret=interpret, name="moe_route", compiler_params=params,
+      out_shape=(jax.ShapeDtypeStruct((num_pairs,), jnp.int32), jax.ShapeDtypeStruct((num_pairs,), jnp.float32),
+                 jax.ShapeDtypeStruct(counts_shape, jnp.int32)),
+  )(routing_logits.astype(jnp.float32), routing_bias.astype(jnp.float32),
+    jnp.reshape(jnp.asarray(routed_scaling_factor, jnp.float32), (1,)), offset)
+
+  tile_expert, block_start, row_token, row_weight = pl.pallas_call(
+      functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
+                        block_m=block_m, num_tiles=num_tiles),
+      grid=(1,), interpret=interpret, name="moe_layout", compiler_params=params,
+      out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32),
+                 jax.ShapeDtypeStruct(counts_shape, jnp.int32),
+                 jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32)),
+  )(counts)
+
+  row_token, row_weight, pair_row = pl.pallas_call(
+      functools.partial(_place_kernel, num_pairs=num_pairs, top_k=top_k, num_local=num_local_experts, lanes=lanes,
+                        num_rows=num_rows),
+      grid=(num_blocks,), interpret=interpret, name="moe_place", compiler_params=params,
+      out_shape=(jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32),
+                 jax.ShapeDtypeStruct((num_pairs,), jnp.int32)),
+      # The padding rows written by `layout` stay: the outputs alias its row maps.
+      input_output_aliases={4: 0, 5: 1},
+  )(ids, weights, offset, block_start, row_token, row_weight)
+
+  schedule = TileSchedule(tile_expert=tile_expert, row_token=row_token, row_weight=row_weight,
+                          pair_padded_row=pair_row.reshape(num_tokens, top_k),
+                          num_used_tiles=jnp.sum(tile_expert < num_local_experts, dtype=jnp.int32))
+  return schedule, ids.reshape(num_tokens, top_k), weights.reshape(num_tokens, top_k)
