@@ -45,6 +45,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
+from moe_pallas import validation
 from moe_pallas.config import MoEConfig
 from moe_pallas.quant import BlockScaledArray
 
@@ -369,9 +370,8 @@ def load_moe_layer(path: str | os.PathLike, layer: int, *, local_expert_offset: 
   num_experts, hidden, intermediate = full.moe.num_experts, full.moe.hidden, full.moe.intermediate
   num_local = num_experts if num_local_experts is None else int(num_local_experts)
   offset = int(local_expert_offset)
-  if num_local <= 0 or offset < 0 or offset + num_local > num_experts:
-    raise CheckpointError(f"experts {offset} .. {offset + num_local - 1} (local_expert_offset={offset}, "
-                          f"num_local_experts={num_local}) are not inside the checkpoint's {num_experts} experts")
+  validation.check_local_expert_range(offset, num_local_experts=num_local, num_experts=num_experts,
+                                      owner="the checkpoint's", error=CheckpointError)
   config = full.moe.with_local_experts(num_local)
 
   mlp = f"model.layers.{layer}.mlp"

@@ -146,6 +146,36 @@ def validate_plan(plan, *, num_tokens: int, num_local_experts: int):
   _expect_shape("plan.token_ids", plan.token_ids, (num_tokens * top_k,), "[T * top_k]")
 
 
+def check_local_expert_range(local_expert_offset, *, num_local_experts: int, num_experts: int,
+                             owner: str = "the layer's", error: type[Exception] = ValueError):
+  """Experts offset .. offset + E_local - 1 must be global experts: 1 <= E_local <= E, 0 <= offset <= E - E_local.
+
+  The one range check of the project (layer, checkpoint loader, Flax module, test inputs). A jax.Array or
+  traced offset is not read (see `concrete_value`) and passes unchecked.
+
+  Args:
+    local_expert_offset: global id of local expert 0 (an int, a NumPy scalar, or a jax.Array: unchecked).
+    num_local_experts: E_local.
+    num_experts: E.
+    owner: whose experts, for the message ("the checkpoint's").
+    error: the exception type to raise (a ValueError subclass, e.g. the loader's CheckpointError).
+
+  Raises:
+    `error`, naming the expected range and the value received.
+  """
+  if not 1 <= num_local_experts <= num_experts:
+    raise error(f"num_local_experts must be in [1, {num_experts}] (E = {num_experts}), got {num_local_experts}")
+  offset = concrete_value(local_expert_offset)
+  if offset is None:
+    return
+  offset = int(offset)
+  highest = num_experts - num_local_experts
+  if not 0 <= offset <= highest:
+    raise error(f"local_expert_offset must be in [0, {highest}] (E - E_local = {num_experts} - {num_local_experts}), "
+                f"got {offset}: experts {offset} .. {offset + num_local_experts - 1} are not inside {owner} "
+                f"{num_experts} experts")
+
+
 def validate_scalars(*, local_expert_offset, routed_scaling_factor, config: MoEConfig):
   """Scalar arguments: shape and dtype always; range and finiteness only when concrete."""
   if _shape(local_expert_offset) != ():
@@ -158,11 +188,8 @@ def validate_scalars(*, local_expert_offset, routed_scaling_factor, config: MoEC
           or jnp.issubdtype(_dtype(routed_scaling_factor), jnp.integer)):
     raise TypeError(f"routed_scaling_factor must be a real number, got dtype {_dtype(routed_scaling_factor).name}")
 
-  offset = concrete_value(local_expert_offset)
-  highest = config.num_experts - config.num_local_experts
-  if offset is not None and not 0 <= int(offset) <= highest:
-    raise ValueError(f"local_expert_offset must be in [0, {highest}] (E - E_local = {config.num_experts} - "
-                     f"{config.num_local_experts}), got {int(offset)}")
+  check_local_expert_range(local_expert_offset, num_local_experts=config.num_local_experts,
+                           num_experts=config.num_experts)
   factor = concrete_value(routed_scaling_factor)
   if factor is not None and not math.isfinite(float(factor)):
     raise ValueError(f"routed_scaling_factor must be finite, got {float(factor)}")
