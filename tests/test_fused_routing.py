@@ -51,3 +51,18 @@ def test_layer_with_and_without_fused_routing_is_identical():
   runs = [grouped_moe.moe_layer_triton(*inputs, jnp.int32(8), jnp.float32(2.5), config=config, interpret=True,
                                        fused_routing_kernels=fused) for fused in (True, False)]
   np.testing.assert_array_equal(np.asarray(runs[0]), np.asarray(runs[1]))
+
+
+@pytest.mark.parametrize("tokens_per_block,rows_per_step", [(1, 256), (16, 1024)])
+def test_fused_schedule_tuning_variants_agree(tokens_per_block, rows_per_step):
+  config = mp.DEEPSEEK_V3
+  logits, bias, _, _ = testing.random_activations(config, 23, seed=5, local_expert_offset=96)
+  ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
+  plan = mp.plan_local(ids, weights, local_expert_offset=96, num_local_experts=config.num_local_experts)
+  want = make_tile_schedule(plan, block_m=16)
+  got, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=config,
+                                               num_local_experts=config.num_local_experts, block_m=16,
+                                               tokens_per_block=tokens_per_block, rows_per_step=rows_per_step,
+                                               interpret=True)
+  for field in want._fields:
+    np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)), err_msg=field)

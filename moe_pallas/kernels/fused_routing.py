@@ -1,8 +1,9 @@
-"""Routing, plan and tile schedule in three small Pallas kernels (opt-in: slower than XLA's today).
+"""Routing, plan and tile schedule in three small Pallas kernels, for calls with few tokens.
 
-Why try: at small T the ~20 small XLA kernels of `route` -> `plan_local` -> `make_tile_schedule` (sorts,
-scatters, cumsums) take ~28-32 us of GPU time on the H200, whatever the token count. These kernels compute
-the same TileSchedule with a counting sort instead of a sort:
+Why: at small T the ~20 small XLA kernels of `route` -> `plan_local` -> `make_tile_schedule` (sorts,
+scatters, cumsums) take ~28-33 us of GPU time on the H200 whatever the token count, as much as a third of
+the peer's whole GEMM path. These kernels compute the same TileSchedule with a counting sort instead of a
+sort:
 
 1. `route` (grid over blocks of tokens): SPEC.md steps 2-5 on a [tokens, E] tile in registers (sigmoid,
    biased scores, top-2 group sums, kept groups, top_k experts, normalized weights; ties to the lower
@@ -16,12 +17,14 @@ the same TileSchedule with a counting sort instead of a sort:
 
 Every output element is written by exactly one program (real rows by `place`, padding rows by `layout`):
 no atomics, no barriers, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
-field by field (tests/test_fused_routing.py).
+field by field in interpret mode (tests/test_fused_routing.py); on the GPU the routing weights may differ
+from XLA's in the last bit (the normalizing sum adds the top_k picks in another order).
 
-Measured on the H200 (experiments/PERF.md): `place` takes 2.8-3.3 us at every T, as a small kernel
-should; `route` 30-38 us even for one token (its ~20 row reductions over a [16, 256] tile cost ~1.5 us
-each as Triton lays them out) and `layout` 3-60 us (its row loop grows with T). Until those two are
-fixed, `moe_layer_triton` routes with XLA by default.
+Measured on the H200 (experiments/tune_routing.py, results/h200_2026-11-29/tune5_routing.jsonl; the three
+kernels against XLA's): T=1 11.6 us vs 28.5, T=16 17.5 vs 28.7, T=80 20.2 vs 33.1, T=901 36.4 vs 76.8,
+with 4 tokens per program and 4 warps. 16 tokens per program made `route` 30-37 us (its row reductions
+over a [16, 256] tile are slow as Triton lays them out), one warp slower still. `layout`'s row loop grows
+with T (26 us at T=901), which is why the kernels stop at `MAX_FUSED_PAIRS`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from jax.experimental.pallas import triton as pltriton
 from moe_pallas.config import MoEConfig
 from moe_pallas.kernels.schedule import TileSchedule, max_tiles
 
-TOKENS_PER_BLOCK = 16
-_ROWS_PER_STEP = 256
+# Up to this many picks (T * top_k) the fused kernels beat XLA's sort-based plan (T=901: 36 us vs 77).
+# Above, `layout`'s one-program row loop grows past XLA's cost, and routing is a small share of the call.
+MAX_FUSED_PAIRS = 8192
+
 _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
 
@@ -51,8 +56,8 @@ def supports(config: MoEConfig) -> bool:
 
 
 def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref, *, num_tokens,
-                  config: MoEConfig, num_local, lanes):
-  bt, k = TOKENS_PER_BLOCK, config.top_k
+                  config: MoEConfig, num_local, lanes, tokens_per_block):
+  bt, k = tokens_per_block, config.top_k
   num_experts, num_groups, per_group = config.num_experts, config.n_group, config.experts_per_group
   tokens = pl.program_id(0) * bt + jnp.arange(bt, dtype=jnp.int32)
   token_ok = tokens < num_tokens
@@ -102,7 +107,7 @@ def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights
 
 
 def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, row_token_ref, row_weight_ref, *, num_blocks,
-                   num_local, lanes, block_m, num_tiles):
+                   num_local, lanes, block_m, num_tiles, rows_per_step):
   experts = jnp.arange(lanes, dtype=jnp.int32)
   blocks = jnp.arange(counts_ref.shape[0], dtype=jnp.int32)  # a power of two >= num_blocks
   counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
@@ -121,15 +126,15 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, row_token_ref, 
 
   # Tile -> expert (num_local for the unused tiles at the end).
   def tiles_step(step, carry):
-    tiles = step * _ROWS_PER_STEP + jnp.arange(_ROWS_PER_STEP, dtype=jnp.int32)
+    tiles = step * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
     pltriton.store(tile_expert_ref.at[tiles], expert_of(tiles * block_m), mask=tiles < num_tiles)
     return carry
-  jax.lax.fori_loop(0, pl.cdiv(num_tiles, _ROWS_PER_STEP), tiles_step, 0)
+  jax.lax.fori_loop(0, pl.cdiv(num_tiles, rows_per_step), tiles_step, 0)
 
   # Padding rows (past an expert's picks, or in unused tiles) read token 0 with weight 0; `place`
   # writes the real rows.
   def rows_step(step, carry):
-    rows = step * _ROWS_PER_STEP + jnp.arange(_ROWS_PER_STEP, dtype=jnp.int32)
+    rows = step * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
     expert = expert_of(rows)
     mine = experts[None, :] == expert[:, None]
     start = jnp.sum(jnp.where(mine, padded_start[None, :], 0), axis=1)
@@ -138,13 +143,13 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, row_token_ref, 
     pltriton.store(row_token_ref.at[rows], jnp.zeros_like(rows), mask=padding)
     pltriton.store(row_weight_ref.at[rows], jnp.zeros(rows.shape, jnp.float32), mask=padding)
     return carry
-  jax.lax.fori_loop(0, pl.cdiv(num_tiles * block_m, _ROWS_PER_STEP), rows_step, 0)
+  jax.lax.fori_loop(0, pl.cdiv(num_tiles * block_m, rows_per_step), rows_step, 0)
 
 
 def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, _row_token_in, _row_weight_in, row_token_ref,
-                  row_weight_ref, pair_row_ref, *, num_pairs, top_k, num_local, lanes, num_rows):
+                  row_weight_ref, pair_row_ref, *, num_pairs, top_k, num_local, lanes, num_rows, tokens_per_block):
   # _row_token_in / _row_weight_in alias row_token_ref / row_weight_ref (layout's padding rows stay).
-  block_pairs = TOKENS_PER_BLOCK * top_k
+  block_pairs = tokens_per_block * top_k
   block = pl.program_id(0)
   pairs = block * block_pairs + jnp.arange(block_pairs, dtype=jnp.int32)
   pair_ok = pairs < num_pairs
@@ -164,8 +169,12 @@ def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, _row_token_
 
 
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
-                       config: MoEConfig, num_local_experts: int, block_m: int, interpret=False):
+                       config: MoEConfig, num_local_experts: int, block_m: int, interpret=False,
+                       tokens_per_block: int = 4, num_warps: int = 4, rows_per_step: int = 256):
   """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as three kernels.
+
+  Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
+  two), num_warps (all three), rows_per_step (layout's row loop, a power of two).
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32).
@@ -179,17 +188,17 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
                               f"E={num_experts}, n_group={config.n_group}, top_k={config.top_k}")
   top_k = config.top_k
   num_pairs = num_tokens * top_k
-  num_blocks = pl.cdiv(num_tokens, TOKENS_PER_BLOCK)
+  num_blocks = pl.cdiv(num_tokens, tokens_per_block)
   lanes = _next_pow2(num_local_experts)
   num_tiles = max_tiles(num_pairs, num_local_experts, block_m)
   num_rows = num_tiles * block_m
-  params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+  params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
   offset = jnp.reshape(jnp.asarray(local_expert_offset, jnp.int32), (1,))
 
   counts_shape = (_next_pow2(num_blocks), lanes)  # the layout program holds all blocks' counts as one tile
   ids, weights, counts = pl.pallas_call(
       functools.partial(_route_kernel, num_tokens=num_tokens, config=config, num_local=num_local_experts,
-                        lanes=lanes),
+                        lanes=lanes, tokens_per_block=tokens_per_block),
       grid=(num_blocks,), interpret=interpret, name="moe_route", compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((num_pairs,), jnp.int32), jax.ShapeDtypeStruct((num_pairs,), jnp.float32),
                  jax.ShapeDtypeStruct(counts_shape, jnp.int32)),
@@ -198,7 +207,7 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
 
   tile_expert, block_start, row_token, row_weight = pl.pallas_call(
       functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
-                        block_m=block_m, num_tiles=num_tiles),
+                        block_m=block_m, num_tiles=num_tiles, rows_per_step=rows_per_step),
       grid=(1,), interpret=interpret, name="moe_layout", compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32),
                  jax.ShapeDtypeStruct(counts_shape, jnp.int32),
@@ -207,7 +216,7 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
 
   row_token, row_weight, pair_row = pl.pallas_call(
       functools.partial(_place_kernel, num_pairs=num_pairs, top_k=top_k, num_local=num_local_experts, lanes=lanes,
-                        num_rows=num_rows),
+                        num_rows=num_rows, tokens_per_block=tokens_per_block),
       grid=(num_blocks,), interpret=interpret, name="moe_place", compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32),
                  jax.ShapeDtypeStruct((num_pairs,), jnp.int32)),

@@ -4,9 +4,10 @@ tile schedule -> GEMM1 (rows gathered in its loads) + SwiGLU + FP8 quant -> GEMM
 combine (each token's rows summed in float32, rounded once). All of it traces into the caller's jitted
 program. Two entries:
 
-- `moe_layer_triton`: the whole layer from the router logits: XLA's routing and sort-based plan (~20-45
-  small kernels), then the three Pallas kernels. `fused_routing_kernels=True` routes and schedules with
-  three Pallas kernels instead (exactly the same schedule; slower today, see fused_routing.py).
+- `moe_layer_triton`: the whole layer from the router logits. Up to `fused_routing.MAX_FUSED_PAIRS`
+  picks (T <= 1024 at DeepSeek-V3's top-8), routing + plan + schedule run as three small Pallas kernels
+  (six kernels per call in all); above, as XLA's routing and sort-based plan (~40 small kernels, a small
+  share of a large call).
 - `apply_local_experts_triton`: from a RoutingPlan (the public `apply_local_experts`, used by sharded
   callers that route once for all ranks).
 """
@@ -81,14 +82,14 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
                      gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, local_expert_offset,
                      routed_scaling_factor, *, config: MoEConfig, out_dtype=jnp.bfloat16, interpret=False,
                      intermediate_dtype=jnp.float8_e4m3fn, tiling: MoETiling | None = None,
-                     fused_routing_kernels: bool = False):
+                     fused_routing_kernels: bool | None = None):
   """The whole layer (SPEC.md steps 1-7) on the kernels, from validated inputs, inside a jitted program.
 
   Args (beyond moe_layer's):
     tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local)` for this device.
-    fused_routing_kernels: route and schedule with the three Pallas kernels of `fused_routing` instead of
-      XLA's ~20 small kernels. Both give the same schedule (tested); on the H200 the fused kernels are
-      slower today (T=16: 48 us against 27; experiments/PERF.md), so the default is False.
+    fused_routing_kernels: route and schedule with the three Pallas kernels of `fused_routing` (True) or
+      with XLA (False); None: fused up to `fused_routing.MAX_FUSED_PAIRS` picks where the geometry
+      allows (`fused_routing.supports`). Both give the same schedule (tested).
 
   Raises:
     NotImplementedError: as `apply_local_experts_triton`.
@@ -99,6 +100,9 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
     return jnp.zeros((0, hidden), out_dtype)
   num_local = gemm1_weights.shape[0]
   tiling = _tiling_for(tiling, num_tokens, config.top_k, num_local, intermediate_dtype)
+  if fused_routing_kernels is None:
+    fused_routing_kernels = (num_tokens * config.top_k <= fused_routing.MAX_FUSED_PAIRS
+                             and fused_routing.supports(config))
   if fused_routing_kernels:
     schedule, _, _ = fused_routing.route_and_schedule(routing_logits, routing_bias, routed_scaling_factor,
                                                       local_expert_offset, config=config,

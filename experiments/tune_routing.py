@@ -1,0 +1,84 @@
+"""GPU times of the fused routing kernels (moe_pallas/kernels/fused_routing.py) per tuning variant.
+
+  PYTHONPATH=. python3 experiments/tune_routing.py --out=$OUT/tune_routing.jsonl
+
+For each T (the benchmark's uniform draws) it times XLA's route -> plan_local -> make_tile_schedule and
+`route_and_schedule` with each (tokens_per_block, num_warps, rows_per_step) variant, per kernel (GpuTimer:
+L2 flushed before every call, median), and checks that every variant's schedule equals XLA's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+_WORKLOADS = flags.DEFINE_string("workloads", "1,16,80,901", "Workloads (benchmark.py --workloads syntax).")
+_VARIANTS = flags.DEFINE_list("variants", ["16/4/256", "16/1/256", "4/1/256", "4/4/256", "16/8/256",
+                                           "16/4/1024", "1/1/256", "8/2/256"],
+                              "tokens_per_block/num_warps/rows_per_step variants.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
+_OUT = flags.DEFINE_string("out", "tune_routing.jsonl", "JSONL output.")
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import moe_pallas as mp
+  from experiments import workloads as wl
+  from experiments.timing import GpuTimer
+  from moe_pallas.kernels import fused_routing
+  from moe_pallas.kernels.schedule import make_tile_schedule
+
+  config = mp.DEEPSEEK_V3
+  num_local, block_m = config.num_local_experts, 16
+  timer = GpuTimer()
+
+  def xla(logits, bias, offset):
+    ids, w = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
+    plan = mp.plan_local(ids, w, local_expert_offset=offset, num_local_experts=num_local)
+    return make_tile_schedule(plan, block_m=block_m)
+
+  def fused(tokens_per_block, num_warps, rows_per_step):
+    def run(logits, bias, offset):
+      return fused_routing.route_and_schedule(logits, bias, jnp.float32(2.5), offset, config=config,
+                                              num_local_experts=num_local, block_m=block_m,
+                                              tokens_per_block=tokens_per_block, num_warps=num_warps,
+                                              rows_per_step=rows_per_step)[0]
+    return run
+
+  out = open(_OUT.value, "w")
+  lines = []
+  for workload in wl.select(_WORKLOADS.value, config):
+    d = wl.draw(config, workload, "uniform")
+    args = (d.routing_logits, d.routing_bias, jnp.int32(workload.local_expert_offset))
+    want = jax.jit(xla)(*args)
+    variants = [("xla", xla)] + [(v, fused(*map(int, v.split("/")))) for v in _VARIANTS.value]
+    for name, fn in variants:
+      try:
+        jitted = jax.jit(fn)
+        got = jitted(*args)
+        same = all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in zip(got, want))
+        times = timer.time_calls(jitted, args, iters=_ITERS.value, warmup=2)
+      except Exception as err:  # one failing variant must not hide the others
+        print(f"T={workload.num_tokens} {name}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+        continue
+      total = sum(us for _, us in times.kernels)
+      row = dict(T=workload.num_tokens, variant=name, total_us=round(total, 2), num_kernels=times.num_kernels,
+                 kernels=[(k, round(us, 2)) for k, us in times.kernels], same_schedule=same,
+                 device=jax.devices()[0].device_kind)
+      out.write(json.dumps(row) + "\n")
+      out.flush()
+      detail = " ".join(f"{k.replace('moe_', '')} {us:.1f}" for k, us in times.kernels if k.startswith("moe_"))
+      lines.append(f"T={workload.num_tokens:>5} {name:<10} sum {total:7.1f} us in {times.num_kernels:>2} kernels "
+                   f"{'same' if same else 'DIFFERENT'}  {detail}")
+      print(lines[-1], flush=True)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
