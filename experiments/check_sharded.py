@@ -63,9 +63,8 @@ def main(argv):
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from moe_pallas import DEEPSEEK_V3, SMALL, testing
+  from moe_pallas import DEEPSEEK_V3, SMALL, moe_layer_all_experts, moe_layer_sharded, testing
   from moe_pallas.layer import resolve_implementation
-  from moe_pallas.sharding import moe_layer_all_experts, moe_layer_sharded
 
   devices = jax.devices()
   num_shards = _NUM_SHARDS.value or len(devices)

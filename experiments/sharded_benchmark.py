@@ -202,7 +202,7 @@ def main(argv):
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from moe_pallas import DEEPSEEK_V3, SMALL, sharding, testing
+  from moe_pallas import DEEPSEEK_V3, SMALL, moe_layer_all_experts, sharding, testing
   from moe_pallas.layer import moe_layer, resolve_implementation
   from moe_pallas.routing import route
 
@@ -297,16 +297,14 @@ def main(argv):
         activations = [np.asarray(a) for a in testing.random_activations(
             shard_config, num_tokens, seed=seed, scenario=scenario, local_expert_offset=0)]
       on_device0 = [jax.device_put(a, devices[0]) for a in activations]
-      single = sharding.moe_layer_all_experts(*on_device0, *full_weights, routed_scaling_factor=FACTOR,
-                                              config=config, experts_per_call=experts_per_shard,
-                                              implementation=implementation)
+      single = moe_layer_all_experts(*on_device0, *full_weights, routed_scaling_factor=FACTOR, config=config,
+                                     experts_per_call=experts_per_shard, implementation=implementation)
       single = np.asarray(single.astype(jnp.float32))
       xla_ref = None
       if _XLA_CHECK.value:
         with jax.default_matmul_precision("highest"):
-          xla_ref = sharding.moe_layer_all_experts(*on_device0, *full_weights, routed_scaling_factor=FACTOR,
-                                                   config=config, experts_per_call=experts_per_shard,
-                                                   implementation="xla")
+          xla_ref = moe_layer_all_experts(*on_device0, *full_weights, routed_scaling_factor=FACTOR,
+                                          config=config, experts_per_call=experts_per_shard, implementation="xla")
         xla_ref = np.asarray(xla_ref.astype(jnp.float32))
       topk_ids, _ = route(on_device0[0], on_device0[1], config=config, routed_scaling_factor=FACTOR)
       topk_ids = np.asarray(topk_ids)

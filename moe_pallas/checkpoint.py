@@ -46,13 +46,12 @@ import ml_dtypes
 import numpy as np
 
 from moe_pallas import validation
-from moe_pallas.config import MoEConfig
+from moe_pallas.config import SCALE_BLOCK, MoEConfig
 from moe_pallas.quant import BlockScaledArray
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-BLOCK = 128
 # A shard header lists a few thousand tensors (tens of kB); anything near this is not a safetensors file.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -264,16 +263,16 @@ def read_config(path: str | os.PathLike) -> DeepSeekV3Config:
     if name in raw and raw[name] != want:
       raise CheckpointError(f"{config_path}: {name}={raw[name]!r}, but the layer implements DeepSeek-V3's "
                             f"{name}={want!r}")
-  block_size = raw.get("quantization_config", {}).get("weight_block_size", [BLOCK, BLOCK])
-  if list(block_size) != [BLOCK, BLOCK]:
+  block_size = raw.get("quantization_config", {}).get("weight_block_size", [SCALE_BLOCK, SCALE_BLOCK])
+  if list(block_size) != [SCALE_BLOCK, SCALE_BLOCK]:
     raise CheckpointError(f"{config_path}: quantization_config.weight_block_size={block_size}, expected "
-                          f"[{BLOCK}, {BLOCK}]")
+                          f"[{SCALE_BLOCK}, {SCALE_BLOCK}]")
   num_experts = int(field("n_routed_experts"))
   try:
     moe = MoEConfig(hidden=int(field("hidden_size")), intermediate=int(field("moe_intermediate_size")),
                     num_experts=num_experts, num_local_experts=num_experts,
                     top_k=int(field("num_experts_per_tok")), n_group=int(field("n_group")),
-                    topk_group=int(field("topk_group")), block=BLOCK)
+                    topk_group=int(field("topk_group")))
   except ValueError as err:
     raise CheckpointError(f"{config_path}: {err}") from err
   return DeepSeekV3Config(moe=moe, routed_scaling_factor=float(field("routed_scaling_factor")),
@@ -322,7 +321,7 @@ def _read_fp8_linear(ckpt: SafetensorsCheckpoint, prefix: str, out_values: np.nd
   """Reads `{prefix}.weight` (FP8 [N, K]) and `{prefix}.weight_scale_inv` ([N/128, K/128]) into the outputs."""
   rows, cols = out_values.shape
   ckpt.check(f"{prefix}.weight", dtypes=("F8_E4M3",), shape=(rows, cols), meaning=meaning)
-  ckpt.check(f"{prefix}.weight_scale_inv", dtypes=("F32",), shape=(rows // BLOCK, cols // BLOCK),
+  ckpt.check(f"{prefix}.weight_scale_inv", dtypes=("F32",), shape=(rows // SCALE_BLOCK, cols // SCALE_BLOCK),
              meaning=f"one float32 scale per 128x128 tile of the [{rows}, {cols}] weight")
   ckpt.read_into(f"{prefix}.weight", out_values)
   ckpt.read_into(f"{prefix}.weight_scale_inv", out_scales)
@@ -331,7 +330,7 @@ def _read_fp8_linear(ckpt: SafetensorsCheckpoint, prefix: str, out_values: np.nd
 def _read_gated_mlp(ckpt: SafetensorsCheckpoint, prefix: str, w13: BlockScaledArray, w2: BlockScaledArray,
                     hidden: int, intermediate: int) -> None:
   """Fills w13 = [up; gate] ([2I, H]) and w2 = down ([H, I]) from `{prefix}.{up,gate,down}_proj`."""
-  half, half_tiles = intermediate, intermediate // BLOCK
+  half, half_tiles = intermediate, intermediate // SCALE_BLOCK
   # SPEC.md: silu on the second half of GEMM1's output; Hugging Face: act_fn(gate_proj(x)) * up_proj(x).
   _read_fp8_linear(ckpt, f"{prefix}.up_proj", w13.values[:half], w13.scales[:half_tiles],
                    f"up_proj [I, H] = [{intermediate}, {hidden}]")
@@ -344,7 +343,8 @@ def _read_gated_mlp(ckpt: SafetensorsCheckpoint, prefix: str, w13: BlockScaledAr
 def _empty_block_scaled(shape: tuple[int, ...]) -> BlockScaledArray:
   *lead, rows, cols = shape
   return BlockScaledArray(np.empty(shape, _DTYPES["F8_E4M3"]),
-                          np.empty((*lead, rows // BLOCK, cols // BLOCK), np.float32), (BLOCK, BLOCK))
+                          np.empty((*lead, rows // SCALE_BLOCK, cols // SCALE_BLOCK), np.float32),
+                          (SCALE_BLOCK, SCALE_BLOCK))
 
 
 def load_moe_layer(path: str | os.PathLike, layer: int, *, local_expert_offset: int = 0,

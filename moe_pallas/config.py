@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+# The FP8 scale block of SPEC.md: 1x128 activation blocks, 128x128 weight tiles. The layer (validation,
+# kernels, checkpoint loader) runs this block only.
+SCALE_BLOCK = 128
+
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
@@ -17,7 +21,9 @@ class MoEConfig:
     top_k: experts picked per token.
     n_group: router groups (E must divide evenly).
     topk_group: groups kept per token before the top_k pick.
-    block: FP8 quantization block (128 in DeepSeek-V3).
+    block: FP8 quantization block of arrays of this geometry. The layer's entries accept only SCALE_BLOCK
+      (128, DeepSeek-V3's) and reject other values, naming the config; other blocks describe test data for
+      the block-agnostic float64 oracle (`moe_pallas.testing`).
   """
 
   hidden: int
@@ -27,7 +33,7 @@ class MoEConfig:
   top_k: int
   n_group: int
   topk_group: int
-  block: int = 128
+  block: int = SCALE_BLOCK
 
   def __post_init__(self):
     for name in ("hidden", "intermediate", "num_experts", "num_local_experts", "top_k", "n_group",

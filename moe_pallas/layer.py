@@ -1,4 +1,4 @@
-"""The public layer: validation, implementation dispatch, and one jitted program per call signature.
+"""The public layer: the gate (`validation`, once per call), then one jitted program per call signature.
 
 moe_layer = route -> plan_local -> apply_local_experts -> bf16. The pieces are public so that a sharded
 caller can run routing once, add the ranks' float32 partial sums and round to bf16 once (SPEC.md step 7).
@@ -12,38 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from moe_pallas import reference, validation
-from moe_pallas.config import MoEConfig
-from moe_pallas.routing import RoutingPlan, plan_local, route
+from moe_pallas.quant import LocalExperts
+from moe_pallas.routing import RoutingPlan, grouped_topk, sort_local_pairs
+from moe_pallas.validation import IMPLEMENTATIONS, Checked, resolve_implementation
 
-IMPLEMENTATIONS = ("xla", "triton")
-# FP8 wgmma / mma with e4m3 operands exists from Ada (8.9) and Hopper (9.0) on.
-_MIN_TRITON_COMPUTE_CAPABILITY = (8, 9)
-
-
-def _gpu_supports_triton(device) -> bool:
-  if device.platform != "gpu":
-    return False
-  capability = getattr(device, "compute_capability", None)
-  if capability is None:
-    return False
-  major, minor = (int(part) for part in str(capability).split(".")[:2])
-  return (major, minor) >= _MIN_TRITON_COMPUTE_CAPABILITY
-
-
-def resolve_implementation(implementation, *, interpret: bool) -> str:
-  """None picks "triton" on NVIDIA GPUs of compute capability >= 8.9 (or in interpret mode), else "xla"."""
-  if implementation is None:
-    if interpret or _gpu_supports_triton(jax.devices()[0]):
-      return "triton"
-    return "xla"
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-  if implementation == "triton" and not interpret and not _gpu_supports_triton(jax.devices()[0]):
-    raise ValueError(
-        f"implementation='triton' needs an NVIDIA GPU of compute capability >= 8.9, but the default device "
-        f"is {jax.devices()[0].device_kind!r}; pass interpret=True to run the kernels in interpret mode, or "
-        "implementation='xla'")
-  return implementation
+__all__ = ["IMPLEMENTATIONS", "apply_local_experts", "local_expert_outputs", "moe_layer", "resolve_implementation"]
 
 
 def apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
@@ -69,58 +42,59 @@ def apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1
     [T, H] in `out_dtype`; rows of tokens with no local pair are zero.
 
   Raises:
-    ValueError / TypeError for arrays whose shapes or dtypes disagree with each other or with the plan.
+    ValueError / TypeError for arrays whose shapes or dtypes disagree with each other or with the plan, an
+    out_dtype other than float32 / bfloat16, a bad intermediate_dtype or implementation.
   """
-  _, num_local, _ = validation.validate_expert_arrays(hidden_states, hidden_states_scale, gemm1_weights,
-                                                      gemm1_weights_scale, gemm2_weights, gemm2_weights_scale)
-  validation.validate_plan(plan, num_tokens=hidden_states.shape[0], num_local_experts=num_local)
-  validation.validate_intermediate_dtype(intermediate_dtype)
-  chosen = resolve_implementation(implementation, interpret=interpret)
-  if chosen == "triton":
+  checked = validation.check_apply_local_experts(
+      hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
+      plan, out_dtype=out_dtype, implementation=implementation, interpret=interpret,
+      intermediate_dtype=intermediate_dtype)
+  experts = LocalExperts.from_arrays(gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale)
+  return local_expert_outputs(hidden_states, hidden_states_scale, experts, plan, checked=checked)
+
+
+def local_expert_outputs(hidden_states, hidden_states_scale, experts: LocalExperts, plan: RoutingPlan, *,
+                         checked: Checked):
+  """`apply_local_experts`' computation from checked inputs: the core that every layer entry traces."""
+  if checked.implementation == "triton":
     from moe_pallas.kernels import grouped_moe  # the kernel tier imports Pallas internals: load it on use
     try:
-      return grouped_moe.apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights,
-                                                    gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, plan,
-                                                    out_dtype=out_dtype, interpret=interpret,
-                                                    intermediate_dtype=intermediate_dtype)
+      return grouped_moe.apply_local_experts_triton(
+          hidden_states, hidden_states_scale, *experts.arrays(), plan, out_dtype=checked.out_dtype,
+          interpret=checked.interpret, intermediate_dtype=checked.intermediate_dtype)
     except NotImplementedError:
-      if implementation is not None:  # asked for by name: say why it cannot run
+      if not checked.fall_back:  # asked for by name: say why it cannot run
         raise
       # Best available (None): a case the kernels do not cover falls through to the reference, as
       # tokamax's dispatch does. This happens while tracing, never on device values.
-  return reference.apply_local_experts_xla(hidden_states, hidden_states_scale, gemm1_weights,
-                                           gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, plan,
-                                           out_dtype=out_dtype)
+  return reference.apply_local_experts_xla(hidden_states, hidden_states_scale, experts, plan,
+                                           out_dtype=checked.out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "implementation", "interpret", "intermediate_dtype"))
-def _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
-                       gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, local_expert_offset,
-                       routed_scaling_factor, *, config: MoEConfig, implementation: str, interpret: bool,
-                       intermediate_dtype):
+@functools.partial(jax.jit, static_argnames=("checked",))
+def _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, experts: LocalExperts,
+                       local_expert_offset, routed_scaling_factor, *, checked: Checked):
   local_expert_offset = jnp.asarray(local_expert_offset, jnp.int32)
   routed_scaling_factor = jnp.asarray(routed_scaling_factor, jnp.float32)
-  chosen = resolve_implementation(implementation, interpret=interpret)
-  if chosen == "triton":
+  config = checked.config
+  if checked.implementation == "triton":
     from moe_pallas.kernels import grouped_moe  # the kernel tier imports Pallas internals: load it on use
     try:
       # Routing included: at small T it runs as two Pallas kernels instead of ~20 XLA ones.
       return grouped_moe.moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_scale,
-                                          gemm1_weights, gemm1_weights_scale, gemm2_weights,
-                                          gemm2_weights_scale, local_expert_offset, routed_scaling_factor,
-                                          config=config, out_dtype=jnp.bfloat16, interpret=interpret,
-                                          intermediate_dtype=intermediate_dtype)
+                                          *experts.arrays(), local_expert_offset, routed_scaling_factor,
+                                          config=config, out_dtype=checked.out_dtype, interpret=checked.interpret,
+                                          intermediate_dtype=checked.intermediate_dtype)
     except NotImplementedError:
-      if implementation is not None:  # asked for by name: say why it cannot run
+      if not checked.fall_back:
         raise
-  topk_ids, topk_weights = route(routing_logits, routing_bias, config=config,
-                                 routed_scaling_factor=routed_scaling_factor)
-  plan = plan_local(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
-                    num_local_experts=config.num_local_experts)
+  topk_ids, topk_weights = grouped_topk(routing_logits, routing_bias, config=config,
+                                        routed_scaling_factor=routed_scaling_factor)
+  plan = sort_local_pairs(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
+                          num_local_experts=config.num_local_experts)
   # Both implementations sum in float32 and round to bf16 once, at their last step.
-  return reference.apply_local_experts_xla(hidden_states, hidden_states_scale, gemm1_weights,
-                                           gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, plan,
-                                           out_dtype=jnp.bfloat16)
+  return reference.apply_local_experts_xla(hidden_states, hidden_states_scale, experts, plan,
+                                           out_dtype=checked.out_dtype)
 
 
 def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
@@ -157,19 +131,16 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
     shape, dtype, size that is not a multiple of 128, scale layout, or (when concrete) out-of-range
     offset or non-finite scaling factor.
   """
-  config = validation.validate_layer_inputs(
+  checked = validation.check_layer(
       routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
       gemm2_weights, gemm2_weights_scale, local_expert_offset=local_expert_offset,
-      routed_scaling_factor=routed_scaling_factor, config=config)
-  validation.validate_intermediate_dtype(intermediate_dtype)
-  resolve_implementation(implementation, interpret=interpret)  # a bad name fails here, before tracing
+      routed_scaling_factor=routed_scaling_factor, config=config, implementation=implementation,
+      interpret=interpret, intermediate_dtype=intermediate_dtype)
   num_tokens = routing_logits.shape[0]
   if num_tokens == 0:
-    return jnp.zeros((0, config.hidden), jnp.bfloat16)
+    return jnp.zeros((0, checked.config.hidden), jnp.bfloat16)
+  experts = LocalExperts.from_arrays(gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale)
   # The scalars go in as they came and are converted inside the program: a conversion here would be a
   # device program of its own per call, launched ahead of the layer's.
-  return _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
-                            gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, local_expert_offset,
-                            routed_scaling_factor, config=config,
-                            implementation=implementation, interpret=interpret,
-                            intermediate_dtype=jnp.dtype(intermediate_dtype))
+  return _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, experts,
+                            local_expert_offset, routed_scaling_factor, checked=checked)

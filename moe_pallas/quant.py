@@ -7,6 +7,7 @@ Scales are dequantization multipliers (value = fp8 * scale), as in DeepSeek-V3 c
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,37 @@ class BlockScaledArray:
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     return dequantize(self, dtype)
+
+
+class LocalExperts(NamedTuple):
+  """The expert weights of one rank, as they travel inside the library (SPEC.md inputs 5-8, bundled).
+
+  Attributes:
+    gemm1: W13, values [E_local, 2I, H] float8_e4m3fn, scales [E_local, 2I/B, H/B] float32, (B, B) blocks.
+    gemm2: W2, values [E_local, H, I] float8_e4m3fn, scales [E_local, H/B, I/B] float32, (B, B) blocks.
+  """
+
+  gemm1: BlockScaledArray
+  gemm2: BlockScaledArray
+
+  @classmethod
+  def from_arrays(cls, gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale) -> "LocalExperts":
+    """Bundles the public signature's four arrays; B comes from the shapes (H / (H/B))."""
+    block = gemm1_weights.shape[2] // gemm1_weights_scale.shape[2]
+    return cls(BlockScaledArray(gemm1_weights, gemm1_weights_scale, (block, block)),
+               BlockScaledArray(gemm2_weights, gemm2_weights_scale, (block, block)))
+
+  def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The public order: gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale."""
+    return self.gemm1.values, self.gemm1.scales, self.gemm2.values, self.gemm2.scales
+
+  @property
+  def num_experts(self) -> int:
+    return self.gemm1.values.shape[0]
+
+  def select(self, experts) -> "LocalExperts":
+    """The experts `experts` (an index, slice or index array along the expert axis), blocks unchanged."""
+    return jax.tree.map(lambda x: x[experts], self)
 
 
 def _check_blocks(shape, block_shape, what):

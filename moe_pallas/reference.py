@@ -41,19 +41,16 @@ def dense_routing_weights(plan: RoutingPlan, num_tokens: int) -> tuple[jax.Array
   return weights[:, :num_local], picked[:, :num_local]
 
 
-def apply_local_experts_xla(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
-                            gemm2_weights, gemm2_weights_scale, plan: RoutingPlan, *,
+def apply_local_experts_xla(hidden_states, hidden_states_scale, experts: quant.LocalExperts, plan: RoutingPlan, *,
                             out_dtype=jnp.float32) -> jax.Array:
   """Weighted sum over this rank's local experts, [T, H] in `out_dtype` (accumulated in float32)."""
   num_tokens, hidden = hidden_states.shape
-  num_local = gemm1_weights.shape[0]
-  weight_block = (hidden // gemm1_weights_scale.shape[2],) * 2
   activations = dequantize_activations(hidden_states, hidden_states_scale)
   token_weights, token_picked = dense_routing_weights(plan, num_tokens)
 
   def expert_output(e, acc):
-    w13 = quant.dequantize(quant.BlockScaledArray(gemm1_weights[e], gemm1_weights_scale[e], weight_block))
-    w2 = quant.dequantize(quant.BlockScaledArray(gemm2_weights[e], gemm2_weights_scale[e], weight_block))
+    one = experts.select(e)
+    w13, w2 = quant.dequantize(one.gemm1), quant.dequantize(one.gemm2)
     gate_up = jnp.dot(activations, w13.T, preferred_element_type=jnp.float32)
     down = jnp.dot(swiglu(gate_up), w2.T, preferred_element_type=jnp.float32)
     # `where`, not a multiply by a zero weight: a token that did not pick e must get exact zeros even
@@ -63,5 +60,5 @@ def apply_local_experts_xla(hidden_states, hidden_states_scale, gemm1_weights, g
   def maybe_expert_output(e, acc):
     return jax.lax.cond(plan.group_sizes[e] > 0, expert_output, lambda e, acc: acc, e, acc)
 
-  out = jax.lax.fori_loop(0, num_local, maybe_expert_output, jnp.zeros((num_tokens, hidden), jnp.float32))
+  out = jax.lax.fori_loop(0, experts.num_experts, maybe_expert_output, jnp.zeros((num_tokens, hidden), jnp.float32))
   return out.astype(out_dtype)

@@ -2,6 +2,8 @@
 
 Nothing here reads a routing value on the host, so callers can `jit`, `vmap` and `shard_map` it; the
 plan's capacity is the worst case (every pick local), and `num_valid` says how much of it is used.
+`route` and `plan_local` are the public, checked entries; the library's cores call `grouped_topk` and
+`sort_local_pairs`, which trust their (already checked) inputs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_pallas import validation
 from moe_pallas.config import MoEConfig
 
 # SPEC.md step 4: dropped groups are masked to the most negative float32 (not -inf, so that the
@@ -61,10 +64,20 @@ def route(routing_logits: jax.Array, routing_bias: jax.Array, *, config: MoEConf
       the lower index.
     topk_weights: [T, top_k] float32, `s / (sum of the top_k picks' s + 1e-20) * routed_scaling_factor`
       with the unbiased sigmoid score `s`, summed over all picks, local or not.
+
+  Raises:
+    ValueError / TypeError naming the argument, the expected and the received value: logits not [T, E] of a
+    float dtype, E != config.num_experts, a bias that is not [E] bfloat16/float32, config not a MoEConfig,
+    a factor that is not a real scalar (or, when concrete, not finite).
   """
-  num_tokens, num_experts = routing_logits.shape
-  if num_experts != config.num_experts:
-    raise ValueError(f"routing_logits has E={num_experts} experts, config.num_experts={config.num_experts}")
+  validation.check_route(routing_logits, routing_bias, config=config, routed_scaling_factor=routed_scaling_factor)
+  return grouped_topk(routing_logits, routing_bias, config=config, routed_scaling_factor=routed_scaling_factor)
+
+
+def grouped_topk(routing_logits: jax.Array, routing_bias: jax.Array, *, config: MoEConfig,
+                 routed_scaling_factor) -> tuple[jax.Array, jax.Array]:
+  """`route`'s computation, for checked inputs (the library's traced cores)."""
+  num_tokens = routing_logits.shape[0]
   scores = jax.nn.sigmoid(routing_logits.astype(jnp.float32))
   biased = scores + routing_bias.astype(jnp.float32)[None, :]
 
@@ -122,7 +135,20 @@ def plan_local(topk_ids: jax.Array, topk_weights: jax.Array, *, local_expert_off
 
   Returns:
     A RoutingPlan with capacity T * top_k.
+
+  Raises:
+    ValueError / TypeError: num_local_experts not a positive int, topk_ids not [T, top_k] integers,
+    topk_weights not floats of the same shape, an offset that is not an integer scalar.
   """
+  validation.check_plan_local(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
+                              num_local_experts=num_local_experts)
+  return sort_local_pairs(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
+                          num_local_experts=num_local_experts)
+
+
+def sort_local_pairs(topk_ids: jax.Array, topk_weights: jax.Array, *, local_expert_offset,
+                     num_local_experts: int) -> RoutingPlan:
+  """`plan_local`'s computation, for checked inputs (the library's traced cores)."""
   num_tokens, top_k = topk_ids.shape
   capacity = num_tokens * top_k
   local_ids = topk_ids.astype(jnp.int32) - jnp.asarray(local_expert_offset, jnp.int32)

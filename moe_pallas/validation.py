@@ -1,18 +1,51 @@
-"""Input checks at the public boundary: every message names the argument, what was expected and what came."""
+"""The one gate: each public entry checks its arguments here, once, and gets back what was checked.
+
+The cores behind the entries (the jitted programs, the routing and plan cores, the per-shard program) take
+the returned `Checked` as given and check nothing again. Every message names the argument, what was
+expected and what came.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_pallas.config import MoEConfig
+from moe_pallas.config import SCALE_BLOCK, MoEConfig
+
+IMPLEMENTATIONS = ("xla", "triton")
+# FP8 wgmma / mma with e4m3 operands exists from Ada (8.9) and Hopper (9.0) on.
+_MIN_TRITON_COMPUTE_CAPABILITY = (8, 9)
 
 _FP8 = jnp.dtype(jnp.float8_e4m3fn)
 _F32 = jnp.dtype(jnp.float32)
-_BIAS_DTYPES = (jnp.dtype(jnp.bfloat16), _F32)
+_BF16 = jnp.dtype(jnp.bfloat16)
+_BIAS_DTYPES = (_BF16, _F32)
+
+
+class Checked(NamedTuple):
+  """What a public entry checked, handed to its core (hashable: it is the jitted program's static key).
+
+  Attributes:
+    config: the geometry (sizes from the shapes, routing constants from the config); None for
+      `apply_local_experts`, which has no router.
+    implementation: "xla" or "triton", resolved.
+    fall_back: the caller asked for the best available (None): a case the kernels do not cover (they raise
+      NotImplementedError while tracing) runs on "xla".
+    interpret: run the Pallas kernels in interpret mode.
+    intermediate_dtype: the SwiGLU output's precision on the kernel path.
+    out_dtype: the output dtype.
+  """
+
+  config: MoEConfig | None
+  implementation: str
+  fall_back: bool
+  interpret: bool
+  intermediate_dtype: jnp.dtype
+  out_dtype: jnp.dtype
 
 
 # Read .shape/.dtype first and fall back to NumPy only for Python scalars and lists: np.asarray on a
@@ -44,6 +77,11 @@ def _expect_rank(name, x, rank, meaning):
     raise ValueError(f"{name} must have rank {rank} ({meaning}), got shape {list(_shape(x))}")
 
 
+def _expect_kind(name, x, kind, meaning):
+  if not jnp.issubdtype(_dtype(x), kind):
+    raise TypeError(f"{name} must have {meaning} dtype, got {_dtype(x).name}")
+
+
 def concrete_value(x):
   """The value of a Python or NumPy scalar, or None for a jax.Array (traced or not).
 
@@ -55,7 +93,62 @@ def concrete_value(x):
   return np.asarray(x)
 
 
-def resolve_config(config, *, num_experts, hidden, intermediate, num_local_experts, block) -> MoEConfig:
+def _gpu_supports_triton(device) -> bool:
+  if device.platform != "gpu":
+    return False
+  capability = getattr(device, "compute_capability", None)
+  if capability is None:
+    return False
+  major, minor = (int(part) for part in str(capability).split(".")[:2])
+  return (major, minor) >= _MIN_TRITON_COMPUTE_CAPABILITY
+
+
+def resolve_implementation(implementation, *, interpret: bool) -> str:
+  """None picks "triton" on NVIDIA GPUs of compute capability >= 8.9 (or in interpret mode), else "xla"."""
+  if implementation is None:
+    if interpret or _gpu_supports_triton(jax.devices()[0]):
+      return "triton"
+    return "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+  if implementation == "triton" and not interpret and not _gpu_supports_triton(jax.devices()[0]):
+    raise ValueError(
+        f"implementation='triton' needs an NVIDIA GPU of compute capability >= 8.9, but the default device "
+        f"is {jax.devices()[0].device_kind!r}; pass interpret=True to run the kernels in interpret mode, or "
+        "implementation='xla'")
+  return implementation
+
+
+def _checked(config, *, implementation, interpret, intermediate_dtype, out_dtype) -> Checked:
+  intermediate_dtype = jnp.dtype(intermediate_dtype)
+  if intermediate_dtype not in (_FP8, _BF16):
+    raise ValueError(f"intermediate_dtype must be float8_e4m3fn or bfloat16, got {intermediate_dtype.name}")
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in (_F32, _BF16):
+    raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype.name}")
+  return Checked(config=config, implementation=resolve_implementation(implementation, interpret=interpret),
+                 fall_back=implementation is None, interpret=bool(interpret), intermediate_dtype=intermediate_dtype,
+                 out_dtype=out_dtype)
+
+
+def _check_config_type(config, *, optional: bool):
+  if config is None and optional:
+    return
+  if not isinstance(config, MoEConfig):
+    allowed = "a moe_pallas.MoEConfig or None" if optional else "a moe_pallas.MoEConfig"
+    raise TypeError(f"config must be {allowed}, got {type(config).__name__}")
+
+
+def _check_config_block(config):
+  if config is None:
+    return
+  # MoEConfig.block describes test data for the block-agnostic float64 oracle; the layer runs one block.
+  if config.block != SCALE_BLOCK:
+    raise ValueError(f"config.block={config.block} is not supported: the layer (validation, kernels, checkpoint "
+                     f"loader) uses {SCALE_BLOCK}x{SCALE_BLOCK} weight tiles and 1x{SCALE_BLOCK} activation blocks")
+
+
+def resolve_config(config, *, num_experts, hidden, intermediate, num_local_experts) -> MoEConfig:
   """Sizes come from the shapes; routing constants from `config`, or DeepSeek-V3's when E = 256."""
   if config is None:
     if num_experts != 256:
@@ -63,48 +156,80 @@ def resolve_config(config, *, num_experts, hidden, intermediate, num_local_exper
           f"config is required when routing_logits has E={num_experts} experts: the routing constants "
           "(top_k, n_group, topk_group) default to DeepSeek-V3's (8, 8, 4) only for E=256")
     preset = MoEConfig.deepseek_v3()
-    top_k, n_group, topk_group = preset.top_k, preset.n_group, preset.topk_group
-  else:
-    if not isinstance(config, MoEConfig):
-      raise TypeError(f"config must be a moe_pallas.MoEConfig or None, got {type(config).__name__}")
-    given = dict(num_experts=num_experts, hidden=hidden, intermediate=intermediate,
-                 num_local_experts=num_local_experts, block=block)
-    for field, value in given.items():
-      if getattr(config, field) != value:
-        raise ValueError(f"config.{field}={getattr(config, field)} does not match the inputs, whose shapes "
-                         f"give {field}={value}")
-    return config
-  return MoEConfig(hidden=hidden, intermediate=intermediate, num_experts=num_experts,
-                   num_local_experts=num_local_experts, top_k=top_k, n_group=n_group, topk_group=topk_group,
-                   block=block)
+    return MoEConfig(hidden=hidden, intermediate=intermediate, num_experts=num_experts,
+                     num_local_experts=num_local_experts, top_k=preset.top_k, n_group=preset.n_group,
+                     topk_group=preset.topk_group)
+  given = dict(num_experts=num_experts, hidden=hidden, intermediate=intermediate,
+               num_local_experts=num_local_experts)
+  for field, value in given.items():
+    if getattr(config, field) != value:
+      raise ValueError(f"config.{field}={getattr(config, field)} does not match the inputs, whose shapes "
+                       f"give {field}={value}")
+  return config
 
 
-def validate_layer_inputs(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
-                          gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, local_expert_offset,
-                          routed_scaling_factor, config, block=128) -> MoEConfig:
-  """Checks ranks, shapes, dtypes and (when concrete) values of the layer's inputs; returns the geometry."""
+def check_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+                gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, local_expert_offset,
+                routed_scaling_factor, config, implementation, interpret, intermediate_dtype,
+                out_dtype=jnp.bfloat16) -> Checked:
+  """`moe_layer`'s gate: ranks, shapes, dtypes, (when concrete) scalar values, implementation."""
+  _check_config_type(config, optional=True)
+  _check_config_block(config)
   _expect_rank("routing_logits", routing_logits, 2, "[T, E]")
   num_tokens, num_experts = _shape(routing_logits)
   _expect_rank("hidden_states", hidden_states, 2, "[T, H]")
   _expect_shape("hidden_states", hidden_states, (num_tokens, _shape(hidden_states)[1]),
                 "[T, H], T from routing_logits")
-  hidden, num_local, intermediate = validate_expert_arrays(
-      hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale,
-      block=block)
+  hidden, num_local, intermediate = check_expert_arrays(
+      hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale)
   _expect_shape("routing_bias", routing_bias, (num_experts,), "[E]")
   _expect_dtype("routing_logits", routing_logits, [_F32])
   _expect_dtype("routing_bias", routing_bias, _BIAS_DTYPES)
 
   config = resolve_config(config, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
-                          num_local_experts=num_local, block=block)
-  validate_scalars(local_expert_offset=local_expert_offset, routed_scaling_factor=routed_scaling_factor,
-                   config=config)
-  return config
+                          num_local_experts=num_local)
+  check_scalars(local_expert_offset=local_expert_offset, routed_scaling_factor=routed_scaling_factor,
+                config=config)
+  return _checked(config, implementation=implementation, interpret=interpret,
+                  intermediate_dtype=intermediate_dtype, out_dtype=out_dtype)
 
 
-def validate_expert_arrays(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
-                           gemm2_weights, gemm2_weights_scale, *, block=128) -> tuple[int, int, int]:
+def check_all_experts(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+                      gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, routed_scaling_factor, config,
+                      implementation, interpret, intermediate_dtype) -> Checked:
+  """The gate of a layer over all E experts (offset 0, E_local = E): `moe_layer_sharded`, `moe_layer_all_experts`.
+
+  `config.num_local_experts` is ignored (the caller sets E_local); the returned config has E_local = E.
+  """
+  _check_config_type(config, optional=True)
+  num_experts = _shape(routing_logits)[-1] if len(_shape(routing_logits)) == 2 else None
+  if (len(_shape(gemm1_weights)) != 3 or num_experts is None or _shape(gemm1_weights)[0] != num_experts):
+    raise ValueError(f"gemm1_weights must hold all E global experts, [E, 2I, H] with E = routing_logits.shape[1]; "
+                     f"got gemm1_weights {list(_shape(gemm1_weights))} and routing_logits "
+                     f"{list(_shape(routing_logits))}")
+  if config is not None:
+    config = config.with_local_experts(num_experts)
+  return check_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
+                     gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, local_expert_offset=0,
+                     routed_scaling_factor=routed_scaling_factor, config=config, implementation=implementation,
+                     interpret=interpret, intermediate_dtype=intermediate_dtype)
+
+
+def check_apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
+                              gemm2_weights, gemm2_weights_scale, plan, *, out_dtype, implementation, interpret,
+                              intermediate_dtype) -> Checked:
+  """`apply_local_experts`' gate: the arrays, the plan against them, the dtypes, the implementation."""
+  _, num_local, _ = check_expert_arrays(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
+                                        gemm2_weights, gemm2_weights_scale)
+  check_plan(plan, num_tokens=_shape(hidden_states)[0], num_local_experts=num_local)
+  return _checked(None, implementation=implementation, interpret=interpret, intermediate_dtype=intermediate_dtype,
+                  out_dtype=out_dtype)
+
+
+def check_expert_arrays(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
+                        gemm2_weights, gemm2_weights_scale) -> tuple[int, int, int]:
   """Ranks, shapes and dtypes of the activations and expert weights; returns (H, E_local, I)."""
+  block = SCALE_BLOCK
   _expect_rank("hidden_states", hidden_states, 2, "[T, H]")
   _expect_rank("gemm1_weights", gemm1_weights, 3, "[E_local, 2I, H]")
   _expect_rank("gemm2_weights", gemm2_weights, 3, "[E_local, H, I]")
@@ -138,12 +263,38 @@ def validate_expert_arrays(hidden_states, hidden_states_scale, gemm1_weights, ge
   return hidden, num_local, intermediate
 
 
-def validate_plan(plan, *, num_tokens: int, num_local_experts: int):
+def check_plan(plan, *, num_tokens: int, num_local_experts: int):
   """A RoutingPlan must come from plan_local over these T tokens and E_local experts."""
   top_k = _shape(plan.pair_rows)[1] if len(_shape(plan.pair_rows)) == 2 else None
   _expect_shape("plan.pair_rows", plan.pair_rows, (num_tokens, top_k), "[T, top_k], T from hidden_states")
   _expect_shape("plan.group_sizes", plan.group_sizes, (num_local_experts,), "[E_local], E_local from gemm1_weights")
   _expect_shape("plan.token_ids", plan.token_ids, (num_tokens * top_k,), "[T * top_k]")
+
+
+def check_route(routing_logits, routing_bias, *, config, routed_scaling_factor) -> MoEConfig:
+  """`route`'s gate: logits [T, E] of a float dtype, bias [E], a MoEConfig with this E, a real scalar factor."""
+  _check_config_type(config, optional=False)
+  _expect_rank("routing_logits", routing_logits, 2, "[T, E]")
+  _expect_kind("routing_logits", routing_logits, jnp.floating, "a floating (float32)")
+  num_experts = _shape(routing_logits)[1]
+  if num_experts != config.num_experts:
+    raise ValueError(f"routing_logits has E={num_experts} experts, config.num_experts={config.num_experts}")
+  _expect_shape("routing_bias", routing_bias, (num_experts,), "[E], E from routing_logits")
+  _expect_dtype("routing_bias", routing_bias, _BIAS_DTYPES)
+  _check_factor(routed_scaling_factor)
+  return config
+
+
+def check_plan_local(topk_ids, topk_weights, *, local_expert_offset, num_local_experts):
+  """`plan_local`'s gate. The offset's value is not range-checked: out of range selects fewer experts (documented)."""
+  if isinstance(num_local_experts, bool) or not isinstance(num_local_experts, (int, np.integer)) \
+      or num_local_experts <= 0:
+    raise ValueError(f"num_local_experts must be a positive int (E_local), got {num_local_experts!r}")
+  _expect_rank("topk_ids", topk_ids, 2, "[T, top_k]")
+  _expect_kind("topk_ids", topk_ids, jnp.integer, "an integer")
+  _expect_shape("topk_weights", topk_weights, _shape(topk_ids), "[T, top_k], as topk_ids")
+  _expect_kind("topk_weights", topk_weights, jnp.floating, "a floating (float32)")
+  _check_offset_type(local_expert_offset)
 
 
 def check_local_expert_range(local_expert_offset, *, num_local_experts: int, num_experts: int,
@@ -176,27 +327,28 @@ def check_local_expert_range(local_expert_offset, *, num_local_experts: int, num
                 f"{num_experts} experts")
 
 
-def validate_scalars(*, local_expert_offset, routed_scaling_factor, config: MoEConfig):
-  """Scalar arguments: shape and dtype always; range and finiteness only when concrete."""
+def _check_offset_type(local_expert_offset):
   if _shape(local_expert_offset) != ():
     raise ValueError(f"local_expert_offset must be a scalar, got shape {list(_shape(local_expert_offset))}")
   if not jnp.issubdtype(_dtype(local_expert_offset), jnp.integer):
     raise TypeError(f"local_expert_offset must be an integer, got dtype {_dtype(local_expert_offset).name}")
+
+
+def _check_factor(routed_scaling_factor):
+  """A real scalar; finite when concrete (a traced or jax.Array factor is not read)."""
   if _shape(routed_scaling_factor) != ():
     raise ValueError(f"routed_scaling_factor must be a scalar, got shape {list(_shape(routed_scaling_factor))}")
   if not (jnp.issubdtype(_dtype(routed_scaling_factor), jnp.floating)
           or jnp.issubdtype(_dtype(routed_scaling_factor), jnp.integer)):
     raise TypeError(f"routed_scaling_factor must be a real number, got dtype {_dtype(routed_scaling_factor).name}")
-
-  check_local_expert_range(local_expert_offset, num_local_experts=config.num_local_experts,
-                           num_experts=config.num_experts)
   factor = concrete_value(routed_scaling_factor)
   if factor is not None and not math.isfinite(float(factor)):
     raise ValueError(f"routed_scaling_factor must be finite, got {float(factor)}")
 
 
-def validate_intermediate_dtype(intermediate_dtype):
-  """The SwiGLU output's precision on the kernel path: float8_e4m3fn or bfloat16."""
-  if jnp.dtype(intermediate_dtype) not in (_FP8, jnp.dtype(jnp.bfloat16)):
-    raise ValueError(f"intermediate_dtype must be float8_e4m3fn or bfloat16, got {jnp.dtype(intermediate_dtype).name}")
-  return jnp.dtype(intermediate_dtype)
+def check_scalars(*, local_expert_offset, routed_scaling_factor, config: MoEConfig):
+  """The layer's scalars: shape and dtype always; range and finiteness only when concrete."""
+  _check_offset_type(local_expert_offset)
+  _check_factor(routed_scaling_factor)
+  check_local_expert_range(local_expert_offset, num_local_experts=config.num_local_experts,
+                           num_experts=config.num_experts)

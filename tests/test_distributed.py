@@ -69,7 +69,7 @@ def _worker(args) -> int:
   from jax.experimental import multihost_utils
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from moe_pallas import SMALL, sharding, testing
+  from moe_pallas import SMALL, moe_layer_all_experts, sharding, testing
 
   config = SMALL.with_local_experts(SMALL.num_experts)  # H=256, I=128, E=32, top-4, 4 groups keep 2
   devices = jax.devices()  # every process's devices: the global mesh spans the processes
@@ -97,12 +97,11 @@ def _worker(args) -> int:
     local, arrays = inputs(num_tokens, scenario, token_sharded)
     if strategy == "ragged_emulated":
       # Strategy 3's whole program with lax.ragged_all_to_all replaced by its all_gather emulation.
-      st = sharding._Static(config=config.with_local_experts(config.num_experts // num_shards),
-                            num_shards=num_shards, strategy="ragged_all_to_all",
-                            capacity=-(-num_tokens // num_shards), expert_axis="expert", token_axes=("expert",),
-                            implementation="xla", interpret=False, intermediate_dtype=jnp.dtype(jnp.float8_e4m3fn),
-                            ragged_collective=sharding.ragged_all_to_all_by_all_gather)
-      out, stats = sharding._sharded_program(*arrays, jnp.float32(FACTOR), mesh=mesh, st=st)
+      from ragged_emulation import emulated_ragged_all_to_all  # tests/, the worker script's directory
+      with emulated_ragged_all_to_all():
+        out, stats = sharding.moe_layer_sharded(*arrays, mesh=mesh, routed_scaling_factor=FACTOR, config=config,
+                                                strategy="ragged_all_to_all", implementation="xla",
+                                                return_stats=True)
     else:
       out, stats = sharding.moe_layer_sharded(*arrays, mesh=mesh, routed_scaling_factor=FACTOR, config=config,
                                               strategy=strategy, implementation="xla", return_stats=True,
@@ -110,8 +109,8 @@ def _worker(args) -> int:
     full = np.asarray(multihost_utils.process_allgather(out, tiled=True)).astype(np.float32)
     # The single-device computation, on this process's own device from the same NumPy inputs.
     with jax.default_device(jax.local_devices()[0]):
-      ref = sharding.moe_layer_all_experts(*local, routed_scaling_factor=FACTOR, config=config,
-                                           experts_per_call=config.num_experts // num_shards, implementation="xla")
+      ref = moe_layer_all_experts(*local, routed_scaling_factor=FACTOR, config=config,
+                                  experts_per_call=config.num_experts // num_shards, implementation="xla")
     ref = np.asarray(ref.astype(jnp.float32))
     return dict(vs_reference=testing.acceptance_metrics(full, ref),
                 max_abs_diff=float(np.max(np.abs(full - ref))) if full.size else 0.0,

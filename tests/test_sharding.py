@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_pallas import SMALL, sharding
+from moe_pallas import SMALL, MoEConfig, moe_layer_all_experts, sharding
 
 FACTOR = 2.5
 NUM_DEVICES = 8
@@ -148,7 +148,7 @@ def test_bad_arguments_are_named():
 
 
 def test_capacity_bound():
-  deepseek = sharding.MoEConfig.deepseek_v3()
+  deepseek = MoEConfig.deepseek_v3()
   # 8 shards of 32 experts: one routing group each, and a token keeps 4 groups.
   assert sharding.max_destinations_per_token(deepseek, 8) == 4
   assert sharding.max_destinations_per_token(deepseek, 2) == 2
@@ -188,6 +188,7 @@ def _worker_cases():
   """(name, thunk) pairs; each thunk returns a dict of results. Runs only in the 8-device subprocess."""
   from moe_pallas.testing import acceptance_metrics
   from oracle import oracle_moe
+  from ragged_emulation import emulated_ragged_all_to_all
 
   devices = jax.devices()
   assert len(devices) == NUM_DEVICES, f"the worker needs {NUM_DEVICES} devices, has {len(devices)}"
@@ -198,7 +199,7 @@ def _worker_cases():
 
   @functools.cache
   def reference(scenario, num_tokens, experts_per_call, implementation="xla"):
-    out = sharding.moe_layer_all_experts(
+    out = moe_layer_all_experts(
         *_inputs(scenario, num_tokens), routed_scaling_factor=FACTOR, config=CONFIG,
         experts_per_call=experts_per_call, implementation=implementation, interpret=implementation == "triton")
     return np.asarray(out.astype(jnp.float32))
@@ -243,14 +244,8 @@ def _worker_cases():
 
   def ragged_emulated(scenario, num_shards, num_tokens=NUM_TOKENS):
     """Strategy 3's full program with the collective emulated by all_gather (XLA:CPU lacks ragged-all-to-all)."""
-    shard_config = CONFIG.with_local_experts(CONFIG.num_experts // num_shards)
-    st = sharding._Static(config=shard_config, num_shards=num_shards, strategy="ragged_all_to_all",
-                          capacity=-(-num_tokens // num_shards), expert_axis="expert", token_axes=("expert",),
-                          implementation="xla", interpret=False, intermediate_dtype=jnp.dtype(jnp.float8_e4m3fn),
-                          ragged_collective=sharding.ragged_all_to_all_by_all_gather)
-    out, stats = sharding._sharded_program(*_inputs(scenario, num_tokens), jnp.float32(FACTOR),
-                                           mesh=mesh_of(num_shards), st=st)
-    return compare(out, stats, scenario, num_tokens, shard_config.num_local_experts)
+    with emulated_ragged_all_to_all():
+      return run(scenario, num_shards, num_tokens, strategy="ragged_all_to_all")
 
   for size in (2, 4, 8):
     for scenario in SCENARIOS:
