@@ -240,3 +240,106 @@ def test_route_checks_experts_against_config(inputs):
   from moe_pallas import route
   with pytest.raises(ValueError, match="routing_logits has E=16 experts, config.num_experts=32"):
     route(inputs["routing_logits"][:, :16], inputs["routing_bias"][:16], config=CONFIG, routed_scaling_factor=2.5)
+
+
+# ---- the public pieces: route, plan_local, apply_local_experts; the config's block ---------------------------
+
+def _routed(inputs):
+  from moe_pallas import route
+  return route(inputs["routing_logits"], inputs["routing_bias"], config=CONFIG, routed_scaling_factor=2.5)
+
+
+def _expert_arrays(inputs):
+  return [inputs[k] for k in ("hidden_states", "hidden_states_scale", "gemm1_weights", "gemm1_weights_scale",
+                              "gemm2_weights", "gemm2_weights_scale")]
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (dict(routing_bias=_random((CONFIG.num_experts - 1,), F32)), ValueError,
+     "routing_bias must have shape [32] ([E], E from routing_logits), got [31]"),
+    (dict(routing_bias=_random((CONFIG.num_experts,), jnp.float16)), TypeError,
+     "routing_bias must have dtype bfloat16 or float32, got float16"),
+    (dict(routing_logits=_random((T, CONFIG.num_experts, 1), F32)), ValueError,
+     "routing_logits must have rank 2 ([T, E]), got shape [3, 32, 1]"),
+    (dict(routing_logits=np.ones((T, CONFIG.num_experts), np.int32)), TypeError,
+     "routing_logits must have a floating (float32) dtype, got int32"),
+    (dict(config=None), TypeError, "config must be a moe_pallas.MoEConfig, got NoneType"),
+    (dict(routed_scaling_factor=np.array([2.5, 2.5])), ValueError,
+     "routed_scaling_factor must be a scalar, got shape [2]"),
+    (dict(routed_scaling_factor=float("nan")), ValueError, "routed_scaling_factor must be finite, got nan"),
+])
+def test_route_rejects(inputs, change, error, message):
+  from moe_pallas import route
+  args = dict(routing_logits=inputs["routing_logits"], routing_bias=inputs["routing_bias"], config=CONFIG,
+              routed_scaling_factor=2.5, **{})
+  args.update(change)
+  with pytest.raises(error, match=re.escape(message)) as info:
+    route(args.pop("routing_logits"), args.pop("routing_bias"), **args)
+  print(f"{error.__name__}: {info.value}")
+
+
+@pytest.mark.parametrize("num_local_experts", [0, -1, 2.0, True])
+def test_plan_local_rejects_non_positive_expert_count(inputs, num_local_experts):
+  from moe_pallas import plan_local
+  ids, weights = _routed(inputs)
+  with pytest.raises(ValueError, match=re.escape(f"num_local_experts must be a positive int (E_local), got "
+                                                 f"{num_local_experts!r}")):
+    plan_local(ids, weights, local_expert_offset=8, num_local_experts=num_local_experts)
+
+
+@pytest.mark.parametrize("which,error,message", [
+    ("ids_rank", ValueError, "topk_ids must have rank 2 ([T, top_k]), got shape [12]"),
+    ("ids_float", TypeError, "topk_ids must have an integer dtype, got float32"),
+    ("weights_shape", ValueError, "topk_weights must have shape [3, 4] ([T, top_k], as topk_ids), got [3, 3]"),
+    ("offset_float", TypeError, "local_expert_offset must be an integer, got dtype float64"),
+])
+def test_plan_local_rejects_bad_picks(inputs, which, error, message):
+  from moe_pallas import plan_local
+  ids, weights = _routed(inputs)
+  offset = 8
+  if which == "ids_rank":
+    ids = ids.reshape(-1)
+  elif which == "ids_float":
+    ids = ids.astype(F32)
+  elif which == "weights_shape":
+    weights = weights[:, :3]
+  else:
+    offset = 8.0
+  with pytest.raises(error, match=re.escape(message)):
+    plan_local(ids, weights, local_expert_offset=offset, num_local_experts=CONFIG.num_local_experts)
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.int32, jnp.float16])
+def test_apply_local_experts_rejects_out_dtype(inputs, out_dtype):
+  from moe_pallas import apply_local_experts, plan_local
+  ids, weights = _routed(inputs)
+  plan = plan_local(ids, weights, local_expert_offset=8, num_local_experts=CONFIG.num_local_experts)
+  with pytest.raises(ValueError, match=re.escape(f"out_dtype must be float32 or bfloat16, got "
+                                                 f"{jnp.dtype(out_dtype).name}")):
+    apply_local_experts(*_expert_arrays(inputs), plan, out_dtype=out_dtype, implementation="xla")
+
+
+def test_apply_local_experts_accepts_both_out_dtypes(inputs):
+  from moe_pallas import apply_local_experts, plan_local
+  ids, weights = _routed(inputs)
+  plan = plan_local(ids, weights, local_expert_offset=8, num_local_experts=CONFIG.num_local_experts)
+  for out_dtype in (F32, BF16):
+    out = apply_local_experts(*_expert_arrays(inputs), plan, out_dtype=out_dtype, implementation="xla")
+    assert out.dtype == out_dtype and out.shape == (T, CONFIG.hidden)
+
+
+def test_config_block_other_than_128_is_named(inputs):
+  """MoEConfig.block: the layer runs 128 only, and says so (not blaming the inputs' shapes)."""
+  _raises(ValueError, "config.block=64 is not supported: the layer (validation, kernels, checkpoint loader) uses "
+          "128x128 weight tiles", inputs, config=MoEConfig(**{**CONFIG.__dict__, "block": 64}))
+
+
+def test_local_expert_range_check():
+  from moe_pallas.validation import check_local_expert_range
+  check_local_expert_range(24, num_local_experts=8, num_experts=32)
+  check_local_expert_range(jnp.int32(99), num_local_experts=8, num_experts=32)  # a jax.Array is not read
+  with pytest.raises(ValueError, match=re.escape("local_expert_offset must be in [0, 24] (E - E_local = 32 - 8), "
+                                                 "got 25: experts 25 .. 32 are not inside the layer's 32 experts")):
+    check_local_expert_range(25, num_local_experts=8, num_experts=32)
+  with pytest.raises(ValueError, match=re.escape("num_local_experts must be in [1, 32] (E = 32), got 0")):
+    check_local_expert_range(0, num_local_experts=0, num_experts=32)
