@@ -74,7 +74,8 @@ _FLOAT_TYPES = ("BF16", "F16", "F32")
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that is missing a tensor, has a wrong dtype or shape, or is not valid safetensors."""
+  """A checkpoint that is missing a tensor, has a wrong dtype or shape, a non-finite scale or bias, or is not
+  valid safetensors."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +326,17 @@ def _read_fp8_linear(ckpt: SafetensorsCheckpoint, prefix: str, out_values: np.nd
              meaning=f"one float32 scale per 128x128 tile of the [{rows}, {cols}] weight")
   ckpt.read_into(f"{prefix}.weight", out_values)
   ckpt.read_into(f"{prefix}.weight_scale_inv", out_scales)
+  _check_finite(f"{prefix}.weight_scale_inv", out_scales)
+
+
+def _check_finite(key: str, values: np.ndarray) -> None:
+  """A scale or bias must be finite: a NaN or inf would turn rows NaN, or reroute tokens, far from its cause."""
+  finite = np.isfinite(values)
+  if not finite.all():
+    bad = np.argwhere(~finite)
+    first = tuple(int(i) for i in bad[0])
+    raise CheckpointError(f"tensor {key!r} holds {len(bad)} non-finite value(s) (first at index {list(first)}: "
+                          f"{values[first]}); scales and the routing bias must be finite")
 
 
 def _read_gated_mlp(ckpt: SafetensorsCheckpoint, prefix: str, w13: BlockScaledArray, w2: BlockScaledArray,
@@ -363,7 +375,9 @@ def load_moe_layer(path: str | os.PathLike, layer: int, *, local_expert_offset: 
 
   Raises:
     CheckpointError: a missing config field or tensor, a tensor of the wrong dtype or shape (the message
-      names the key, the expected and the found value), a dense layer, or an invalid expert range.
+      names the key, the expected and the found value), a non-finite (NaN or +-inf) `weight_scale_inv` or
+      `e_score_correction_bias` entry (the message names the key and the first bad index), a dense layer,
+      or an invalid expert range.
   """
   ckpt = SafetensorsCheckpoint(path)
   full = read_config(path)
@@ -382,6 +396,7 @@ def load_moe_layer(path: str | os.PathLike, layer: int, *, local_expert_offset: 
   ckpt.check(f"{mlp}.gate.e_score_correction_bias", dtypes=_FLOAT_TYPES, shape=(num_experts,), meaning="[E]")
   router_weight = ckpt.read(f"{mlp}.gate.weight")
   e_score_correction_bias = ckpt.read(f"{mlp}.gate.e_score_correction_bias").astype(np.float32)
+  _check_finite(f"{mlp}.gate.e_score_correction_bias", e_score_correction_bias)
 
   gemm1 = _empty_block_scaled((num_local, 2 * intermediate, hidden))
   gemm2 = _empty_block_scaled((num_local, hidden, intermediate))

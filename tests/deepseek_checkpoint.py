@@ -88,17 +88,12 @@ def moe_layer_tensors(config: MoEConfig, layer: int, *, seed: int, shared_interm
   return tensors
 
 
-def write_checkpoint(path: str | os.PathLike, tensors: dict[str, np.ndarray], config_json: dict) -> None:
-  """Writes `tensors` as two safetensors shards plus the index and config.json, the way HF shards do.
-
-  Shard 1 holds the router, the even experts and the unrelated tensors; shard 2 the odd experts and the
-  shared expert, so a layer's tensors really are spread over files.
-  """
-  path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
+def unrelated_tensors(hidden: int) -> dict[str, np.ndarray]:
+  """The tensors `write_checkpoint` adds beside the layer's (embedding, norms, attention, a dense layer), which
+  the loader must skip; the same arrays on every call, so a test can compare what was written."""
   rng = np.random.default_rng(0)
-  h = config_json["hidden_size"]
-  extras = {
+  h = hidden
+  return {
       "model.embed_tokens.weight": rng.standard_normal((64, h)).astype(BF16),
       "model.norm.weight": np.ones(h, BF16),
       "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((128, h)).astype(FP8),
@@ -107,6 +102,17 @@ def write_checkpoint(path: str | os.PathLike, tensors: dict[str, np.ndarray], co
       "model.layers.3.self_attn.q_a_proj.weight": rng.standard_normal((128, h)).astype(FP8),
       "model.layers.3.self_attn.q_a_proj.weight_scale_inv": np.ones((1, h // 128), np.float32),
   }
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: dict[str, np.ndarray], config_json: dict) -> None:
+  """Writes `tensors` as two safetensors shards plus the index and config.json, the way HF shards do.
+
+  Shard 1 holds the router, the even experts and the unrelated tensors; shard 2 the odd experts and the
+  shared expert, so a layer's tensors really are spread over files.
+  """
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  extras = unrelated_tensors(config_json["hidden_size"])
   shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
   names = list(shards)
   for key, value in {**extras, **tensors}.items():

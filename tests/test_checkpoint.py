@@ -11,7 +11,7 @@ import safetensors
 
 from moe_pallas import SMALL, checkpoint
 from moe_pallas.checkpoint import CheckpointError
-from deepseek_checkpoint import BF16, deepseek_config_json, moe_layer_tensors, write_checkpoint
+from deepseek_checkpoint import BF16, deepseek_config_json, moe_layer_tensors, unrelated_tensors, write_checkpoint
 
 LAYER = 3
 SHARED_I = 128  # n_shared_experts = 1, so I_s = I
@@ -37,14 +37,21 @@ def test_shards_are_real_safetensors_and_the_reader_agrees(ckpt):
   with open(os.path.join(path, checkpoint.INDEX_FILE)) as f:
     weight_map = json.load(f)["weight_map"]
   assert len(set(weight_map.values())) == 2  # the layer is spread over two shards
+  written = {**unrelated_tensors(SMALL.hidden), **tensors}  # every array write_checkpoint wrote
+  assert set(weight_map) == set(written)
   reader = checkpoint.SafetensorsCheckpoint(path)
+  fp8_keys = 0
   for shard in set(weight_map.values()):
     with safetensors.safe_open(os.path.join(path, shard), framework="numpy") as f:
       for key in f.keys():
+        got = reader.read(key)
+        assert got.dtype == written[key].dtype and got.shape == written[key].shape, key
+        np.testing.assert_array_equal(_bits(got), _bits(written[key]), err_msg=key)
         if f.get_slice(key).get_dtype() == "F8_E4M3":
-          np.testing.assert_array_equal(_bits(reader.read(key)), _bits(tensors.get(key, reader.read(key))))
-        else:  # safetensors' NumPy frontend can read these; F8_E4M3 it cannot (no numpy.float8_e4m3fn)
-          np.testing.assert_array_equal(_bits(reader.read(key)), _bits(f.get_tensor(key)))
+          fp8_keys += 1
+        else:  # and safetensors' own NumPy frontend agrees (it cannot read F8_E4M3: no numpy.float8_e4m3fn)
+          np.testing.assert_array_equal(_bits(got), _bits(f.get_tensor(key)), err_msg=key)
+  assert fp8_keys > 3 * SMALL.num_experts  # experts' weights and the unrelated FP8 tensors were all compared
 
 
 def test_loads_layer_into_spec_layout(ckpt):
@@ -175,3 +182,37 @@ def test_rejects_truncated_shard(tmp_path):
   shard.write_bytes(shard.read_bytes()[:-1000])
   with pytest.raises(CheckpointError, match="truncated shard"):
     checkpoint.load_moe_layer(tmp_path, LAYER)
+
+
+SCALE = f"{EXPERT}.up_proj.weight_scale_inv"
+BIAS = f"{PREFIX}.gate.e_score_correction_bias"
+
+
+@pytest.mark.parametrize("key,index,value", [
+    (BIAS, (7,), np.nan),
+    (BIAS, (0,), np.inf),
+    (BIAS, (31,), -np.inf),
+    (SCALE, (0, 1), np.nan),
+    (f"{EXPERT}.gate_proj.weight_scale_inv", (0, 0), np.inf),
+    (f"{EXPERT}.down_proj.weight_scale_inv", (1, 0), -np.inf),
+    (f"{PREFIX}.shared_experts.down_proj.weight_scale_inv", (0, 0), np.nan),
+])
+def test_rejects_non_finite_scales_and_bias(tmp_path, key, index, value):
+  tensors = moe_layer_tensors(SMALL, LAYER, seed=6, shared_intermediate=SHARED_I)
+  tensors[key] = tensors[key].copy()
+  tensors[key][index] = value
+  _rewrite(tmp_path, tensors)
+  message = f"tensor {key!r} holds 1 non-finite value(s) (first at index {list(index)}: {np.float32(value)})"
+  with pytest.raises(CheckpointError, match=re.escape(message)):
+    checkpoint.load_moe_layer(tmp_path, LAYER, local_expert_offset=4, num_local_experts=4)
+
+
+def test_non_finite_scale_of_an_expert_not_loaded_is_not_read(tmp_path):
+  """Only the requested experts are read (and checked): a bad scale elsewhere does not stop a rank."""
+  tensors = moe_layer_tensors(SMALL, LAYER, seed=7)
+  tensors[SCALE] = np.full_like(tensors[SCALE], np.nan)  # expert 5
+  _rewrite(tmp_path, tensors)
+  w = checkpoint.load_moe_layer(tmp_path, LAYER, local_expert_offset=8, num_local_experts=8, include_shared=False)
+  assert np.isfinite(w.gemm1.scales).all() and np.isfinite(w.gemm2.scales).all()
+  with pytest.raises(CheckpointError, match=re.escape(f"tensor {SCALE!r} holds 2 non-finite value(s)")):
+    checkpoint.load_moe_layer(tmp_path, LAYER, local_expert_offset=0, num_local_experts=8, include_shared=False)
