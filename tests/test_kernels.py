@@ -3,8 +3,6 @@ the tile schedule's invariants, and the whole layer against the float64 oracle."
 
 from __future__ import annotations
 
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,17 +11,13 @@ import pytest
 import moe_pallas as mp
 from moe_pallas import reference, testing
 from moe_pallas.kernels import combine, fp8_dot, grouped_gemm, grouped_moe, schedule, tiling
-from tests.oracle import oracle_moe
+from moe_pallas.testing.oracle import oracle_moe
 
 # A second small preset with other group geometry: 64 experts in 8 groups (keep 3), 16 local, top-6.
 WIDE = mp.MoEConfig(hidden=384, intermediate=256, num_experts=64, num_local_experts=16, top_k=6, n_group=8,
                     topk_group=3)
 FP8_BOUND = 3.5e-2   # SPEC.md: SwiGLU output re-quantized to FP8 before GEMM2
 BF16_BOUND = 1e-2    # SPEC.md: SwiGLU output kept in bf16
-
-
-def _seed(request) -> int:
-  return zlib.crc32(request.node.nodeid.encode()) % 2**31
 
 
 def _plan(inputs, config, offset, factor=2.5):
@@ -41,10 +35,10 @@ def test_dot_primitives_are_registered_with_pallas_triton():
     assert primitive in lowering.triton_lowering_rules, primitive
 
 
-def test_dot_primitives_match_jnp(request):
-  k = jax.random.split(jax.random.key(_seed(request)), 3)
-  a = testing._fp8_normal(k[0], (64, 128))
-  b = testing._fp8_normal(k[1], (32, 128))
+def test_dot_primitives_match_jnp(seed):
+  k = jax.random.split(jax.random.key(seed), 3)
+  a = testing.inputs._fp8_normal(k[0], (64, 128))
+  b = testing.inputs._fp8_normal(k[1], (32, 128))
   acc = jax.random.normal(k[2], (64, 32))
   want = np.asarray(a, np.float64) @ np.asarray(b, np.float64).T
   np.testing.assert_allclose(fp8_dot.dot_nt(a, b), want, rtol=1e-5, atol=1e-4)
@@ -59,10 +53,10 @@ def test_dot_primitives_match_jnp(request):
 
 @pytest.mark.parametrize("scenario", ["uniform", "skewed", "all_local"])
 @pytest.mark.parametrize("num_tokens", [1, 5, 300])
-def test_tile_schedule_invariants(request, scenario, num_tokens):
+def test_tile_schedule_invariants(seed, scenario, num_tokens):
   config = mp.SMALL
   block_m = 16
-  inputs = testing.random_activations(config, num_tokens, seed=_seed(request), scenario=scenario,
+  inputs = testing.random_activations(config, num_tokens, seed=seed, scenario=scenario,
                                       local_expert_offset=8)
   ids, weights = mp.route(inputs[0], inputs[1], config=config, routed_scaling_factor=2.5)
   plan = mp.plan_local(ids, weights, local_expert_offset=8, num_local_experts=config.num_local_experts)
@@ -105,9 +99,9 @@ def small_weights():
   return testing.random_weights(mp.SMALL, seed=1234)
 
 
-def _kernel_inputs(request, num_tokens=40, scenario="skewed"):
+def _kernel_inputs(seed, num_tokens=40, scenario="skewed"):
   config = mp.SMALL
-  acts = testing.random_activations(config, num_tokens, seed=_seed(request), scenario=scenario,
+  acts = testing.random_activations(config, num_tokens, seed=seed, scenario=scenario,
                                     local_expert_offset=8)
   ids, weights = mp.route(acts[0], acts[1], config=config, routed_scaling_factor=2.5)
   plan = mp.plan_local(ids, weights, local_expert_offset=8, num_local_experts=config.num_local_experts)
@@ -115,8 +109,8 @@ def _kernel_inputs(request, num_tokens=40, scenario="skewed"):
 
 
 @pytest.mark.parametrize("block_n", [32, 64, 128])
-def test_gemm1_swiglu_matches_jnp(request, small_weights, block_n):
-  acts, plan = _kernel_inputs(request)
+def test_gemm1_swiglu_matches_jnp(seed, small_weights, block_n):
+  acts, plan = _kernel_inputs(seed)
   w1, w1s, _, _ = small_weights
   tiles = tiling.GemmTiling(block_m=16, block_n=block_n)
   sched = schedule.make_tile_schedule(plan, block_m=16)
@@ -136,13 +130,13 @@ def test_gemm1_swiglu_matches_jnp(request, small_weights, block_n):
   assert err < 4e-2, err  # FP8 re-quantization of the output, 1 x block_n blocks
 
 
-def test_gemm2_weighted_matches_jnp(request, small_weights):
-  acts, plan = _kernel_inputs(request)
+def test_gemm2_weighted_matches_jnp(seed, small_weights):
+  acts, plan = _kernel_inputs(seed)
   _, _, w2, w2s = small_weights
   sched = schedule.make_tile_schedule(plan, block_m=16)
   rows = sched.num_rows
-  key = jax.random.key(_seed(request))
-  c = testing._fp8_normal(key, (rows, mp.SMALL.intermediate))
+  key = jax.random.key(seed)
+  c = testing.inputs._fp8_normal(key, (rows, mp.SMALL.intermediate))
   c_scale = jax.random.normal(jax.random.fold_in(key, 1), (mp.SMALL.intermediate // 64, rows))
   tiles = tiling.GemmTiling(block_m=16, block_n=64, block_k=64)
   got = np.asarray(grouped_gemm.gemm2_weighted(sched.tile_expert, c, c_scale, w2, w2s, sched.row_weight,
@@ -157,8 +151,8 @@ def test_gemm2_weighted_matches_jnp(request, small_weights):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 17, 64])
-def test_combine_matches_jnp(request, num_tokens):
-  key = jax.random.key(_seed(request))
+def test_combine_matches_jnp(seed, num_tokens):
+  key = jax.random.key(seed)
   num_rows, hidden, top_k = 96, 256, 4
   rows = jax.random.normal(key, (num_rows, hidden))
   pair_row = jax.random.randint(jax.random.fold_in(key, 1), (num_tokens, top_k), 0, num_rows + 1)
@@ -210,18 +204,18 @@ def _check_layer(config, num_tokens, seed, scenario, offset, intermediate_dtype,
 
 @pytest.mark.parametrize("num_tokens,scenario", [(1, "uniform"), (3, "skewed"), (64, "uniform"),
                                                  (64, "all_local"), (300, "skewed")])
-def test_layer_matches_oracle_small(request, num_tokens, scenario):
-  _check_layer(mp.SMALL, num_tokens, _seed(request), scenario, 8, jnp.float8_e4m3fn)
+def test_layer_matches_oracle_small(seed, num_tokens, scenario):
+  _check_layer(mp.SMALL, num_tokens, seed, scenario, 8, jnp.float8_e4m3fn)
 
 
 @pytest.mark.parametrize("num_tokens,scenario", [(3, "uniform"), (300, "all_local")])
-def test_layer_matches_oracle_bf16_intermediate(request, num_tokens, scenario):
-  _check_layer(mp.SMALL, num_tokens, _seed(request), scenario, 16, jnp.bfloat16)
+def test_layer_matches_oracle_bf16_intermediate(seed, num_tokens, scenario):
+  _check_layer(mp.SMALL, num_tokens, seed, scenario, 16, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("num_tokens,scenario", [(5, "uniform"), (100, "skewed")])
-def test_layer_matches_oracle_wide_preset(request, num_tokens, scenario):
-  _check_layer(WIDE, num_tokens, _seed(request), scenario, 16, jnp.float8_e4m3fn)
+def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
+  _check_layer(WIDE, num_tokens, seed, scenario, 16, jnp.float8_e4m3fn)
 
 
 @pytest.mark.parametrize("tiles", [
@@ -230,14 +224,14 @@ def test_layer_matches_oracle_wide_preset(request, num_tokens, scenario):
                      tiling.GemmTiling(block_m=32, block_n=128, group_m=5)),
     tiling.default_tiling(50, 4, 8, device_kind="NVIDIA H200"),
 ], ids=["narrow", "grouped", "h200_small_t"])
-def test_layer_matches_oracle_other_tilings(request, tiles):
-  _check_layer(mp.SMALL, 50, _seed(request), "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
+def test_layer_matches_oracle_other_tilings(seed, tiles):
+  _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 
 
-def test_expert_chunking_for_int32_offsets_is_exact(request, monkeypatch):
+def test_expert_chunking_for_int32_offsets_is_exact(seed, monkeypatch):
   """Weights too large for int32 offsets run in per-expert chunks; forced here at a small shape."""
   config = mp.SMALL
-  inputs = testing.random_layer_inputs(config, 40, seed=_seed(request), scenario="uniform", local_expert_offset=8)
+  inputs = testing.random_layer_inputs(config, 40, seed=seed, scenario="uniform", local_expert_offset=8)
   whole = mp.moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
                        implementation="triton", interpret=True)
   per_expert = 2 * config.intermediate * config.hidden  # W13 elements of one expert
@@ -249,9 +243,9 @@ def test_expert_chunking_for_int32_offsets_is_exact(request, monkeypatch):
   np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
 
 
-def test_best_available_falls_back_to_xla_where_kernels_cannot_run(request, monkeypatch):
+def test_best_available_falls_back_to_xla_where_kernels_cannot_run(seed, monkeypatch):
   config = mp.SMALL
-  inputs = testing.random_layer_inputs(config, 11, seed=_seed(request), local_expert_offset=8)
+  inputs = testing.random_layer_inputs(config, 11, seed=seed, local_expert_offset=8)
 
   def unsupported(*args, **kwargs):
     raise NotImplementedError("not covered by the kernels")
@@ -272,10 +266,10 @@ def test_int32_offset_overflow_rule():
   assert not grouped_gemm.int32_offsets_overflow((300_000, 7168), jnp.float32)          # 8.6 GB: int64
 
 
-def test_untouched_experts_are_never_read(request):
+def test_untouched_experts_are_never_read(seed):
   """NaN weights in every expert that no token picked leave the output unchanged (and finite)."""
   config = mp.SMALL
-  inputs = testing.random_layer_inputs(config, 2, seed=_seed(request), local_expert_offset=8)
+  inputs = testing.random_layer_inputs(config, 2, seed=seed, local_expert_offset=8)
   plan = _plan(inputs, config, 8)
   untouched = np.asarray(plan.group_sizes) == 0
   assert untouched.any() and not untouched.all()
@@ -292,14 +286,14 @@ def test_untouched_experts_are_never_read(request):
   np.testing.assert_array_equal(np.asarray(poisoned), np.asarray(clean))
 
 
-def test_zero_tokens_and_traced_offset(request):
+def test_zero_tokens_and_traced_offset(seed):
   config = mp.SMALL
-  empty = testing.random_layer_inputs(config, 0, seed=_seed(request), local_expert_offset=8)
+  empty = testing.random_layer_inputs(config, 0, seed=seed, local_expert_offset=8)
   out = mp.moe_layer(*empty, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
                      implementation="triton", interpret=True)
   assert out.shape == (0, config.hidden) and out.dtype == jnp.bfloat16
 
-  inputs = testing.random_layer_inputs(config, 7, seed=_seed(request), local_expert_offset=8)
+  inputs = testing.random_layer_inputs(config, 7, seed=seed, local_expert_offset=8)
   run = jax.jit(lambda offset, *x: mp.moe_layer(*x, local_expert_offset=offset, routed_scaling_factor=2.5,
                                                 config=config, implementation="triton", interpret=True))
   traced = run(jnp.int32(8), *inputs)
@@ -310,9 +304,9 @@ def test_zero_tokens_and_traced_offset(request):
   assert not np.asarray(run(jnp.int32(config.num_experts), *inputs), np.float32).any()
 
 
-def test_layer_is_one_program_without_host_callbacks(request):
+def test_layer_is_one_program_without_host_callbacks(seed):
   config = mp.SMALL
-  inputs = testing.random_layer_inputs(config, 9, seed=_seed(request), local_expert_offset=8)
+  inputs = testing.random_layer_inputs(config, 9, seed=seed, local_expert_offset=8)
   lowered = jax.jit(lambda *x: mp.moe_layer(*x, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
                                             implementation="triton", interpret=True)).lower(*inputs)
   text = lowered.as_text()

@@ -1,22 +1,16 @@
 """The "xla" layer against the float64 oracle: small presets, then the full DeepSeek-V3 shape at small T."""
 
-import hashlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moe_pallas import DEEPSEEK_V3, SMALL, apply_local_experts, moe_layer, plan_local, route
-from moe_pallas.testing import acceptance_metrics, random_activations, random_layer_inputs, random_weights
-from oracle import oracle_moe, oracle_route
+from moe_pallas.testing import acceptance_metrics, random_activations, random_layer_inputs, random_weights, seed_of
+from moe_pallas.testing.oracle import oracle_moe, oracle_route
 
 FACTOR = 2.5
 REL_L2_BOUND = 1e-2  # SPEC.md's project standard when the SwiGLU output stays in float32 (the xla path)
-
-
-def _seed(name):
-  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
 def _routing_constants(config):
@@ -64,11 +58,11 @@ def _check_against_oracle(out, ref, local, label):
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 64, 300])
 @pytest.mark.parametrize("scenario", ["uniform", "skewed", "all_local"])
-def test_small_matches_oracle(num_tokens, scenario, request):
+def test_small_matches_oracle(num_tokens, scenario, request, seed):
   config = SMALL
   for offset in (0, 8, 13, 24):
     label = f"{request.node.name} offset={offset}"
-    inputs = random_layer_inputs(config, num_tokens, seed=_seed(label), scenario=scenario, local_expert_offset=offset)
+    inputs = random_layer_inputs(config, num_tokens, seed=seed + offset, scenario=scenario, local_expert_offset=offset)
     local = _local_picks(inputs, config, offset)
     if scenario == "all_local":
       assert local.all(), f"{label}: all_local inputs put a pick outside the rank"
@@ -76,15 +70,15 @@ def test_small_matches_oracle(num_tokens, scenario, request):
     _check_against_oracle(out, _oracle(inputs, config, offset), local, label)
 
 
-def test_small_zero_tokens():
-  inputs = random_layer_inputs(SMALL, 0, seed=_seed("test_small_zero_tokens"))
+def test_small_zero_tokens(seed):
+  inputs = random_layer_inputs(SMALL, 0, seed=seed)
   out = _layer(inputs, SMALL, 8)
   assert out.shape == (0, SMALL.hidden) and out.dtype == jnp.bfloat16
 
 
-def test_tokens_without_local_expert_get_exact_zeros(request):
+def test_tokens_without_local_expert_get_exact_zeros(seed):
   config = SMALL
-  inputs = random_layer_inputs(config, 200, seed=_seed(request.node.name), scenario="uniform", local_expert_offset=16)
+  inputs = random_layer_inputs(config, 200, seed=seed, scenario="uniform", local_expert_offset=16)
   local = _local_picks(inputs, config, 16)
   no_local = ~local.any(axis=1)
   assert 0 < no_local.sum() < 200, "the draw must mix tokens with and without local picks"
@@ -93,11 +87,11 @@ def test_tokens_without_local_expert_get_exact_zeros(request):
   assert np.all(np.any(out[~no_local] != 0, axis=1))
 
 
-def test_identical_across_runs(request):
+def test_identical_across_runs(seed):
   config = SMALL
-  inputs = random_layer_inputs(config, 64, seed=_seed(request.node.name), scenario="skewed", local_expert_offset=8)
+  inputs = random_layer_inputs(config, 64, seed=seed, scenario="skewed", local_expert_offset=8)
   first = np.asarray(_layer(inputs, config, 8))
-  again = random_layer_inputs(config, 64, seed=_seed(request.node.name), scenario="skewed", local_expert_offset=8)
+  again = random_layer_inputs(config, 64, seed=seed, scenario="skewed", local_expert_offset=8)
   second = np.asarray(_layer(again, config, 8))
   np.testing.assert_array_equal(first.view(np.uint16), second.view(np.uint16))
 
@@ -113,9 +107,9 @@ def _layer_traced(inputs, offset, factor):
                    implementation="xla")
 
 
-def test_traced_offset_and_factor_under_jit(request):
+def test_traced_offset_and_factor_under_jit(seed):
   config = SMALL
-  inputs = random_layer_inputs(config, _TRACED_T, seed=_seed(request.node.name), scenario="uniform",
+  inputs = random_layer_inputs(config, _TRACED_T, seed=seed, scenario="uniform",
                                local_expert_offset=8)
   for offset, factor in ((0, 2.5), (8, 1.0), (24, 2.5)):
     traced = np.asarray(_layer_traced(inputs, jnp.int32(offset), jnp.float32(factor)))
@@ -126,18 +120,18 @@ def test_traced_offset_and_factor_under_jit(request):
 
 
 @pytest.mark.parametrize("offset", [-8, 32, 10**6])
-def test_traced_out_of_range_offset_gives_zeros(request, offset):
+def test_traced_out_of_range_offset_gives_zeros(seed, offset):
   """Documented: a traced offset is not range-checked; far outside [0, E) it selects no expert."""
   config = SMALL
-  inputs = random_layer_inputs(config, _TRACED_T, seed=_seed(request.node.name), scenario="uniform")
+  inputs = random_layer_inputs(config, _TRACED_T, seed=seed, scenario="uniform")
   out = _layer_traced(inputs, jnp.int32(offset), jnp.float32(FACTOR))
   assert out.shape == (_TRACED_T, config.hidden) and np.all(np.asarray(out).astype(np.float32) == 0)
 
 
-def test_traced_non_finite_factor_propagates_to_routed_rows_only(request):
+def test_traced_non_finite_factor_propagates_to_routed_rows_only(seed):
   """Documented: a traced non-finite factor is not caught; rows of tokens with no local pick stay zero."""
   config = SMALL
-  inputs = random_layer_inputs(config, _TRACED_T, seed=_seed(request.node.name), scenario="uniform",
+  inputs = random_layer_inputs(config, _TRACED_T, seed=seed, scenario="uniform",
                                local_expert_offset=8)
   out = np.asarray(_layer_traced(inputs, jnp.int32(8), jnp.float32(np.inf))).astype(np.float32)
   routed = _local_picks(inputs, config, 8).any(axis=1)
@@ -146,10 +140,10 @@ def test_traced_non_finite_factor_propagates_to_routed_rows_only(request):
   assert not np.any(np.isfinite(out[routed]).all(axis=1)), "every routed row should carry the non-finite factor"
 
 
-def test_layer_is_route_plan_apply(request):
+def test_layer_is_route_plan_apply(seed):
   """moe_layer = route -> plan_local -> apply_local_experts (float32) -> one bf16 rounding."""
   config = SMALL
-  inputs = random_layer_inputs(config, 40, seed=_seed(request.node.name), scenario="skewed", local_expert_offset=16)
+  inputs = random_layer_inputs(config, 40, seed=seed, scenario="skewed", local_expert_offset=16)
 
   @jax.jit
   def pieces(inputs):
@@ -176,14 +170,14 @@ def test_layer_is_route_plan_apply(request):
 @pytest.fixture(scope="module")
 def deepseek_v3_weights():
   """One weight set for the module (drawing 1.4 GB of FP8 takes ~35 s on a 2-core CPU)."""
-  return random_weights(DEEPSEEK_V3, seed=_seed(f"{__name__}.deepseek_v3_weights"))
+  return random_weights(DEEPSEEK_V3, seed=seed_of(f"{__name__}.deepseek_v3_weights"))
 
 
-def _activations_with_a_local_pair(name, num_tokens, offset):
-  """Fresh activations for this case: the first seed (from the case's name) whose routing has a local pair."""
+def _activations_with_a_local_pair(name, seed, num_tokens, offset):
+  """Fresh activations for this case: the first of seed, seed + 1, ... whose routing has a local pair."""
   config = DEEPSEEK_V3
   for attempt in range(64):
-    activations = random_activations(config, num_tokens, seed=_seed(f"{name}#{attempt}"), scenario="uniform",
+    activations = random_activations(config, num_tokens, seed=seed + attempt, scenario="uniform",
                                      local_expert_offset=offset)
     local = _local_picks(activations, config, offset)
     if local.any():
@@ -192,16 +186,16 @@ def _activations_with_a_local_pair(name, num_tokens, offset):
 
 
 @pytest.mark.parametrize("num_tokens,offset", [(1, 32), (7, 192), (16, 224)])  # SPEC.md workloads
-def test_deepseek_v3_matches_oracle(deepseek_v3_weights, num_tokens, offset, request):
+def test_deepseek_v3_matches_oracle(deepseek_v3_weights, num_tokens, offset, request, seed):
   config = DEEPSEEK_V3
-  activations, local = _activations_with_a_local_pair(request.node.name, num_tokens, offset)
+  activations, local = _activations_with_a_local_pair(request.node.name, seed, num_tokens, offset)
   assert local.sum() >= 1
   inputs = (*activations, *deepseek_v3_weights)
   out = moe_layer(*inputs, local_expert_offset=offset, routed_scaling_factor=FACTOR, implementation="xla")
   _check_against_oracle(out, _oracle(inputs, config, offset), local, f"deepseek_v3 T={num_tokens} offset={offset}")
 
 
-def test_deepseek_v3_zero_tokens(deepseek_v3_weights):
-  activations = random_activations(DEEPSEEK_V3, 0, seed=_seed("test_deepseek_v3_zero_tokens"))
+def test_deepseek_v3_zero_tokens(deepseek_v3_weights, seed):
+  activations = random_activations(DEEPSEEK_V3, 0, seed=seed)
   out = moe_layer(*activations, *deepseek_v3_weights, local_expert_offset=96, routed_scaling_factor=FACTOR)
   assert out.shape == (0, DEEPSEEK_V3.hidden) and out.dtype == jnp.bfloat16

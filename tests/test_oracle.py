@@ -2,7 +2,6 @@
 
 import math
 import statistics
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 
 from moe_pallas import testing
 from moe_pallas.config import MoEConfig
-from oracle import oracle_moe, oracle_route
+from moe_pallas.testing.oracle import oracle_moe, oracle_route
 
 FACTOR = 2.5
 SMALL = MoEConfig(hidden=256, intermediate=128, num_experts=32, num_local_experts=8, top_k=4, n_group=4,
@@ -22,11 +21,6 @@ TINY = MoEConfig(hidden=128, intermediate=64, num_experts=16, num_local_experts=
                  topk_group=2, block=64)
 DEEPSEEK_V3 = MoEConfig(hidden=7168, intermediate=2048, num_experts=256, num_local_experts=32, top_k=8,
                         n_group=8, topk_group=4)
-
-
-@pytest.fixture
-def seed(request):
-  return zlib.crc32(request.node.nodeid.encode())
 
 
 def _constants(config):
@@ -288,7 +282,7 @@ def test_fp8_sampler_has_the_clipped_normal_frequencies():
   edges = np.concatenate([[-np.inf], (values[1:] + values[:-1]) / 2, [np.inf]])
   cdf = np.array([statistics.NormalDist().cdf(x) if np.isfinite(x) else float(x > 0) for x in edges])
   exact = np.diff(cdf)
-  table = testing._fp8_normal_table().astype(np.float64)
+  table = testing.inputs._fp8_normal_table().astype(np.float64)
   counts = np.array([(table == v).sum() for v in values]) / 65536
   assert counts.sum() == 1.0
   np.testing.assert_allclose(counts, exact, atol=1.01 / 65536)

@@ -1,7 +1,5 @@
 """BlockScaledArray and blockwise FP8 (de)quantization."""
 
-import hashlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +12,6 @@ from moe_pallas import quant, reference
 # smallest normal (2^-6) the spacing is the smallest subnormal 2^-9, so at most half of that.
 _E4M3_REL_STEP = 2.0**-4
 _E4M3_HALF_SUBNORMAL = 2.0**-10
-
-
-@pytest.fixture
-def rng(request):
-  digest = hashlib.sha256(request.node.name.encode()).digest()
-  return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def _fp8(rng, shape):

@@ -8,13 +8,12 @@ JSON line per case; the tests below assert on them. Bookkeeping, argument checks
 
 Reference for a mesh with P shards: `moe_layer_all_experts(experts_per_call=E/P)`, the float32 sum of the P
 single-rank partials (`apply_local_experts`), rounded to bf16 once; the float64 oracle over all E experts
-(tests/oracle.py) bounds both.
+(moe_pallas/testing/oracle.py) bounds both.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import subprocess
@@ -41,10 +40,6 @@ SCENARIOS = ("uniform", "skewed")
 WORKER_TIMEOUT_S = 600
 
 
-def _seed(name: str) -> int:
-  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-
-
 # ---- in-process: bookkeeping and argument checks --------------------------------------------------------------
 
 def _simulate_ragged_all_to_all(operands, outputs, layouts, which):
@@ -61,9 +56,8 @@ def _simulate_ragged_all_to_all(operands, outputs, layouts, which):
 
 
 @pytest.mark.parametrize("num_shards", [2, 4, 8])
-def test_ragged_layout_delivers_what_the_buckets_deliver(num_shards):
+def test_ragged_layout_delivers_what_the_buckets_deliver(num_shards, rng):
   """Strategy 3's offsets/sizes move exactly strategy 2's bucket rows, and the results back to their tokens."""
-  rng = np.random.default_rng(_seed(f"ragged-layout-{num_shards}"))
   tokens, top_k, experts_per_shard = 16, 4, 3
   num_experts = num_shards * experts_per_shard
   ids = [rng.integers(0, num_experts, (tokens, top_k)) for _ in range(num_shards)]
@@ -173,7 +167,7 @@ def test_no_tokens():
 def _inputs(scenario: str, num_tokens: int):
   """Inputs over all E experts. "hot_shard_P<n>": every pick of every token is on shard 0 of n."""
   from moe_pallas import testing
-  seed = _seed(f"sharding-{scenario}")
+  seed = testing.seed_of(f"sharding-{scenario}")
   if scenario.startswith("hot_shard_P"):
     # +10 / -10 on the logits: sigmoid scores ~1 vs ~0, which no N(0, 0.1) bias reorders, so every token's
     # top_k picks are shard 0's experts (the worker checks that its bucket got every token).
@@ -187,7 +181,7 @@ def _inputs(scenario: str, num_tokens: int):
 def _worker_cases():
   """(name, thunk) pairs; each thunk returns a dict of results. Runs only in the 8-device subprocess."""
   from moe_pallas.testing import acceptance_metrics
-  from oracle import oracle_moe
+  from moe_pallas.testing.oracle import oracle_moe
   from ragged_emulation import emulated_ragged_all_to_all
 
   devices = jax.devices()

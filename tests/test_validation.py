@@ -1,6 +1,5 @@
 """Every input error at the public boundary, with its message: the argument, what was expected, what came."""
 
-import hashlib
 import re
 
 import jax
@@ -9,20 +8,16 @@ import numpy as np
 import pytest
 
 from moe_pallas import DEEPSEEK_V3, MoEConfig, moe_layer
-from moe_pallas.testing import random_layer_inputs
+from moe_pallas.testing import random_layer_inputs, seed_of
 
 CONFIG = MoEConfig.small()  # H=256, I=128, E=32, E_local=8: H/128 = 2, 2I/128 = 2, I/128 = 1
 T = 3
 FP8, F32, BF16 = jnp.float8_e4m3fn, jnp.float32, jnp.bfloat16
 
 
-def _seed(name):
-  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-
-
 @pytest.fixture(scope="module")
 def inputs():
-  return random_layer_inputs(CONFIG, T, seed=_seed(__name__), local_expert_offset=8)._asdict()
+  return random_layer_inputs(CONFIG, T, seed=seed_of(__name__), local_expert_offset=8)._asdict()
 
 
 def _call(inputs, *, local_expert_offset=8, routed_scaling_factor=2.5, config=CONFIG, **kwargs):

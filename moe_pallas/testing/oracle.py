@@ -1,8 +1,9 @@
 """An independent float64 NumPy oracle of the layer in /work/shared/SPEC.md.
 
-Written from the spec alone; it shares no code with `moe_pallas`, so the two can only agree by both following
-the spec. Routing runs in float32 exactly as the spec states, because routing is discrete: a token whose pick
-flips changes its whole output row, and no tolerance absorbs that. Everything after routing runs in float64.
+Written from the spec alone; it shares no code with `moe_pallas` (it imports NumPy only, so it also loads by
+file path, as the peer harness loads it), and the two can only agree by both following the spec. Routing runs
+in float32 exactly as the spec states, because routing is discrete: a token whose pick flips changes its whole
+output row, and no tolerance absorbs that. Everything after routing runs in float64.
 
 Memory: the full DeepSeek-V3 rank holds 32 experts of [4096, 7168] + [7168, 2048] FP8 weights, 11 GB once
 dequantized to float64. The oracle therefore dequantizes only the experts that some token picked, one at a
