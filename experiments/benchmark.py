@@ -19,7 +19,7 @@ next to the JSONL as Markdown.
   # CPU smoke run (tiny shape, interpret mode, host clock):
   PYTHONPATH=. python3 experiments/benchmark.py --smoke --out=/tmp/smoke.jsonl
 
-Reference (`--reference=auto`): the float64 NumPy oracle (tests/oracle.py) for T <= --oracle_max_tokens;
+Reference (`--reference=auto`): the float64 NumPy oracle (moe_pallas/testing/oracle.py) for T <= --oracle_max_tokens;
 above that the xla path with float32 output and highest matmul precision on the device, except for the
 xla implementation itself, which is checked against the oracle on --oracle_subset_tokens sampled tokens
 (the layer is row-independent, so a token subset is an exact sub-problem). Never the path against itself.
@@ -35,7 +35,6 @@ import dataclasses
 import datetime
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -50,9 +49,9 @@ import traceback
 from absl import app
 from absl import flags
 
+from experiments import reference as reference_lib
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 
 _IMPLEMENTATIONS = flags.DEFINE_list("implementations", ["xla", "triton"], "moe_layer implementations to time.")
 _WORKLOADS = flags.DEFINE_string(
@@ -71,7 +70,7 @@ _SHAPE = flags.DEFINE_enum("shape", "deepseek_v3", ["deepseek_v3", "small"], "La
 _SMOKE = flags.DEFINE_bool("smoke", False, "CPU smoke mode: small shape, CPU platform, interpret mode, "
                            "host-clock timing, 2 iterations, the smoke workloads unless --workloads is set.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run the Pallas kernels in interpret mode.")
-_REFERENCE = flags.DEFINE_enum("reference", "auto", ["auto", "oracle", "oracle_subset", "xla", "none"],
+_REFERENCE = flags.DEFINE_enum("reference", "auto", list(reference_lib.KINDS),
                                "Reference for matched_ratio / rel_l2 (see the module docstring).")
 _ORACLE_MAX_TOKENS = flags.DEFINE_integer("oracle_max_tokens", 1024, "auto: full oracle up to this T.")
 _ORACLE_SUBSET = flags.DEFINE_integer("oracle_subset_tokens", 128, "Tokens the oracle checks in oracle_subset.")
@@ -121,125 +120,6 @@ def _git_commit() -> dict:
     digest.update(path.read_bytes())
   info["source_sha1"] = digest.hexdigest()
   return info
-
-
-def _load_oracle():
-  spec = importlib.util.spec_from_file_location("moe_bench_oracle", REPO / "tests" / "oracle.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.oracle_moe
-
-
-class References:
-  """Independent references for one run.
-
-  Oracle references run on the host in a thread pool, submitted for every draw before the GPU rows start,
-  so the float64 work (about 1 s per touched DeepSeek-V3 expert, mostly NumPy calls that release the GIL)
-  overlaps compilation and timing instead of adding to the run's wall time. The xla reference runs on the
-  device when a row asks for it.
-  """
-
-  def __init__(self, config, weights, *, workers: int):
-    import concurrent.futures
-    import threading
-    self._lock = threading.Lock()
-    self.config = config
-    self.weights = weights
-    self._host_weights = None
-    self._oracle = None
-    self._futures = {}
-    self._xla_fn = None
-    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
-                                                       thread_name_prefix="oracle")
-
-  def kind_for(self, implementation: str, num_tokens: int) -> str:
-    kind = _REFERENCE.value
-    if kind == "auto":
-      kind = "oracle" if num_tokens <= _ORACLE_MAX_TOKENS.value else "xla"
-    if kind == "xla" and implementation == "xla":
-      kind = "oracle_subset"  # never the path against itself
-    return kind
-
-  def _host_weight_arrays(self):
-    """Host copies of the weights; FP8 values widened to float64 once (exact) when RAM allows, so each
-    oracle call skips the FP8 decode of every expert it touches."""
-    import numpy as np
-    with self._lock:
-      if self._host_weights is None:
-        self._host_weights = self._widen(*(np.asarray(w) for w in self.weights))
-      return self._host_weights
-
-  @staticmethod
-  def _widen(w1, s1, w2, s2):
-    import numpy as np
-    try:
-      ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-      ram = 0
-    if 8 * (w1.size + w2.size) < ram // 4:
-      w1, w2 = w1.astype(np.float64), w2.astype(np.float64)
-    return w1, s1, w2, s2
-
-  def submit(self, draw, kind: str):
-    """Starts the reference of `draw` (oracle kinds on the pool); idempotent."""
-    import numpy as np
-    key = (draw.workload, draw.scenario, kind)
-    if key in self._futures or kind in ("none", "xla"):
-      return
-    t = draw.workload.num_tokens
-    logits, bias, hs, hss = (np.asarray(a) for a in draw.activations(0))
-    rows = None
-    if kind == "oracle_subset" and t > _ORACLE_SUBSET.value:
-      rng = np.random.default_rng(draw.seed)
-      rows = np.sort(rng.choice(t, size=_ORACLE_SUBSET.value, replace=False))
-      logits, hs, hss = logits[rows], hs[rows], hss[:, rows]
-    if self._oracle is None:
-      self._oracle = _load_oracle()
-    cfg, workload = self.config, draw.workload
-    label = "oracle_f64" if rows is None else f"oracle_f64_subset{len(rows)}"
-
-    def job():
-      weights = self._host_weight_arrays()  # the first job makes them; the others wait for it
-      t0 = time.perf_counter()
-      ref = self._oracle(logits, bias, hs, hss, *weights, local_expert_offset=workload.local_expert_offset,
-                         routed_scaling_factor=workload.routed_scaling_factor, top_k=cfg.top_k,
-                         n_group=cfg.n_group, topk_group=cfg.topk_group)
-      return np.asarray(ref), rows, label, time.perf_counter() - t0
-
-    self._futures[key] = self._pool.submit(job)
-
-  def get(self, draw, kind: str):
-    """(reference [n, H], token rows it covers or None for all, label, seconds it took)."""
-    import numpy as np
-    if kind == "xla":
-      t0 = time.perf_counter()
-      ref = np.asarray(self._xla(draw))
-      return ref, None, "xla_f32", time.perf_counter() - t0
-    self.submit(draw, kind)
-    return self._futures[(draw.workload, draw.scenario, kind)].result()
-
-  def release(self, draw):
-    for key in [k for k in self._futures if k[:2] == (draw.workload, draw.scenario)]:
-      del self._futures[key]
-
-  def shutdown(self):
-    self._pool.shutdown(wait=False, cancel_futures=True)
-
-  def _xla(self, draw):
-    import jax
-    import jax.numpy as jnp
-    from moe_pallas import apply_local_experts, plan_local, route
-    cfg = self.config
-    if self._xla_fn is None:
-      @jax.jit
-      def reference_f32(logits, bias, hs, hss, w1, s1, w2, s2, offset, scaling):
-        ids, weights = route(logits, bias, config=cfg, routed_scaling_factor=scaling)
-        plan = plan_local(ids, weights, local_expert_offset=offset, num_local_experts=cfg.num_local_experts)
-        return apply_local_experts(hs, hss, w1, s1, w2, s2, plan, out_dtype=jnp.float32, implementation="xla")
-      self._xla_fn = reference_f32
-    with jax.default_matmul_precision("highest"):
-      return self._xla_fn(*draw.activations(0), *self.weights, jnp.int32(draw.workload.local_expert_offset),
-                          jnp.float32(draw.workload.routed_scaling_factor))
 
 
 def _layer_fn(implementation: str, config, interpret: bool, intermediate_dtype, workload):
@@ -361,41 +241,39 @@ def _configure_jax():
   return jax
 
 
-def main(argv):
-  del argv
+def _apply_smoke_defaults():
   if _SMOKE.value:
     for name, value in (("shape", "small"), ("interpret", True), ("iters", 2), ("warmup", 1),
-                        ("pipelined_iters", 10)):
+                        ("pipelined_iters", 10), ("workloads", "smoke")):
       if not FLAGS[name].present:
         FLAGS[name].value = value
-    if not FLAGS["workloads"].present:
-      FLAGS["workloads"].value = "smoke"
-  jax = _configure_jax()
+
+
+@dataclasses.dataclass
+class Machine:
+  """The device, its timer and the rates of the floor, measured once per run."""
+
+  device: object
+  gpu: bool
+  timer: object
+  copy: dict
+  matrix_flops: float
+  matrix_source: str
+  calibration: dict
+
+  @property
+  def copy_bw(self) -> float:
+    return self.copy["copy_bw_Bps"]
+
+
+def _measure_machine(jax) -> Machine:
   import jax.numpy as jnp
-  import numpy as np
 
-  import moe_pallas
-  from moe_pallas import testing
-  from moe_pallas.config import MoEConfig
-
-  from experiments import floor as floor_lib
   from experiments import timing
-  from experiments import workloads as workloads_lib
-
-  t_run = time.perf_counter()
-  config = MoEConfig.deepseek_v3() if _SHAPE.value == "deepseek_v3" else MoEConfig.small()
   device = jax.devices()[0]
   gpu = device.platform == "gpu"
   if not gpu and not _SMOKE.value:
     log(f"WARNING: no GPU ({device.platform}); timing falls back to the host clock and is not a GPU measurement")
-  intermediate_dtype = jnp.dtype(_INTERMEDIATE.value)
-  workloads = workloads_lib.select(_WORKLOADS.value, config)
-  for s in _SCENARIOS.value:
-    if s not in workloads_lib.SCENARIOS:
-      raise app.UsageError(f"--scenarios: {s!r} is not one of {workloads_lib.SCENARIOS}")
-
-  log(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}; "
-      f"{len(workloads)} workloads x {len(_SCENARIOS.value)} scenarios x {len(_IMPLEMENTATIONS.value)} implementations")
   timer = timing.make_timer(gpu=gpu, device=device, flush_bytes=_FLUSH_MIB.value * 2**20,
                             command_buffers="on" if _COMMAND_BUFFERS.value else "off")
   copy = timing.measure_copy_bandwidth(timer, nbytes=_COPY_MIB.value * 2**20 if gpu else 2**24,
@@ -413,43 +291,36 @@ def main(argv):
     if calibration["fp8_xla_dot_8192_tflops"] * 1e12 > matrix_flops:
       matrix_flops = calibration["fp8_xla_dot_8192_tflops"] * 1e12
       matrix_source = "measured: XLA FP8 8192^3 dot in this run"
-  copy_bw = copy["copy_bw_Bps"]
+  return Machine(device=device, gpu=gpu, timer=timer, copy=copy, matrix_flops=matrix_flops,
+                 matrix_source=matrix_source, calibration=calibration)
 
-  header = dict(
+
+def _header(jax, machine: Machine, config) -> dict:
+  import moe_pallas
+  from experiments import timing
+  device = machine.device
+  return dict(
       record="header", device=device.device_kind, platform=device.platform, jax_version=jax.__version__,
       moe_pallas_version=moe_pallas.__version__, python=platform.python_version(), **_git_commit(),
       flags={f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},
-      argv=sys.argv, xla_flags=os.environ.get("XLA_FLAGS", ""), timing_method=timer.method,
+      argv=sys.argv, xla_flags=os.environ.get("XLA_FLAGS", ""), timing_method=machine.timer.method,
       command_buffers=command_buffers_state(os.environ.get("XLA_FLAGS", "")),
       pipelined_method=timing.pipelined_method(device.platform, iters=pipelined_iters(), rounds=_PIPELINED_ROUNDS.value,
-                                               flush_bytes=pipelined_flush_bytes(gpu)) if _PIPELINED.value else None,
-      copy_bw_Bps=copy_bw, copy=copy, matrix_flops=matrix_flops,
-      matrix_flops_source=matrix_source,
-      calibration=calibration, config=dataclasses.asdict(config),
+                                               flush_bytes=pipelined_flush_bytes(machine.gpu)) if _PIPELINED.value else None,
+      copy_bw_Bps=machine.copy_bw, copy=machine.copy, matrix_flops=machine.matrix_flops,
+      matrix_flops_source=machine.matrix_source,
+      calibration=machine.calibration, config=dataclasses.asdict(config),
       routing="synthetic (moe_pallas.testing.random_activations), fixed seed per workload x scenario; "
               "see experiments/workloads.py",
       floor="max(bytes / copy_bw, flops / matrix_flops); bytes = touched experts' FP8 weights + scales + "
             "activations in/out; flops = 2 * pairs * 3 * H * I (experiments/floor.py)",
       started_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-  out_path = pathlib.Path(_OUT.value)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_file = open(out_path, "w")
 
-  def emit(record):
-    out_file.write(json.dumps(record) + "\n")
-    out_file.flush()
 
-  emit(header)
-  log(f"timing: {timer.method}; command buffers {header['command_buffers']}")
-  log(f"pipelined: {header['pipelined_method']}")
-  log(f"floor: copy {copy_bw / 1e12:.3f} TB/s, FP8 matrix {matrix_flops / 1e12:.0f} TFLOP/s; writing {out_path}")
-
-  t0 = time.perf_counter()
-  weights = jax.block_until_ready(testing.random_weights(config, seed=_WEIGHT_SEED.value))
-  log(f"weights generated ({sum(w.nbytes for w in weights) / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f}s")
-  references = References(config, weights, workers=_ORACLE_WORKERS.value or max(1, (os.cpu_count() or 2) // 2))
-
-  # Phase 1: every routing draw (cheap), and the host references started in the background.
+def _draw_all(config, workloads, references) -> list:
+  """Every routing draw (cheap), with the host references started in the background:
+  (workload, scenario, draw or None, error or None, seconds) per workload x scenario."""
+  from experiments import workloads as workloads_lib
   draws = []
   t0 = time.perf_counter()
   for workload in workloads:
@@ -463,102 +334,170 @@ def main(argv):
         d, err = None, f"{type(e).__name__}: {e}"
       draws.append((workload, scenario, d, err, time.perf_counter() - td))
   log(f"{len(draws)} routing draws in {time.perf_counter() - t0:.1f}s; host references started")
+  return draws
 
-  # Phase 2: the rows.
-  compiled = {}  # (implementation, T) -> seconds of the first call (compile + one run)
-  rows = []
-  total = len(draws) * len(_IMPLEMENTATIONS.value)
-  index = 0
-  for slot, (workload, scenario, draw, draw_error, draw_s) in enumerate(draws):
-    for impl in _IMPLEMENTATIONS.value:
-      index += 1
-      row = dict(record="row", device=device.device_kind, implementation=impl, scenario=scenario,
-                 T=workload.num_tokens, local_expert_offset=workload.local_expert_offset,
-                 workload_group=workload.group, routed_scaling_factor=workload.routed_scaling_factor,
-                 shape=_SHAPE.value, intermediate_dtype=_INTERMEDIATE.value, interpret=_INTERPRET.value)
-      t_row = time.perf_counter()
-      try:
-        if draw is None:
-          raise RuntimeError(f"routing draw failed: {draw_error}")
-        row.update(draw.describe(), draw_s=draw_s)
-        fl = floor_lib.floor(config, num_tokens=workload.num_tokens, pairs=draw.pairs,
-                             experts_touched=draw.experts_touched, copy_bw_Bps=copy_bw, matrix_flops=matrix_flops)
-        row.update(floor_us=fl.floor_us, floor_memory_us=fl.memory_us, floor_compute_us=fl.compute_us,
-                   floor_bound=fl.bound, bytes=fl.bytes, flops=fl.flops,
-                   arithmetic_intensity=fl.arithmetic_intensity)
-        layer = _layer_fn(impl, config, _INTERPRET.value, intermediate_dtype, workload)
-        args = tuple(draw.activations(0)) + tuple(weights)
-        key = (impl, workload.num_tokens)
-        row["compiled_here"] = key not in compiled
-        tc = time.perf_counter()
-        out = jax.block_until_ready(layer(*args))
-        first_call_s = time.perf_counter() - tc
-        if key not in compiled:
-          compiled[key] = first_call_s
-        row.update(compile_s=compiled[key], first_call_s=first_call_s)
-        got = np.asarray(out.astype(jnp.float32))
-        del out
-        trial_medians, trial_results = [], []
-        for trial in range(_TRIALS.value):
-          targs = args if trial == 0 else (*draw.activations(trial), *weights)
-          times = timer.time_calls(layer, targs, iters=_ITERS.value, warmup=_WARMUP.value,
-                                   max_seconds=_MAX_SECONDS.value)
-          trial_medians.append(times.median_us)
-          trial_results.append(times)
-        time_us = statistics.median(trial_medians)
-        row.update(trial_results[0].summary(), time_us=time_us, trial_time_us=trial_medians,
-                   capped=any(len(t.span_us) < _ITERS.value for t in trial_results),
-                   iters_requested=_ITERS.value, kernels=[list(k) for k in trial_results[0].kernels],
-                   time_over_floor=time_us / fl.floor_us if fl.floor_us > 0 else None,
-                   tflops=fl.flops / (time_us * 1e-6) / 1e12, gbps=fl.bytes / (time_us * 1e-6) / 1e9)
-        if _PIPELINED.value:
-          row.update(_pipelined_fields(impl, config, intermediate_dtype, workload, args, device, fl.floor_us))
-        kind = references.kind_for(impl, workload.num_tokens)
-        if kind != "none":
-          tr = time.perf_counter()
-          ref, ref_rows, label, ref_s = references.get(draw, kind)
-          metrics = testing.acceptance_metrics(got if ref_rows is None else got[ref_rows], ref)
-          row.update(reference=label, matched_ratio=float(metrics["matched_ratio"]),
-                     rel_l2=float(metrics["rel_l2"]), finite=bool(metrics["finite"]),
-                     passed=bool(metrics["passed"]), reference_s=ref_s,
-                     reference_wait_s=time.perf_counter() - tr)
-        else:
-          row.update(reference="none", matched_ratio=None, rel_l2=None, passed=None)
-        row["status"] = "ok"
-      except NotImplementedError as e:
-        row.update(status="unsupported", error=f"NotImplementedError: {e}")
-      except Exception as e:  # noqa: BLE001 - one failing row must not end the run
-        row.update(status="error", error=f"{type(e).__name__}: {e}"[:4000])
-        traceback.print_exc()
-      row["row_wall_s"] = time.perf_counter() - t_row
-      rows.append(row)
-      emit(row)
-      if row["status"] == "ok":
-        log(f"[{index}/{total}] {impl:6s} {scenario:9s} T={workload.num_tokens:<6d} off={workload.local_expert_offset:<3d} "
-            f"pairs={row['pairs']:<6d} experts={row['experts_touched']:<2d} "
-            f"pipelined={_fmt(row.get('pipelined_us'), '9.1f')}us span={row['time_us']:9.1f}us "
-            f"floor={row['floor_us']:8.1f}us x{_fmt(row['time_over_floor'], '.2f')} "
-            f"matched={_fmt(row.get('matched_ratio'), '.4f')} rel_l2={_fmt(row.get('rel_l2'), '.2e')} "
-            f"({row.get('reference')}) compile={row['compile_s']:.1f}s{'' if row['compiled_here'] else '(reused)'} "
-            f"iters={row['iters_timed']} row={row['row_wall_s']:.1f}s total={time.perf_counter() - t_run:.0f}s")
-      else:
-        log(f"[{index}/{total}] {impl:6s} {scenario:9s} T={workload.num_tokens:<6d} {row['status'].upper()}: "
-            f"{row['error'][:300]}")
-    if draw is not None:
-      references.release(draw)
-    draws[slot] = None
-  references.shutdown()
-  emit(dict(record="footer", wall_s=time.perf_counter() - t_run, rows=len(rows),
-            ok=sum(r["status"] == "ok" for r in rows)))
-  out_file.close()
+
+def _time_trials(layer, args, draw, weights, machine: Machine, fl) -> dict:
+  """The span fields of a row: --trials x (--iters timed calls, median), the median of the trials."""
+  trial_medians, trial_results = [], []
+  for trial in range(_TRIALS.value):
+    targs = args if trial == 0 else (*draw.activations(trial), *weights)
+    times = machine.timer.time_calls(layer, targs, iters=_ITERS.value, warmup=_WARMUP.value,
+                                     max_seconds=_MAX_SECONDS.value)
+    trial_medians.append(times.median_us)
+    trial_results.append(times)
+  time_us = statistics.median(trial_medians)
+  return dict(trial_results[0].summary(), time_us=time_us, trial_time_us=trial_medians,
+              capped=any(len(t.span_us) < _ITERS.value for t in trial_results),
+              iters_requested=_ITERS.value, kernels=[list(k) for k in trial_results[0].kernels],
+              time_over_floor=time_us / fl.floor_us if fl.floor_us > 0 else None,
+              tflops=fl.flops / (time_us * 1e-6) / 1e12, gbps=fl.bytes / (time_us * 1e-6) / 1e9)
+
+
+def _check_fields(impl, draw, got, references) -> dict:
+  """The correctness fields of a row: `got` against the row's reference under SPEC.md's criterion."""
+  from moe_pallas import testing
+  kind = references.kind_for(impl, draw.workload.num_tokens)
+  if kind == "none":
+    return dict(reference="none", matched_ratio=None, rel_l2=None, passed=None)
+  tr = time.perf_counter()
+  ref, ref_rows, label, ref_s = references.get(draw, kind)
+  metrics = testing.acceptance_metrics(got if ref_rows is None else got[ref_rows], ref)
+  return dict(reference=label, matched_ratio=float(metrics["matched_ratio"]), rel_l2=float(metrics["rel_l2"]),
+              finite=bool(metrics["finite"]), passed=bool(metrics["passed"]), reference_s=ref_s,
+              reference_wait_s=time.perf_counter() - tr)
+
+
+def _run_row(impl, workload, scenario, draw, draw_error, draw_s, *, config, weights, machine: Machine,
+             references, compiled: dict, intermediate_dtype) -> dict:
+  """One row: floor, first (compiling) call, span timing, pipelined timing, check. Never raises."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments import floor as floor_lib
+  row = dict(record="row", device=machine.device.device_kind, implementation=impl, scenario=scenario,
+             T=workload.num_tokens, local_expert_offset=workload.local_expert_offset,
+             workload_group=workload.group, routed_scaling_factor=workload.routed_scaling_factor,
+             shape=_SHAPE.value, intermediate_dtype=_INTERMEDIATE.value, interpret=_INTERPRET.value)
+  t_row = time.perf_counter()
+  try:
+    if draw is None:
+      raise RuntimeError(f"routing draw failed: {draw_error}")
+    row.update(draw.describe(), draw_s=draw_s)
+    fl = floor_lib.floor(config, num_tokens=workload.num_tokens, pairs=draw.pairs,
+                         experts_touched=draw.experts_touched, copy_bw_Bps=machine.copy_bw,
+                         matrix_flops=machine.matrix_flops)
+    row.update(floor_us=fl.floor_us, floor_memory_us=fl.memory_us, floor_compute_us=fl.compute_us,
+               floor_bound=fl.bound, bytes=fl.bytes, flops=fl.flops, arithmetic_intensity=fl.arithmetic_intensity)
+    layer = _layer_fn(impl, config, _INTERPRET.value, intermediate_dtype, workload)
+    args = tuple(draw.activations(0)) + tuple(weights)
+    key = (impl, workload.num_tokens)
+    row["compiled_here"] = key not in compiled
+    tc = time.perf_counter()
+    out = jax.block_until_ready(layer(*args))
+    first_call_s = time.perf_counter() - tc
+    compiled.setdefault(key, first_call_s)
+    row.update(compile_s=compiled[key], first_call_s=first_call_s)
+    got = np.asarray(out.astype(jnp.float32))
+    del out
+    row.update(_time_trials(layer, args, draw, weights, machine, fl))
+    if _PIPELINED.value:
+      row.update(_pipelined_fields(impl, config, intermediate_dtype, workload, args, machine.device, fl.floor_us))
+    row.update(_check_fields(impl, draw, got, references))
+    row["status"] = "ok"
+  except NotImplementedError as e:
+    row.update(status="unsupported", error=f"NotImplementedError: {e}")
+  except Exception as e:  # noqa: BLE001 - one failing row must not end the run
+    row.update(status="error", error=f"{type(e).__name__}: {e}"[:4000])
+    traceback.print_exc()
+  row["row_wall_s"] = time.perf_counter() - t_row
+  return row
+
+
+def _log_row(index: int, total: int, row: dict, t_run: float):
+  head = f"[{index}/{total}] {row['implementation']:6s} {row['scenario']:9s} T={row['T']:<6d}"
+  if row["status"] != "ok":
+    log(f"{head} {row['status'].upper()}: {row['error'][:300]}")
+    return
+  log(f"{head} off={row['local_expert_offset']:<3d} pairs={row['pairs']:<6d} experts={row['experts_touched']:<2d} "
+      f"pipelined={_fmt(row.get('pipelined_us'), '9.1f')}us span={row['time_us']:9.1f}us "
+      f"floor={row['floor_us']:8.1f}us x{_fmt(row['time_over_floor'], '.2f')} "
+      f"matched={_fmt(row.get('matched_ratio'), '.4f')} rel_l2={_fmt(row.get('rel_l2'), '.2e')} "
+      f"({row.get('reference')}) compile={row['compile_s']:.1f}s{'' if row['compiled_here'] else '(reused)'} "
+      f"iters={row['iters_timed']} row={row['row_wall_s']:.1f}s total={time.perf_counter() - t_run:.0f}s")
+
+
+def _write_markdown(path: pathlib.Path, rows, header: dict, machine: Machine) -> str:
   table = table_markdown(rows)
+  path.write_text(f"device: {header['device']}; jax {header['jax_version']}; commit {header['git_commit']}\n\n"
+                  f"timing (span): {machine.timer.method}; XLA command buffers {header['command_buffers']}\n\n"
+                  f"pipelined (headline): {header['pipelined_method']}\n\n"
+                  f"floor: copy {machine.copy_bw / 1e12:.3f} TB/s, FP8 matrix {machine.matrix_flops / 1e12:.0f} "
+                  f"TFLOP/s\n\n{table}\n")
+  return table
+
+
+def main(argv):
+  del argv
+  _apply_smoke_defaults()
+  jax = _configure_jax()
+  import jax.numpy as jnp
+
+  from experiments import workloads as workloads_lib
+  from moe_pallas import testing
+  from moe_pallas.config import MoEConfig
+
+  t_run = time.perf_counter()
+  config = MoEConfig.deepseek_v3() if _SHAPE.value == "deepseek_v3" else MoEConfig.small()
+  workloads = workloads_lib.select(_WORKLOADS.value, config)
+  for s in _SCENARIOS.value:
+    if s not in workloads_lib.SCENARIOS:
+      raise app.UsageError(f"--scenarios: {s!r} is not one of {workloads_lib.SCENARIOS}")
+  log(f"device {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), jax {jax.__version__}; "
+      f"{len(workloads)} workloads x {len(_SCENARIOS.value)} scenarios x {len(_IMPLEMENTATIONS.value)} implementations")
+  machine = _measure_machine(jax)
+  header = _header(jax, machine, config)
+  out_path = pathlib.Path(_OUT.value)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  log(f"timing: {machine.timer.method}; command buffers {header['command_buffers']}")
+  log(f"pipelined: {header['pipelined_method']}")
+  log(f"floor: copy {machine.copy_bw / 1e12:.3f} TB/s, FP8 matrix {machine.matrix_flops / 1e12:.0f} TFLOP/s; "
+      f"writing {out_path}")
+
+  with open(out_path, "w") as out_file:
+    def emit(record):
+      out_file.write(json.dumps(record) + "\n")
+      out_file.flush()
+
+    emit(header)
+    t0 = time.perf_counter()
+    weights = jax.block_until_ready(testing.random_weights(config, seed=_WEIGHT_SEED.value))
+    log(f"weights generated ({sum(w.nbytes for w in weights) / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f}s")
+    references = reference_lib.References(
+        config, weights, requested=_REFERENCE.value, oracle_max_tokens=_ORACLE_MAX_TOKENS.value,
+        oracle_subset_tokens=_ORACLE_SUBSET.value,
+        workers=_ORACLE_WORKERS.value or max(1, (os.cpu_count() or 2) // 2))
+    draws = _draw_all(config, workloads, references)
+    compiled = {}  # (implementation, T) -> seconds of the first call (compile + one run)
+    rows = []
+    total = len(draws) * len(_IMPLEMENTATIONS.value)
+    for slot, (workload, scenario, draw, draw_error, draw_s) in enumerate(draws):
+      for impl in _IMPLEMENTATIONS.value:
+        row = _run_row(impl, workload, scenario, draw, draw_error, draw_s, config=config, weights=weights,
+                       machine=machine, references=references, compiled=compiled,
+                       intermediate_dtype=jnp.dtype(_INTERMEDIATE.value))
+        rows.append(row)
+        emit(row)
+        _log_row(len(rows), total, row, t_run)
+      if draw is not None:
+        references.release(draw)
+      draws[slot] = None  # frees the draw's arrays
+    references.shutdown()
+    emit(dict(record="footer", wall_s=time.perf_counter() - t_run, rows=len(rows),
+              ok=sum(r["status"] == "ok" for r in rows)))
   md_path = out_path.with_suffix(".md")
-  md_path.write_text(f"device: {device.device_kind}; jax {jax.__version__}; commit {header['git_commit']}\n\n"
-                     f"timing (span): {timer.method}; XLA command buffers {header['command_buffers']}\n\n"
-                     f"pipelined (headline): {header['pipelined_method']}\n\n"
-                     f"floor: copy {copy_bw / 1e12:.3f} TB/s, FP8 matrix {matrix_flops / 1e12:.0f} TFLOP/s"
-                     f"\n\n{table}\n")
-  print(table, flush=True)
+  print(_write_markdown(md_path, rows, header, machine), flush=True)
   log(f"done: {len(rows)} rows in {time.perf_counter() - t_run:.0f}s -> {out_path}, {md_path}")
 
 

@@ -12,7 +12,6 @@ read with ncu through experiments/tensor_core_check.py.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 
@@ -45,8 +44,7 @@ def main(argv):
     return testing.random_activations(config, T, seed=seed, local_expert_offset=offset,
                                       scenario="all_local" if all_local else "uniform")
 
-  sys.path.insert(0, os.path.dirname(__file__))
-  from timing import GpuTimer  # the benchmark harness's GPU-span timer
+  from experiments.timing import GpuTimer  # the benchmark harness's GPU-span timer
   timer = GpuTimer()
   breakdowns = {}
 

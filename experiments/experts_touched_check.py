@@ -10,9 +10,7 @@ touched). The grouped GEMMs stream only the touched experts' weights, so their G
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +19,7 @@ import numpy as np
 import moe_pallas as mp
 from moe_pallas import testing
 
-sys.path.insert(0, os.path.dirname(__file__))
-from timing import GpuTimer  # noqa: E402  (the benchmark harness's GPU-span timer)
+from experiments.timing import GpuTimer  # the benchmark harness's GPU-span timer
 
 CONFIG = mp.DEEPSEEK_V3
 OFFSET = 32  # local experts 32..63: routing group 1

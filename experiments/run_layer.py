@@ -3,38 +3,34 @@ r"""The main job: one call of `moe_pallas.moe_layer` on the default device, chec
 Inputs are built as the benchmark builds them (experiments/workloads.py): synthetic routing drawn with a
 seed fixed by (T, offset, scenario) -- `uniform` takes the first seed with at least one local pair --, FP8
 values clip(N(0, 1), -2, 2), scales N(0, 1), routed_scaling_factor 2.5. The output is checked against the
-float64 NumPy oracle (tests/oracle.py) on every token up to --oracle_max_tokens and on a random sample of
+float64 NumPy oracle (moe_pallas/testing/oracle.py) on every token up to --oracle_max_tokens and on a random sample of
 --oracle_subset_tokens tokens above that (the layer is row-independent, so a token subset is an exact
 sub-problem); a kernel implementation is also compared with the xla path on every token. It prints the
 routing statistics, SPEC.md's matched ratio, the relative L2 error and the median host wall time of --iters
-calls (after block_until_ready; experiments/benchmark.py does the public benchmark's GPU timing).
+calls (experiments/timing.py's host timer: block_until_ready after each call; experiments/benchmark.py does the
+public benchmark's GPU timing).
 
 Defaults follow the device: on a GPU the DeepSeek-V3 shape at the public workload T=901 (offset 96); on a
 CPU the small shape (H=256, I=128, E=32, 8 local) at T=57, which ends well under two minutes on 2 cores.
 
-  python experiments/run_layer.py                                  # the device's defaults
-  python experiments/run_layer.py --T=1 --implementation=xla       # DeepSeek-V3, T=1 at offset 32 (GPU)
-  python experiments/run_layer.py --shape=deepseek_v3 --T=7        # the full shape on a CPU (~1-2 min)
-  python experiments/run_layer.py --implementation=triton --interpret --T=16   # the kernels on a CPU
+  python -m experiments.run_layer                                  # the device's defaults
+  python -m experiments.run_layer --T=1 --implementation=xla       # DeepSeek-V3, T=1 at offset 32 (GPU)
+  python -m experiments.run_layer --shape=deepseek_v3 --T=7        # the full shape on a CPU (~1-2 min)
+  python -m experiments.run_layer --implementation=triton --interpret --T=16   # the kernels on a CPU
 
 Exits with status 1 when the output fails SPEC.md's acceptance criterion or the rel-L2 bound.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+from experiments import reference as reference_lib
 
 _T = flags.DEFINE_integer("T", None, "Tokens (default: 901 on a GPU, 57 on a CPU).", lower_bound=1)
 _OFFSET = flags.DEFINE_integer("offset", None, "local_expert_offset in the chosen shape's geometry (default: the "
@@ -64,32 +60,9 @@ ROUTED_SCALING_FACTOR = 2.5
 REL_L2_BOUND = {"float32": 1e-2, "bfloat16": 1e-2, "float8_e4m3fn": 3.5e-2}
 
 
-def _load_oracle():
-  spec = importlib.util.spec_from_file_location("moe_oracle", REPO / "tests" / "oracle.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.oracle_moe
-
-
 def _resolve_implementation(layer, name: str, interpret: bool) -> tuple[str, str]:
   """(implementation to run, note): "auto" is moe_layer's best available on this device."""
   return layer.resolve_implementation(None if name == "auto" else name, interpret=interpret), ""
-
-
-def _time_calls(fn, *, warmup: int, iters: int) -> tuple[float, list[float]]:
-  """(seconds of the first call, which compiles; seconds of each timed call)."""
-  import jax
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return first, times
 
 
 def main(argv):
@@ -98,7 +71,7 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from experiments import workloads
+  from experiments import timing, workloads
   from moe_pallas import MoEConfig, layer, moe_layer, testing
 
   on_gpu = jax.default_backend() == "gpu"
@@ -134,21 +107,24 @@ def main(argv):
                      config=config, implementation=implementation, interpret=_INTERPRET.value,
                      intermediate_dtype=jnp.dtype(_INTERMEDIATE.value))
 
-  first, times = _time_calls(call, warmup=_WARMUP.value, iters=iters)
+  t0 = time.perf_counter()
+  jax.block_until_ready(call())
+  first = time.perf_counter() - t0
+  times = [us * 1e-6 for us in timing.HostTimer(device=device).time_calls(call, (), iters=iters,
+                                                                          warmup=_WARMUP.value).span_us]
   out = np.asarray(call()).astype(np.float32)
   median_ms = 1e3 * statistics.median(times)
   print(f"time: {median_ms:.3f} ms median of {iters} (min {1e3 * min(times):.3f} ms; host wall clock); "
         f"first call incl. compile {first:.2f} s")
 
   # The oracle on every token, or on a sample of rows (each row depends only on its own token's inputs).
-  rows = np.arange(num_tokens)
+  rows = None
   if num_tokens > _ORACLE_MAX_TOKENS.value:
-    rows = np.sort(np.random.default_rng(routing["seed"]).choice(num_tokens, _ORACLE_SUBSET.value, replace=False))
-  logits, bias, hs, hss = (np.asarray(a) for a in draw.activations(0))
+    rows = reference_lib.sample_rows(num_tokens, _ORACLE_SUBSET.value, seed=routing["seed"])
   t0 = time.perf_counter()
-  ref = _load_oracle()(logits[rows], bias, hs[rows], hss[:, rows], *(np.asarray(w) for w in weights),
-                       local_expert_offset=offset, routed_scaling_factor=ROUTED_SCALING_FACTOR,
-                       top_k=config.top_k, n_group=config.n_group, topk_group=config.topk_group)
+  ref = reference_lib.oracle(draw.activations(0), weights, config=config, local_expert_offset=offset,
+                             routed_scaling_factor=ROUTED_SCALING_FACTOR, rows=rows)
+  rows = np.arange(num_tokens) if rows is None else rows
   checked = f"{len(rows)} of {num_tokens} tokens" if len(rows) < num_tokens else f"all {num_tokens} tokens"
   metrics = testing.acceptance_metrics(out[rows], ref)
   bound = REL_L2_BOUND[intermediate]

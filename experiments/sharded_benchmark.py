@@ -63,10 +63,6 @@ import traceback
 
 from absl import app, flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-
 _SHAPE = flags.DEFINE_enum("shape", "deepseek_v3", ["deepseek_v3", "small"],
                            "deepseek_v3: E=256, H=7168, I=2048, top-8; small: E=32, H=256, I=128, top-4.")
 _T = flags.DEFINE_list("T", ["1", "16", "80", "901", "4096"], "Tokens per device (P*T tokens in all).")

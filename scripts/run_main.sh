@@ -11,4 +11,4 @@ venv="${VENV:-.venv}"
 [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
-exec "$venv/bin/python" experiments/run_layer.py "$@"
+exec "$venv/bin/python" -m experiments.run_layer "$@"   # from the repository root, so that experiments imports

@@ -11,6 +11,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import floor as floor_lib
@@ -188,3 +189,28 @@ def test_command_buffers_state():
   assert benchmark.command_buffers_state("--foo=1 --xla_gpu_enable_command_buffer=") == "off"
   assert benchmark.command_buffers_state("--xla_gpu_enable_command_buffer= "
                                          "--xla_gpu_enable_command_buffer=FUSION") == "on (FUSION)"
+
+
+def test_scripts_are_a_package_without_path_edits():
+  """experiments/ imports as a package (`python -m experiments.<script>`, or PYTHONPATH=. for the scripts)."""
+  for path in sorted((REPO / "experiments").glob("*.py")):
+    assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-m", "experiments.run_layer", "--helpfull"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  # absl's --helpfull exits with status 1 after printing the flags; an import error prints none of them.
+  assert "--oracle_max_tokens" in result.stdout + result.stderr, result.stderr[-3000:]
+
+
+def test_reference_kinds():
+  from experiments import reference as reference_lib
+  assert reference_lib.kind_for("auto", "triton", 1024, oracle_max_tokens=1024) == "oracle"
+  assert reference_lib.kind_for("auto", "triton", 1025, oracle_max_tokens=1024) == "xla"
+  assert reference_lib.kind_for("auto", "xla", 1025, oracle_max_tokens=1024) == "oracle_subset"  # never itself
+  assert reference_lib.kind_for("none", "xla", 5, oracle_max_tokens=1024) == "none"
+  with pytest.raises(ValueError, match="reference kind"):
+    reference_lib.kind_for("oracle_small", "xla", 5, oracle_max_tokens=1024)
+  assert reference_lib.sample_rows(64, 64, seed=1) is None
+  rows = reference_lib.sample_rows(1000, 64, seed=1)
+  assert len(set(rows.tolist())) == 64 and list(rows) == sorted(rows)
+  assert np.array_equal(rows, reference_lib.sample_rows(1000, 64, seed=1))
