@@ -1,7 +1,7 @@
 """The layer as a Flax NNX module, `DeepSeekMoE`, and as a Linen module through `to_linen`.
 
 Needs the `flax` extra (`pip install moe_pallas[flax]`); `import moe_pallas` does not import Flax, only
-`import moe_pallas.nnx` does.
+`import moe_pallas.flax_module` does.
 
 State, and what an optimizer sees (`nnx.Optimizer(model, tx, wrt=nnx.Param)` updates Params only):
 
@@ -11,6 +11,10 @@ State, and what an optimizer sees (`nnx.Optimizer(model, tx, wrt=nnx.Param)` upd
   gemm1                    ExpertWeights BlockScaledArray     [E_local, 2I, H] FP8, rows [up; gate]
   gemm2                    ExpertWeights BlockScaledArray     [E_local, H, I] FP8 (down)
   shared_expert            SharedExpert  nnx.Params, bf16    optional: DeepSeek-V3's always-on expert
+
+Constructor arguments follow Flax's conventions: `dtype` is the output dtype, `param_dtype` the storage dtype
+of the trainable parameters (router and shared expert); the FP8 experts keep their own format. All arguments
+are checked when the module is built, not at its first call.
 
 Expert sharding: `gemm1` and `gemm2` carry `out_sharding=(expert_axis, None, None)` metadata, which fits
 both the values and the scales of a BlockScaledArray (the expert axis leads both). Flax 0.12 shards a
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 
 import jax
@@ -43,7 +48,7 @@ from flax import nnx
 from flax.nnx import variablelib
 from flax.nnx.bridge import variables as bridge_variables
 
-from moe_pallas import quant
+from moe_pallas import IMPLEMENTATIONS, quant, reference, validation
 from moe_pallas.config import MoEConfig
 from moe_pallas.layer import moe_layer
 
@@ -135,11 +140,46 @@ def _random_experts(key: jax.Array, shape: tuple[int, int, int], block: int) -> 
 
 
 def _swiglu_mlp(x, gate_up, down, *, dtype):
-  """down(silu(gate(x)) * up(x)) with gate_up = [up; gate] ([2I, H], [out, in]); float32 accumulation."""
+  """down(silu(gate(x)) * up(x)) with gate_up = [up; gate] ([2I, H], [out, in]); float32 accumulation.
+
+  The SwiGLU is the routed experts' (`reference.swiglu`): the same [up; gate] row order."""
   h = jnp.dot(x.astype(gate_up.dtype), gate_up.T, preferred_element_type=jnp.float32)
-  half = h.shape[-1] // 2
-  c = (jax.nn.silu(h[:, half:]) * h[:, :half]).astype(down.dtype)
+  c = reference.swiglu(h).astype(down.dtype)
   return jnp.dot(c, down.T, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _first_dtype(*candidates) -> jnp.dtype:
+  """The first dtype that is not None (np.dtype objects are falsy, so `or` cannot pick them)."""
+  return jnp.dtype(next(d for d in candidates if d is not None))
+
+
+def _check_arguments(*, config, local_expert_offset, routed_scaling_factor, shared_intermediate, implementation,
+                     ep_strategy):
+  """DeepSeekMoE's constructor arguments, checked when the module is built (a bad value must not wait for
+  the first call, nor be silently truncated: an offset of 8.7 is an error, not expert 8)."""
+  if not isinstance(config, MoEConfig):
+    raise TypeError(f"config must be a moe_pallas.MoEConfig, got {type(config).__name__}")
+  if isinstance(local_expert_offset, bool) or not isinstance(local_expert_offset, numbers.Integral):
+    raise TypeError(f"local_expert_offset must be an int, got {type(local_expert_offset).__name__} "
+                    f"{local_expert_offset!r}")
+  validation.check_local_expert_range(local_expert_offset, num_local_experts=config.num_local_experts,
+                                      num_experts=config.num_experts, owner="the config's")
+  if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, numbers.Real):
+    raise TypeError(f"routed_scaling_factor must be a real number, got {type(routed_scaling_factor).__name__} "
+                    f"{routed_scaling_factor!r}")
+  if not math.isfinite(float(routed_scaling_factor)):
+    raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor}")
+  if isinstance(shared_intermediate, bool) or not isinstance(shared_intermediate, numbers.Integral):
+    raise TypeError(f"shared_intermediate must be an int, got {type(shared_intermediate).__name__} "
+                    f"{shared_intermediate!r}")
+  if shared_intermediate < 0:
+    raise ValueError(f"shared_intermediate must be >= 0 (0: no shared expert), got {shared_intermediate}")
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None (the best available), "
+                     f"got {implementation!r}")
+  from moe_pallas import sharding  # pylint: disable=import-outside-toplevel
+  if ep_strategy not in sharding.STRATEGIES:
+    raise ValueError(f"ep_strategy must be one of {sharding.STRATEGIES}, got {ep_strategy!r}")
 
 
 class SharedExpert(nnx.Module):
@@ -173,35 +213,34 @@ class DeepSeekMoE(nnx.Module):
     shared_intermediate: the shared expert's width I_s (n_shared_experts * I = 2048 in DeepSeek-V3); 0 for none.
     implementation, interpret, intermediate_dtype: passed to `moe_layer` ("xla", "triton" or None for the
       best available; interpret runs the Pallas kernels on CPU).
-    router_dtype: the router weight's storage dtype; logits are computed in float32 either way.
-    shared_dtype: the shared expert's parameter dtype.
-    dtype: the output dtype.
+    dtype: the output dtype (bfloat16).
+    param_dtype: the storage dtype of the router weight and the shared expert's parameters; None keeps
+      float32 for the router and bfloat16 for the shared expert (DeepSeek-V3's checkpoint dtypes). Router
+      logits are computed in float32 either way.
+    router_dtype, shared_dtype: the router's and the shared expert's parameter dtype alone (the names before
+      `param_dtype`; each, when given, wins over `param_dtype` for its part).
     expert_axis: mesh axis name for the experts' sharding metadata, or None (see the module docstring).
     mesh: a `jax.sharding.Mesh` to shard the experts over; None uses the mesh of `jax.set_mesh`, if any.
       With more than one device on `expert_axis`, the module must hold all experts and runs expert-parallel.
     data_axis, ep_strategy: `moe_layer_sharded`'s `data_axis` and `strategy`, for the expert-parallel call.
 
   Raises:
-    ValueError / TypeError: a bad config, offset, scaling factor or shared width; a mesh without
+    ValueError / TypeError: a bad config, offset (not an int, or out of range), scaling factor, shared
+      width, implementation or ep_strategy; a mesh without
       `expert_axis`; an expert-parallel mesh with a partial layer or an axis size that does not divide E.
   """
 
   def __init__(self, *, config: MoEConfig, rngs: nnx.Rngs, local_expert_offset: int = 0,
                routed_scaling_factor: float = DEEPSEEK_V3_ROUTED_SCALING_FACTOR, shared_intermediate: int = 0,
                implementation: str | None = None, interpret: bool = False,
-               intermediate_dtype=jnp.float8_e4m3fn, router_dtype=jnp.float32, shared_dtype=jnp.bfloat16,
-               dtype=jnp.bfloat16, expert_axis: str | None = EXPERT_AXIS, mesh: jax.sharding.Mesh | None = None,
+               intermediate_dtype=jnp.float8_e4m3fn, dtype=jnp.bfloat16, param_dtype=None, router_dtype=None,
+               shared_dtype=None, expert_axis: str | None = EXPERT_AXIS, mesh: jax.sharding.Mesh | None = None,
                data_axis: str | None = None, ep_strategy: str = "all_to_all"):
-    if not isinstance(config, MoEConfig):
-      raise TypeError(f"config must be a moe_pallas.MoEConfig, got {type(config).__name__}")
-    highest = config.num_experts - config.num_local_experts
-    if not 0 <= int(local_expert_offset) <= highest:
-      raise ValueError(f"local_expert_offset must be in [0, {highest}] (E - E_local = {config.num_experts} - "
-                       f"{config.num_local_experts}), got {local_expert_offset}")
-    if not math.isfinite(float(routed_scaling_factor)):
-      raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor}")
-    if int(shared_intermediate) < 0:
-      raise ValueError(f"shared_intermediate must be >= 0 (0: no shared expert), got {shared_intermediate}")
+    _check_arguments(config=config, local_expert_offset=local_expert_offset,
+                     routed_scaling_factor=routed_scaling_factor, shared_intermediate=shared_intermediate,
+                     implementation=implementation, ep_strategy=ep_strategy)
+    router_dtype = _first_dtype(router_dtype, param_dtype, jnp.float32)
+    shared_dtype = _first_dtype(shared_dtype, param_dtype, jnp.bfloat16)
     self.config = config
     self.local_expert_offset = int(local_expert_offset)
     self.routed_scaling_factor = float(routed_scaling_factor)
@@ -209,6 +248,7 @@ class DeepSeekMoE(nnx.Module):
     self.interpret = bool(interpret)
     self.intermediate_dtype = jnp.dtype(intermediate_dtype)
     self.dtype = jnp.dtype(dtype)
+    self.param_dtype = None if param_dtype is None else jnp.dtype(param_dtype)
     self.expert_axis = expert_axis
     self.data_axis = data_axis
     self.ep_strategy = ep_strategy

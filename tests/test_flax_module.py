@@ -1,8 +1,8 @@
 """The Flax NNX module and its Linen bridge, on a synthetic DeepSeek-V3 checkpoint, against the float64 oracle."""
 
-import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 
 from moe_pallas import SMALL
-from moe_pallas.nnx import DeepSeekMoE, ExpertWeights, RoutingBias, linen_variables, to_linen
+from moe_pallas.flax_module import DeepSeekMoE, ExpertWeights, RoutingBias, linen_variables, to_linen
 from moe_pallas.testing import acceptance_metrics
 from deepseek_checkpoint import deepseek_config_json, moe_layer_tensors, write_checkpoint
-from oracle import oracle_moe, oracle_route
+from moe_pallas.testing.oracle import oracle_moe, oracle_route
 
 LAYER = 3
 OFFSET, NUM_LOCAL = 24, 8
@@ -29,12 +29,8 @@ PREFIX = f"model.layers.{LAYER}.mlp"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _rng(name):
-  return np.random.default_rng(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
-
-
-def _activations(name, num_tokens=48):
-  return jnp.asarray(_rng(name).standard_normal((num_tokens, SMALL.hidden)), jnp.bfloat16)
+def _activations(rng, num_tokens=48):
+  return jnp.asarray(rng.standard_normal((num_tokens, SMALL.hidden)), jnp.bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +99,8 @@ def test_import_moe_pallas_does_not_import_flax():
   assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_activation_quantization_is_1x128_fp8(model, request):
-  x = _activations(request.node.name)
+def test_activation_quantization_is_1x128_fp8(model, rng):
+  x = _activations(rng)
   values, scales = model.quantize_activations(x)
   assert values.dtype == jnp.float8_e4m3fn and values.shape == x.shape
   assert scales.dtype == jnp.float32 and scales.shape == (SMALL.hidden // 128, x.shape[0])  # public [H/B, T]
@@ -116,12 +112,12 @@ def test_activation_quantization_is_1x128_fp8(model, request):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_module_matches_oracle(ckpt, model, shared, request):
+def test_module_matches_oracle(ckpt, model, shared, rng, request):
   path, tensors = ckpt
   module = model if shared else DeepSeekMoE.from_checkpoint(
       path, LAYER, local_expert_offset=OFFSET, num_local_experts=NUM_LOCAL, include_shared=False,
       implementation="xla")
-  x = _activations(request.node.name)
+  x = _activations(rng)
   out = module(x)
   ref, local_pairs = _reference(module, tensors, x, shared=shared)
   assert local_pairs > 0
@@ -132,12 +128,12 @@ def test_module_matches_oracle(ckpt, model, shared, request):
                                 np.asarray(out).view(np.uint16))
 
 
-def test_module_kernel_path_in_interpret_mode(ckpt, request):
+def test_module_kernel_path_in_interpret_mode(ckpt, rng, request):
   """implementation= and interpret= reach moe_layer: the Pallas kernels (interpret mode) against the oracle."""
   path, tensors = ckpt
   module = DeepSeekMoE.from_checkpoint(path, LAYER, local_expert_offset=OFFSET, num_local_experts=NUM_LOCAL,
                                        include_shared=False, implementation="triton", interpret=True)
-  x = _activations(request.node.name, 24)
+  x = _activations(rng, 24)
   out = np.asarray(module(x))
   metrics = acceptance_metrics(out, _reference(module, tensors, x, shared=False)[0])
   print(f"{request.node.name}: matched={metrics['matched_ratio']:.4f} rel_l2={metrics['rel_l2']:.3e}")
@@ -145,14 +141,14 @@ def test_module_kernel_path_in_interpret_mode(ckpt, request):
   assert metrics["passed"] and metrics["rel_l2"] < 3.5e-2, metrics
 
 
-def test_module_under_nnx_jit(ckpt, model, request):
-  x = _activations(request.node.name)
+def test_module_under_nnx_jit(ckpt, model, rng, request):
+  x = _activations(rng)
   out = nnx.jit(lambda m, x: m(x))(model, x)
   _check(np.asarray(out), _reference(model, ckpt[1], x, shared=True)[0], request.node.name)
 
 
-def test_linen_bridge_gives_the_same_output(model, request):
-  x = _activations(request.node.name)
+def test_linen_bridge_gives_the_same_output(model, rng):
+  x = _activations(rng)
   linen_model = to_linen(config=model.config, local_expert_offset=OFFSET, shared_intermediate=SHARED_I,
                          implementation="xla")
   variables = linen_variables(model)
@@ -168,8 +164,8 @@ def test_linen_bridge_gives_the_same_output(model, request):
                                 np.asarray(out).view(np.uint16))
 
 
-def test_linen_bridge_under_jit(model, request):
-  x = _activations(request.node.name)
+def test_linen_bridge_under_jit(model, rng):
+  x = _activations(rng)
   linen_model = to_linen(config=model.config, local_expert_offset=OFFSET, shared_intermediate=SHARED_I,
                          implementation="xla")
   out = jax.jit(linen_model.apply)(linen_variables(model), x)
@@ -210,8 +206,8 @@ def test_state_fp8_experts_are_non_trainable_and_sharded_on_expert_axis():
     assert leaf.sharding.spec == jax.P("expert", None, None)
 
 
-def test_under_a_mesh_experts_are_created_sharded(ckpt, model, request):
-  x = _activations(request.node.name)
+def test_under_a_mesh_experts_are_created_sharded(ckpt, model, rng):
+  x = _activations(rng)
   with jax.set_mesh(jax.make_mesh((1,), ("expert",))):
     sharded = DeepSeekMoE.from_checkpoint(ckpt[0], LAYER, local_expert_offset=OFFSET, num_local_experts=NUM_LOCAL,
                                           implementation="xla")
@@ -241,11 +237,44 @@ def test_rejects_bad_arguments(model):
     DeepSeekMoE.from_weights(None, config=SMALL)
 
 
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(local_expert_offset=8.7), TypeError, "local_expert_offset must be an int, got float 8.7"),
+    (dict(local_expert_offset="8"), TypeError, "local_expert_offset must be an int, got str '8'"),
+    (dict(local_expert_offset=True), TypeError, "local_expert_offset must be an int, got bool"),
+    (dict(local_expert_offset=-1), ValueError, "local_expert_offset must be in [0, 24]"),
+    (dict(routed_scaling_factor="2.5"), TypeError, "routed_scaling_factor must be a real number, got str"),
+    (dict(routed_scaling_factor=float("nan")), ValueError, "routed_scaling_factor must be finite"),
+    (dict(shared_intermediate=-128), ValueError, "shared_intermediate must be >= 0"),
+    (dict(implementation="pallas"), ValueError, "implementation must be one of ('xla', 'triton') or None"),
+    (dict(ep_strategy="alltoall"), ValueError, "ep_strategy must be one of"),
+])
+def test_constructor_rejects_bad_arguments_at_construction(kwargs, error, message):
+  """Issue 9: checked when the module is built, never truncated (8.7 is not expert 8) nor left to the call."""
+  with pytest.raises(error, match=re.escape(message)):
+    DeepSeekMoE(config=SMALL, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_dtype_and_param_dtype_follow_flax_conventions():
+  default = DeepSeekMoE(config=SMALL, rngs=nnx.Rngs(0), shared_intermediate=SHARED_I)
+  assert default.router_weight.get_value().dtype == jnp.float32
+  assert default.shared_expert.down.get_value().dtype == jnp.bfloat16
+  both = DeepSeekMoE(config=SMALL, rngs=nnx.Rngs(0), shared_intermediate=SHARED_I, param_dtype=jnp.float32,
+                     dtype=jnp.float32)
+  assert both.router_weight.get_value().dtype == jnp.float32
+  assert both.shared_expert.gate_up.get_value().dtype == jnp.float32
+  assert both(jnp.ones((2, SMALL.hidden), jnp.bfloat16)).dtype == jnp.float32
+  # The names before param_dtype still set one part each, and win over param_dtype for it.
+  aliased = DeepSeekMoE(config=SMALL, rngs=nnx.Rngs(0), shared_intermediate=SHARED_I, param_dtype=jnp.bfloat16,
+                        router_dtype=jnp.float32)
+  assert aliased.router_weight.get_value().dtype == jnp.float32
+  assert aliased.shared_expert.down.get_value().dtype == jnp.bfloat16
+
+
 _EXPERT_PARALLEL_WORKER = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from moe_pallas.nnx import DeepSeekMoE
+    from moe_pallas.flax_module import DeepSeekMoE
     path, layer = sys.argv[1], int(sys.argv[2])
     x = jnp.asarray(np.random.default_rng(0).standard_normal((40, 256)), jnp.bfloat16)
     single = DeepSeekMoE.from_checkpoint(path, layer, implementation="xla")
