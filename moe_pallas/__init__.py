@@ -2,7 +2,7 @@
 
 from moe_pallas.all_experts import moe_layer_all_experts
 from moe_pallas.config import DEEPSEEK_V3, SMALL, MoEConfig
-from moe_pallas.layer import IMPLEMENTATIONS, apply_local_experts, moe_layer
+from moe_pallas.layer import IMPLEMENTATIONS, InferenceOnlyError, apply_local_experts, moe_layer
 from moe_pallas.quant import BlockScaledArray, dequantize, quantize_blockwise
 from moe_pallas.routing import RoutingPlan, plan_local, route
 from moe_pallas.sharding import moe_layer_sharded
@@ -10,7 +10,7 @@ from moe_pallas.sharding import moe_layer_sharded
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockScaledArray", "DEEPSEEK_V3", "IMPLEMENTATIONS", "MoEConfig", "RoutingPlan", "SMALL",
+    "BlockScaledArray", "DEEPSEEK_V3", "IMPLEMENTATIONS", "InferenceOnlyError", "MoEConfig", "RoutingPlan", "SMALL",
     "apply_local_experts", "dequantize", "moe_layer", "moe_layer_all_experts", "moe_layer_sharded", "plan_local",
     "quantize_blockwise", "route",
 ]

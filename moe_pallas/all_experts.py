@@ -11,7 +11,7 @@ from moe_pallas import validation
 from moe_pallas.config import MoEConfig
 from moe_pallas.layer import local_expert_outputs
 from moe_pallas.quant import LocalExperts
-from moe_pallas.routing import grouped_topk, sort_local_pairs
+from moe_pallas.routing import grouped_topk, nan_poison, sort_local_pairs
 from moe_pallas.validation import Checked
 
 
@@ -60,4 +60,5 @@ def _all_experts_program(routing_logits, routing_bias, hidden_states, hidden_sta
     plan = sort_local_pairs(topk_ids, topk_weights, local_expert_offset=first, num_local_experts=num_local)
     out = out + local_expert_outputs(hidden_states, hidden_states_scale,
                                      experts.select(slice(first, first + num_local)), plan, checked=checked)
-  return out.astype(jnp.bfloat16)
+  # The NaN poison (routing.nan_poison), added once to the float32 sum, as moe_layer does.
+  return (out + nan_poison(routing_logits, routing_bias)[:, None]).astype(jnp.bfloat16)

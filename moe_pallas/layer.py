@@ -12,11 +12,42 @@ import jax
 import jax.numpy as jnp
 
 from moe_pallas import reference, validation
+from moe_pallas.config import MoEConfig
 from moe_pallas.quant import LocalExperts
-from moe_pallas.routing import RoutingPlan, grouped_topk, sort_local_pairs
+from moe_pallas.routing import RoutingPlan, grouped_topk, nan_poison, sort_local_pairs
 from moe_pallas.validation import IMPLEMENTATIONS, Checked, resolve_implementation
 
-__all__ = ["IMPLEMENTATIONS", "apply_local_experts", "local_expert_outputs", "moe_layer", "resolve_implementation"]
+__all__ = ["IMPLEMENTATIONS", "InferenceOnlyError", "apply_local_experts", "inference_only", "local_expert_outputs",
+           "moe_layer", "resolve_implementation"]
+
+
+class InferenceOnlyError(TypeError):
+  """Raised when JAX differentiates through the layer (jax.grad, jax.vjp, jax.jvp, jax.linearize)."""
+
+
+INFERENCE_ONLY_MESSAGE = (
+    "the moe_pallas MoE layer (moe_layer, apply_local_experts, moe_layer_sharded, moe_layer_all_experts) is "
+    "inference-only: it defines no gradient on either implementation ('xla' or 'triton'), so jax.grad, jax.vjp, "
+    "jax.jvp and jax.linearize cannot differentiate through it. Apply jax.lax.stop_gradient to its inputs if the "
+    "rest of the model is being differentiated and no gradient needs to flow through the layer.")
+
+
+def inference_only(fn):
+  """`fn(static, *operands)` as a `jax.custom_jvp` whose derivative rule raises `InferenceOnlyError`.
+
+  Forward-mode and reverse-mode differentiation both go through the JVP rule, so jax.grad, jax.vjp, jax.jvp
+  and jax.linearize all raise the same error, on every implementation, instead of returning gradients of the
+  "xla" path's jnp code (which the kernels could not match) or failing inside Pallas. The rule runs only
+  when a nonzero tangent reaches the layer: inputs behind `jax.lax.stop_gradient` pass.
+  """
+  wrapped = jax.custom_jvp(fn, nondiff_argnums=(0,))
+
+  def raise_inference_only(static, primals, tangents):
+    del static, primals, tangents
+    raise InferenceOnlyError(INFERENCE_ONLY_MESSAGE)
+
+  wrapped.defjvp(raise_inference_only)
+  return wrapped
 
 
 def apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
@@ -55,7 +86,16 @@ def apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1
 
 def local_expert_outputs(hidden_states, hidden_states_scale, experts: LocalExperts, plan: RoutingPlan, *,
                          checked: Checked):
-  """`apply_local_experts`' computation from checked inputs: the core that every layer entry traces."""
+  """`apply_local_experts`' computation from checked inputs: the core that every layer entry traces.
+
+  Inference-only (see `inference_only`): differentiating through it raises `InferenceOnlyError`.
+  """
+  return _local_expert_outputs(checked, hidden_states, hidden_states_scale, experts, plan)
+
+
+@inference_only
+def _local_expert_outputs(checked: Checked, hidden_states, hidden_states_scale, experts: LocalExperts,
+                          plan: RoutingPlan):
   if checked.implementation == "triton":
     from moe_pallas.kernels import grouped_moe  # the kernel tier imports Pallas internals: load it on use
     try:
@@ -76,6 +116,15 @@ def _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_state
                        local_expert_offset, routed_scaling_factor, *, checked: Checked):
   local_expert_offset = jnp.asarray(local_expert_offset, jnp.int32)
   routed_scaling_factor = jnp.asarray(routed_scaling_factor, jnp.float32)
+  return _moe_layer_core(checked, routing_logits, routing_bias, hidden_states, hidden_states_scale, experts,
+                         local_expert_offset, routed_scaling_factor)
+
+
+@inference_only
+def _moe_layer_core(checked: Checked, routing_logits, routing_bias, hidden_states, hidden_states_scale,
+                    experts: LocalExperts, local_expert_offset, routed_scaling_factor):
+  """The traced layer. Each implementation adds `nan_poison` to every float32 output row before rounding:
+  the kernels in their combine kernel, the xla path here."""
   config = checked.config
   if checked.implementation == "triton":
     from moe_pallas.kernels import grouped_moe  # the kernel tier imports Pallas internals: load it on use
@@ -92,9 +141,9 @@ def _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_state
                                         routed_scaling_factor=routed_scaling_factor)
   plan = sort_local_pairs(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
                           num_local_experts=config.num_local_experts)
-  # Both implementations sum in float32 and round to bf16 once, at their last step.
-  return reference.apply_local_experts_xla(hidden_states, hidden_states_scale, experts, plan,
-                                           out_dtype=checked.out_dtype)
+  # Both implementations sum in float32, add the NaN poison and round to bf16 once, at their last step.
+  out = reference.apply_local_experts_xla(hidden_states, hidden_states_scale, experts, plan, out_dtype=jnp.float32)
+  return (out + nan_poison(routing_logits, routing_bias)[:, None]).astype(checked.out_dtype)
 
 
 def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
@@ -124,12 +173,16 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
       on the kernel path.
 
   Returns:
-    [T, H] bfloat16; a token with no local expert gets an all-zero row.
+    [T, H] bfloat16; a token with no local expert gets an all-zero row. Non-finite inputs (README, "Non-finite
+    inputs"): a NaN in routing_logits[t] makes row t all NaN, a NaN in routing_bias makes every row NaN
+    (`routing.nan_poison`), so a NaN never silently reroutes; +-inf logits are valid (the sigmoid saturates).
 
   Raises:
     ValueError / TypeError naming the argument, the expected and the received value, for a wrong rank,
     shape, dtype, size that is not a multiple of 128, scale layout, or (when concrete) out-of-range
-    offset or non-finite scaling factor.
+    offset or non-finite scaling factor. The scale layout is checked by shape only: when T = H/128 the two
+    layouts have the same shape and a [T, H/128] array is taken as [H/128, T] (README).
+    InferenceOnlyError (a TypeError) when differentiated: the layer is inference-only.
   """
   checked = validation.check_layer(
       routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,

@@ -95,6 +95,32 @@ def grouped_topk(routing_logits: jax.Array, routing_bias: jax.Array, *, config: 
   return topk_ids.astype(jnp.int32), topk_weights
 
 
+def nan_poison(routing_logits: jax.Array, routing_bias: jax.Array) -> jax.Array:
+  """[T] float32: NaN for tokens whose routing inputs hold a NaN, else 0.0. Every layer adds it to each row.
+
+  Routing is discrete, and a NaN in its inputs would otherwise pick experts silently (a comparison with NaN
+  is false, so top-k just skips or keeps it), giving finite but wrong rows. The layer instead adds this
+  vector to every element of each token's float32 output row, before the bf16 rounding: 0.0 changes
+  nothing (x + 0.0 == x; -0.0 + 0.0 is +0.0, which compares equal), NaN turns the whole row NaN.
+
+  - A NaN in `routing_logits[t]` poisons token t only.
+  - A NaN anywhere in `routing_bias` enters every token's selection, so it poisons every token.
+  - +-inf logits are valid (the sigmoid saturates to 1 or 0) and poison nothing.
+  - A +-inf bias is not NaN and poisons nothing: it is outside SPEC.md's inputs (the checkpoint loader
+    rejects it); the layer does not look for it.
+
+  Args:
+    routing_logits: [T, E] float.
+    routing_bias: [E] float (bfloat16 or float32).
+
+  Returns:
+    [T] float32 of 0.0 and NaN. Pure and shape-static: computed on device, no host read.
+  """
+  bias_has_nan = jnp.any(jnp.isnan(routing_bias))
+  token_has_nan = jnp.any(jnp.isnan(routing_logits), axis=-1)
+  return jnp.where(token_has_nan | bias_has_nan, jnp.float32(jnp.nan), jnp.float32(0.0))
+
+
 class RoutingPlan(NamedTuple):
   """This rank's (token, expert) pairs, sorted by local expert. R = T * top_k rows of capacity.
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from moe_pallas.layer import local_expert_outputs
+from moe_pallas.layer import inference_only, local_expert_outputs
 from moe_pallas.quant import LocalExperts
-from moe_pallas.routing import grouped_topk, sort_local_pairs
+from moe_pallas.routing import grouped_topk, nan_poison, sort_local_pairs
 from moe_pallas.sharding.dispatch import DispatchStats, bucket_slots, ragged_layout
 from moe_pallas.validation import Checked
 
@@ -149,6 +149,10 @@ def _shard_program(routing_logits, routing_bias, hidden_states, hidden_states_sc
     out = jax.lax.cond(fell_back, all_gather_dispatch, all_to_all_dispatch)
   else:
     out = ragged_dispatch()
+  # The NaN poison (routing.nan_poison) of this shard's own tokens, added once, by the shard that owns the
+  # token, to its combined float32 row: a token whose logits (or the bias) hold a NaN comes out all NaN, as
+  # in moe_layer. Padding tokens have zero logits; their rows are dropped.
+  out = out + nan_poison(routing_logits, routing_bias)[:, None]
   capacity = st.capacity if st.strategy == "all_to_all" else num_tokens
   stats = DispatchStats(fell_back=fell_back, max_bucket_tokens=max_bucket,
                         capacity=jnp.asarray(capacity, jnp.int32))
@@ -158,8 +162,20 @@ def _shard_program(routing_logits, routing_bias, hidden_states, hidden_states_sc
 @functools.partial(jax.jit, static_argnames=("mesh", "st"))
 def sharded_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, experts: LocalExperts,
                     routed_scaling_factor, *, mesh, st: ShardStatic):
-  """The whole sharded layer for checked inputs: pad the tokens, `shard_map` the per-shard program."""
+  """The whole sharded layer for checked inputs: pad the tokens, `shard_map` the per-shard program.
+
+  Inference-only as a whole (`layer.inference_only`): the token rows travel as bytes (bitcasts), which would
+  otherwise cut every tangent and give silent zero gradients instead of the layer's error.
+  """
   routed_scaling_factor = jnp.asarray(routed_scaling_factor, jnp.float32)  # inside: no extra program per call
+  return _sharded_core((mesh, st), routing_logits, routing_bias, hidden_states, hidden_states_scale, experts,
+                       routed_scaling_factor)
+
+
+@inference_only
+def _sharded_core(static, routing_logits, routing_bias, hidden_states, hidden_states_scale, experts: LocalExperts,
+                  routed_scaling_factor):
+  mesh, st = static
   num_tokens = routing_logits.shape[0]
   num_token_shards = math.prod(mesh.shape[a] for a in st.token_axes)
   padded = -(-num_tokens // num_token_shards) * num_token_shards
