@@ -10,7 +10,7 @@ import pytest
 
 import moe_pallas as mp
 from moe_pallas import reference, testing
-from moe_pallas.kernels import combine, fp8_dot, grouped_gemm, grouped_moe, schedule, tiling
+from moe_pallas.kernels import combine, grouped_gemm, grouped_moe, schedule, tiling, triton_internals
 from moe_pallas.testing.oracle import oracle_moe
 
 # A second small preset with other group geometry: 64 experts in 8 groups (keep 3), 16 local, top-6.
@@ -29,9 +29,9 @@ def _plan(inputs, config, offset, factor=2.5):
 
 
 def test_dot_primitives_are_registered_with_pallas_triton():
-  fp8_dot.check_pallas_triton_internals()
+  triton_internals.check_pallas_triton_internals()
   from jax._src.pallas.triton import lowering
-  for primitive in (fp8_dot.dot_acc_p, fp8_dot.dot_nt_p, fp8_dot.fma_p):
+  for primitive in (triton_internals.dot_nt_p, triton_internals.fma_p):
     assert primitive in lowering.triton_lowering_rules, primitive
 
 
@@ -41,11 +41,10 @@ def test_dot_primitives_match_jnp(seed):
   b = testing.inputs._fp8_normal(k[1], (32, 128))
   acc = jax.random.normal(k[2], (64, 32))
   want = np.asarray(a, np.float64) @ np.asarray(b, np.float64).T
-  np.testing.assert_allclose(fp8_dot.dot_nt(a, b), want, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(fp8_dot.dot_acc(a, b, acc), want + np.asarray(acc), rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(fp8_dot.fma(acc, 2.0, acc), 3 * np.asarray(acc), rtol=1e-6)
+  np.testing.assert_allclose(triton_internals.dot_nt(a, b), want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(triton_internals.fma(acc, 2.0, acc), 3 * np.asarray(acc), rtol=1e-6)
   with pytest.raises(ValueError, match="b \\[N, K\\]"):
-    fp8_dot.dot_nt(a, b.T)
+    triton_internals.dot_nt(a, b.T)
 
 
 # ---- the tile schedule ---------------------------------------------------------------------------------
@@ -155,12 +154,12 @@ def test_combine_matches_jnp(seed, num_tokens):
   key = jax.random.key(seed)
   num_rows, hidden, top_k = 96, 256, 4
   rows = jax.random.normal(key, (num_rows, hidden))
-  pair_row = jax.random.randint(jax.random.fold_in(key, 1), (num_tokens, top_k), 0, num_rows + 1)
-  got = combine.combine_rows(rows, pair_row, interpret=True)
-  r, p = np.asarray(rows, np.float64), np.asarray(pair_row)
+  pair_padded_row = jax.random.randint(jax.random.fold_in(key, 1), (num_tokens, top_k), 0, num_rows + 1)
+  got = combine.combine_rows(rows, pair_padded_row, interpret=True)
+  r, p = np.asarray(rows, np.float64), np.asarray(pair_padded_row)
   want = np.stack([sum((r[i] for i in p[t] if i < num_rows), np.zeros(hidden)) for t in range(num_tokens)])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
-  bf16 = combine.combine_rows(rows, pair_row, out_dtype=jnp.bfloat16, interpret=True)
+  bf16 = combine.combine_rows(rows, pair_padded_row, out_dtype=jnp.bfloat16, interpret=True)
   assert bf16.dtype == jnp.bfloat16
   np.testing.assert_array_equal(bf16, jnp.asarray(got).astype(jnp.bfloat16))  # rounded once, from float32
 
@@ -235,9 +234,9 @@ def test_expert_chunking_for_int32_offsets_is_exact(seed, monkeypatch):
   whole = mp.moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
                        implementation="triton", interpret=True)
   per_expert = 2 * config.intermediate * config.hidden  # W13 elements of one expert
-  monkeypatch.setattr(grouped_gemm, "_INT32_OFFSET_LIMIT", 3 * per_expert)  # 2 experts per W13 call
-  assert grouped_gemm._per_expert_chunks(inputs.gemm1_weights) == [(0, 2), (2, 4), (4, 6), (6, 8)]
-  assert len(grouped_gemm._per_expert_chunks(inputs.gemm2_weights)) == 2  # W2 is half of W13
+  monkeypatch.setattr(triton_internals, "_INT32_OFFSET_LIMIT", 3 * per_expert)  # 2 experts per W13 call
+  assert triton_internals.per_expert_chunks(inputs.gemm1_weights) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+  assert len(triton_internals.per_expert_chunks(inputs.gemm2_weights)) == 2  # W2 is half of W13
   chunked = mp.moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
                          implementation="triton", interpret=True)
   np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
@@ -260,10 +259,10 @@ def test_best_available_falls_back_to_xla_where_kernels_cannot_run(seed, monkeyp
 
 
 def test_int32_offset_overflow_rule():
-  assert not grouped_gemm.int32_offsets_overflow((32, 4096, 7168), jnp.float8_e4m3fn)   # 0.94 GB
-  assert grouped_gemm.int32_offsets_overflow((128, 4096, 7168), jnp.float8_e4m3fn)      # 3.76 GB
-  assert not grouped_gemm.int32_offsets_overflow((256, 4096, 7168), jnp.float8_e4m3fn)  # 7.5 GB: int64
-  assert not grouped_gemm.int32_offsets_overflow((300_000, 7168), jnp.float32)          # 8.6 GB: int64
+  assert not triton_internals.int32_offsets_overflow((32, 4096, 7168), jnp.float8_e4m3fn)   # 0.94 GB
+  assert triton_internals.int32_offsets_overflow((128, 4096, 7168), jnp.float8_e4m3fn)      # 3.76 GB
+  assert not triton_internals.int32_offsets_overflow((256, 4096, 7168), jnp.float8_e4m3fn)  # 7.5 GB: int64
+  assert not triton_internals.int32_offsets_overflow((300_000, 7168), jnp.float32)          # 8.6 GB: int64
 
 
 def test_untouched_experts_are_never_read(seed):

@@ -1,7 +1,7 @@
 """Combine: each token's weighted expert rows summed in float32, as a Pallas kernel.
 
-out[t] = sum over t's local picks j of rows[pair_row[j, t]]. A gather with masked loads: a pick that is
-not local (pair_row = num_rows) reads nothing, so the kernel moves only the rows that exist, once, and
+out[t] = sum over t's local picks j of rows[pair_padded_row[j, t]]. A gather with masked loads: a pick that is
+not local (pair_padded_row = num_rows) reads nothing, so the kernel moves only the rows that exist, once, and
 writes every output row (zeros for tokens with no local pick). Deterministic: a fixed summation order.
 XLA's gather cannot skip the non-local picks, and its scatter-add would read every padded row.
 """
@@ -19,7 +19,7 @@ from jax.experimental.pallas import triton as pltriton
 from moe_pallas.kernels.tiling import CombineTiling
 
 
-def _combine_kernel(pair_row_ref, rows_ref, out_ref, *, num_tokens, top_k, tiling):
+def _combine_kernel(pair_padded_row_ref, rows_ref, out_ref, *, num_tokens, top_k, tiling):
   # Whole-array (gather) indices everywhere: masked loads with mixed slice/array indices have no
   # interpret-mode rule, and these lower to the same coalesced pointer arithmetic in Triton.
   bt, bh = tiling.block_t, tiling.block_h
@@ -29,8 +29,8 @@ def _combine_kernel(pair_row_ref, rows_ref, out_ref, *, num_tokens, top_k, tilin
   num_rows = rows_ref.shape[0]
   acc = jnp.zeros((bt, bh), jnp.float32)
   for j in range(top_k):
-    row = pltriton.load(pair_row_ref.at[j * num_tokens + jnp.minimum(tokens, num_tokens - 1)], mask=token_ok,
-                        other=num_rows)
+    row = pltriton.load(pair_padded_row_ref.at[j * num_tokens + jnp.minimum(tokens, num_tokens - 1)],
+                        mask=token_ok, other=num_rows)
     picked = jnp.broadcast_to((row < num_rows)[:, None], (bt, bh))
     safe_row = jnp.minimum(row, num_rows - 1)
     acc += pltriton.load(rows_ref.at[safe_row[:, None], cols[None, :]], mask=picked, other=0.0)
@@ -40,20 +40,20 @@ def _combine_kernel(pair_row_ref, rows_ref, out_ref, *, num_tokens, top_k, tilin
   pltriton.store(out_ref.at[tokens[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=store_ok)
 
 
-def combine_rows(rows: jax.Array, pair_row: jax.Array, *, out_dtype=jnp.float32,
+def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, out_dtype=jnp.float32,
                  tiling: CombineTiling = CombineTiling(), interpret=False) -> jax.Array:
   """Sums each token's rows.
 
   Args:
     rows: [num_rows, H] float32 weighted expert outputs.
-    pair_row: [T, top_k] int32, the row of pick (t, j), or num_rows where the pick is not local
+    pair_padded_row: [T, top_k] int32, the row of pick (t, j), or num_rows where the pick is not local
       (passed to the kernel as [top_k * T], so that one pick of a token tile is one contiguous load).
     out_dtype: float32 or bfloat16 (rounded once, after the float32 sum).
 
   Returns:
     [T, H] out_dtype.
   """
-  num_tokens, top_k = pair_row.shape
+  num_tokens, top_k = pair_padded_row.shape
   hidden = rows.shape[1]
   # Triton tensors have power-of-two sizes: the largest power of two dividing H (H = 384 gives 128).
   tiling = dataclasses.replace(tiling, block_h=min(tiling.block_h, hidden & -hidden))
@@ -62,4 +62,4 @@ def combine_rows(rows: jax.Array, pair_row: jax.Array, *, out_dtype=jnp.float32,
       kernel, out_shape=jax.ShapeDtypeStruct((num_tokens, hidden), out_dtype),
       grid=(pl.cdiv(num_tokens, tiling.block_t), hidden // tiling.block_h), interpret=interpret,
       name="moe_combine", compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
-  )(pair_row.T.reshape(-1), rows)
+  )(pair_padded_row.T.reshape(-1), rows)

@@ -12,67 +12,17 @@ Scales: activations 1x128 (stored [K/128, rows] so a tile's scales are one conti
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from moe_pallas.kernels.fp8_dot import dot_nt, fma
-from moe_pallas.kernels.tiling import SCALE_BLOCK as _SCALE_BLOCK, GemmTiling
+from moe_pallas.config import SCALE_BLOCK as _SCALE_BLOCK
+from moe_pallas.kernels.tiling import GemmTiling
+from moe_pallas.kernels.triton_internals import dot_nt, fma, run_per_expert_chunk
 # The epilogue quantizes as quant.quantize_blockwise does (amax / 448, amax floor), so both agree.
 from moe_pallas.quant import AMAX_FLOOR as _AMAX_FLOOR, FP8_DTYPE, FP8_MAX as _FP8_MAX
-
-
-
-# Pallas-Triton's offset arithmetic (jax 0.11.2, lowering.py `_compute_offsets_from_indices`): int32
-# element offsets unless the array is larger than this many bytes.
-_INT64_OFFSETS_ABOVE_BYTES = 2**32
-_INT32_OFFSET_LIMIT = 2**31
-
-
-def int32_offsets_overflow(shape, dtype) -> bool:
-  """Whether Pallas-Triton (jax 0.11.2) would index an array of this shape with overflowing int32 offsets.
-
-  Its lowering switches to 64-bit element offsets only above 2**32 BYTES, while int32 holds element
-  offsets below 2**31: a 1-byte array of 2**31 .. 2**32 bytes (e.g. W13 of more than 73 DeepSeek-V3
-  experts) would be read at wrapped addresses.
-  """
-  elements = math.prod(shape)
-  return elements >= _INT32_OFFSET_LIMIT and elements * jnp.dtype(dtype).itemsize <= _INT64_OFFSETS_ABOVE_BYTES
-
-
-def _per_expert_chunks(weights) -> list[tuple[int, int]]:
-  """Expert ranges whose weight slices stay clear of the int32 offset overflow (one range if possible)."""
-  num_experts = weights.shape[0]
-  if not int32_offsets_overflow(weights.shape, weights.dtype):
-    return [(0, num_experts)]
-  per_call = max(1, (_INT32_OFFSET_LIMIT - 1) // math.prod(weights.shape[1:]))
-  return [(start, min(start + per_call, num_experts)) for start in range(0, num_experts, per_call)]
-
-
-def _run_per_expert_chunk(run, tile_expert, weights, row_axes, block_m):
-  """`run(tile_expert, start, stop)` once per expert chunk, results merged by the tiles each chunk owns.
-
-  `row_axes` gives, per output, the axis that holds rows. Only calls whose weights would overflow int32
-  offsets are split; each split call reads a sliced copy of its experts' weights, a cost paid only there.
-  """
-  chunks = _per_expert_chunks(weights)
-  if len(chunks) == 1:
-    return run(tile_expert, 0, weights.shape[0])
-  merged = None
-  for start, stop in chunks:
-    in_chunk = (tile_expert >= start) & (tile_expert < stop)
-    outs = run(jnp.where(in_chunk, tile_expert - start, stop - start), start, stop)
-    if merged is None:
-      merged = outs
-      continue
-    row_in_chunk = jnp.repeat(in_chunk, block_m)
-    merged = tuple(
-        jnp.where(jnp.expand_dims(row_in_chunk, 1 - axis) if out.ndim == 2 else row_in_chunk, out, old)
-        for out, old, axis in zip(outs, merged, row_axes))
-  return merged
 
 
 def _tile_coordinates(num_m_tiles: int, num_n_tiles: int, group_m: int):
@@ -180,16 +130,13 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
         compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
     )(chunk_tile_expert, row_token, a, a_scale, w13[start:stop], w13_scale[start:stop]))
 
-  outs = _run_per_expert_chunk(run, tile_expert, w13, (0, 1), tiling.block_m)
+  outs = run_per_expert_chunk(run, tile_expert, w13, (0, 1), tiling.block_m)
   return (outs[0], outs[1]) if quantize_output else (outs[0], None)
 
 
-def _gemm2_kernel(tile_expert_ref, c_ref, *refs, num_m_tiles, num_n_tiles, num_k_steps, num_local_experts,
-                  tiling, scaled_input):
-  if scaled_input:
-    c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref = refs
-  else:
-    w_ref, w_scale_ref, row_weight_ref, out_ref = refs
+def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref, *, num_m_tiles,
+                  num_n_tiles, num_k_steps, num_local_experts, tiling):
+  scaled_input = c_scale_ref is not None  # None: a bf16 intermediate, no activation scales
   i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
   expert = tile_expert_ref[i]
 
@@ -244,10 +191,8 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
   def run(chunk_tile_expert, start, stop):
     kernel = functools.partial(
         _gemm2_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
-        num_k_steps=intermediate // tiling.block_k, num_local_experts=stop - start, tiling=tiling,
-        scaled_input=scaled_input)
-    operands = ([chunk_tile_expert, c] + ([c_scale] if scaled_input else [])
-                + [w2[start:stop], w2_scale[start:stop], row_weight])
+        num_k_steps=intermediate // tiling.block_k, num_local_experts=stop - start, tiling=tiling)
+    operands = (chunk_tile_expert, c, c_scale, w2[start:stop], w2_scale[start:stop], row_weight)
     return (pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((num_rows, hidden), jnp.float32),
         grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
@@ -255,4 +200,4 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
         compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
     )(*operands),)
 
-  return _run_per_expert_chunk(run, tile_expert, w2, (0,), tiling.block_m)[0]
+  return run_per_expert_chunk(run, tile_expert, w2, (0,), tiling.block_m)[0]

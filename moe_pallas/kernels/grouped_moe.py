@@ -17,10 +17,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from moe_pallas.config import MoEConfig
-from moe_pallas.kernels import combine, fp8_dot, fused_routing, grouped_gemm
+from moe_pallas.kernels import combine, fused_routing, grouped_gemm, triton_internals
 from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule
 from moe_pallas.kernels.tiling import MoETiling, default_tiling
-from moe_pallas.routing import RoutingPlan, plan_local, route
+from moe_pallas.routing import RoutingPlan, grouped_topk, sort_local_pairs
 
 
 def _tiling_for(tiling, num_tokens, top_k, num_local, intermediate_dtype) -> MoETiling:
@@ -39,7 +39,7 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
   for name, shape, dtype in (("hidden_states", hidden_states.shape, hidden_states.dtype),
                              ("the [rows, I] SwiGLU output", (schedule.num_rows, gemm2_weights.shape[2]),
                               intermediate_dtype)):
-    if grouped_gemm.int32_offsets_overflow(shape, dtype):
+    if triton_internals.int32_offsets_overflow(shape, dtype):
       raise NotImplementedError(
           f"implementation='triton' cannot index {name} of shape {list(shape)} ({jnp.dtype(dtype).name}: "
           f"2**31 elements or more in 2**32 bytes or fewer overflow Pallas-Triton's int32 offsets at "
@@ -67,7 +67,7 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
     NotImplementedError: the Pallas-Triton internals moved, or an operand is too large for its int32
       offsets; `implementation=None` then falls back to the xla path.
   """
-  fp8_dot.check_pallas_triton_internals()
+  triton_internals.check_pallas_triton_internals()
   num_tokens, hidden = hidden_states.shape
   if num_tokens == 0:
     return jnp.zeros((0, hidden), out_dtype)
@@ -94,7 +94,7 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
   Raises:
     NotImplementedError: as `apply_local_experts_triton`.
   """
-  fp8_dot.check_pallas_triton_internals()
+  triton_internals.check_pallas_triton_internals()
   num_tokens, hidden = hidden_states.shape
   if num_tokens == 0:
     return jnp.zeros((0, hidden), out_dtype)
@@ -109,10 +109,10 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
                                                       num_local_experts=num_local, block_m=tiling.block_m,
                                                       interpret=interpret)
   else:
-    topk_ids, topk_weights = route(routing_logits, routing_bias, config=config,
-                                   routed_scaling_factor=routed_scaling_factor)
-    plan = plan_local(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
-                      num_local_experts=num_local)
+    topk_ids, topk_weights = grouped_topk(routing_logits, routing_bias, config=config,
+                                          routed_scaling_factor=routed_scaling_factor)
+    plan = sort_local_pairs(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
+                            num_local_experts=num_local)
     schedule = make_tile_schedule(plan, block_m=tiling.block_m)
   return _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                   gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,

@@ -13,7 +13,7 @@ import dataclasses
 
 import jax
 
-SCALE_BLOCK = 128  # the FP8 scale block of SPEC.md (1x128 activations, 128x128 weights)
+from moe_pallas.config import SCALE_BLOCK  # the FP8 scale block of SPEC.md (1x128 activations, 128x128 weights)
 
 
 @dataclasses.dataclass(frozen=True)

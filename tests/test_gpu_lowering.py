@@ -1,0 +1,61 @@
+"""The kernels lower to Triton IR at DeepSeek-V3's shape, on a machine without a GPU.
+
+Interpret mode (the other kernel tests) runs the kernels' jnp semantics and never the Pallas-Triton
+lowering, where unsupported operations fail (a `stack` of more than two arrays, a mixed index, ...).
+Here every kernel of the layer is lowered for an abstract H100/H200 (`triton_internals.abstract_gpu`):
+nothing is compiled or run, so speed and numerics stay the GPU run's business.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import moe_pallas as mp
+from moe_pallas.kernels import grouped_moe, tiling, triton_internals
+
+CONFIG = mp.DEEPSEEK_V3
+ROUTING_KERNELS = ["moe_route", "moe_layout", "moe_place"]
+
+
+def _layer_shapes(num_tokens):
+  c, sd = CONFIG, jax.ShapeDtypeStruct
+  h, i, e, b = c.hidden, c.intermediate, c.num_local_experts, 128
+  return (sd((num_tokens, c.num_experts), jnp.float32), sd((c.num_experts,), jnp.bfloat16),
+          sd((num_tokens, h), jnp.float8_e4m3fn), sd((h // b, num_tokens), jnp.float32),
+          sd((e, 2 * i, h), jnp.float8_e4m3fn), sd((e, 2 * i // b, h // b), jnp.float32),
+          sd((e, h, i), jnp.float8_e4m3fn), sd((e, h // b, i // b), jnp.float32),
+          sd((), jnp.int32), sd((), jnp.float32))
+
+
+def _lowered_kernels(num_tokens, device_kind, **kwargs):
+  tiles = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind=device_kind)
+  layer = lambda *args: grouped_moe.moe_layer_triton(*args, config=CONFIG, tiling=tiles, **kwargs)
+  with triton_internals.abstract_gpu(device_kind):
+    text = jax.jit(layer).trace(*_layer_shapes(num_tokens)).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == len(re.findall(r'name = "moe_', text))
+  return re.findall(r'name = "(moe_[a-z0-9_]+)"', text)
+
+
+@pytest.mark.parametrize("device_kind", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
+@pytest.mark.parametrize("num_tokens", [1, 57, 901])
+def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
+  kernels = _lowered_kernels(num_tokens, device_kind)
+  assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
+
+
+def test_large_calls_route_with_xla():
+  kernels = _lowered_kernels(2048, "NVIDIA H200")  # 16384 picks: above fused_routing.MAX_FUSED_PAIRS
+  assert kernels == ["moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
+
+
+def test_bf16_intermediate_lowers():
+  kernels = _lowered_kernels(16, "NVIDIA H200", intermediate_dtype=jnp.bfloat16)
+  assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_bf16", "moe_gemm2_bf16", "moe_combine"]
+
+
+def test_abstract_gpu_rejects_unknown_devices():
+  with pytest.raises(ValueError, match="not a GPU that Pallas-Triton knows"):
+    with triton_internals.abstract_gpu("cpu"):
+      pass
