@@ -19,7 +19,7 @@ from jax.experimental.pallas import triton as pltriton
 from moe_pallas.kernels.tiling import CombineTiling
 
 
-def _combine_kernel(pair_padded_row_ref, rows_ref, out_ref, *, num_tokens, top_k, tiling):
+def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_tokens, top_k, tiling):
   # Whole-array (gather) indices everywhere: masked loads with mixed slice/array indices have no
   # interpret-mode rule, and these lower to the same coalesced pointer arithmetic in Triton.
   bt, bh = tiling.block_t, tiling.block_h
@@ -27,10 +27,13 @@ def _combine_kernel(pair_padded_row_ref, rows_ref, out_ref, *, num_tokens, top_k
   cols = pl.program_id(1) * bh + jnp.arange(bh, dtype=jnp.int32)
   token_ok = tokens < num_tokens
   num_rows = rows_ref.shape[0]
-  acc = jnp.zeros((bt, bh), jnp.float32)
+  safe_tokens = jnp.minimum(tokens, num_tokens - 1)
+  if poison_ref is None:
+    acc = jnp.zeros((bt, bh), jnp.float32)
+  else:  # NaN for tokens whose routing inputs hold a NaN (routing.nan_poison), else 0
+    acc = jnp.broadcast_to(pltriton.load(poison_ref.at[safe_tokens])[:, None], (bt, bh))
   for j in range(top_k):
-    row = pltriton.load(pair_padded_row_ref.at[j * num_tokens + jnp.minimum(tokens, num_tokens - 1)],
-                        mask=token_ok, other=num_rows)
+    row = pltriton.load(pair_padded_row_ref.at[j * num_tokens + safe_tokens], mask=token_ok, other=num_rows)
     picked = jnp.broadcast_to((row < num_rows)[:, None], (bt, bh))
     safe_row = jnp.minimum(row, num_rows - 1)
     acc += pltriton.load(rows_ref.at[safe_row[:, None], cols[None, :]], mask=picked, other=0.0)
@@ -40,14 +43,16 @@ def _combine_kernel(pair_padded_row_ref, rows_ref, out_ref, *, num_tokens, top_k
   pltriton.store(out_ref.at[tokens[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=store_ok)
 
 
-def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, out_dtype=jnp.float32,
-                 tiling: CombineTiling = CombineTiling(), interpret=False) -> jax.Array:
+def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, poison: jax.Array | None = None,
+                 out_dtype=jnp.float32, tiling: CombineTiling = CombineTiling(), interpret=False) -> jax.Array:
   """Sums each token's rows.
 
   Args:
     rows: [num_rows, H] float32 weighted expert outputs.
     pair_padded_row: [T, top_k] int32, the row of pick (t, j), or num_rows where the pick is not local
       (passed to the kernel as [top_k * T], so that one pick of a token tile is one contiguous load).
+    poison: optional [T] float32 added to every element of each token's row (0, or NaN where the token's
+      routing inputs hold a NaN: see routing.nan_poison); read once per token tile, so it costs nothing.
     out_dtype: float32 or bfloat16 (rounded once, after the float32 sum).
 
   Returns:
@@ -62,4 +67,4 @@ def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, out_dtype=jnp.f
       kernel, out_shape=jax.ShapeDtypeStruct((num_tokens, hidden), out_dtype),
       grid=(pl.cdiv(num_tokens, tiling.block_t), hidden // tiling.block_h), interpret=interpret,
       name="moe_combine", compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
-  )(pair_padded_row.T.reshape(-1), rows)
+  )(pair_padded_row.T.reshape(-1), rows, poison if poison is None else poison.astype(jnp.float32))

@@ -20,7 +20,7 @@ from moe_pallas.config import MoEConfig
 from moe_pallas.kernels import combine, fused_routing, grouped_gemm, triton_internals
 from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule
 from moe_pallas.kernels.tiling import MoETiling, default_tiling
-from moe_pallas.routing import RoutingPlan, grouped_topk, sort_local_pairs
+from moe_pallas.routing import RoutingPlan, grouped_topk, nan_poison, sort_local_pairs
 
 
 def _tiling_for(tiling, num_tokens, top_k, num_local, intermediate_dtype) -> MoETiling:
@@ -32,7 +32,7 @@ def _tiling_for(tiling, num_tokens, top_k, num_local, intermediate_dtype) -> MoE
 
 def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
              gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
-             intermediate_dtype):
+             intermediate_dtype, poison=None):
   num_tokens = hidden_states.shape[0]
   # Weights are split per expert chunk where needed (grouped_gemm); the activations and the SwiGLU
   # output are not, so their sizes are checked here rather than read at wrapped addresses.
@@ -50,7 +50,7 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
   weighted_rows = grouped_gemm.gemm2_weighted(
       schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights, gemm2_weights_scale, schedule.row_weight,
       tiling=tiling.gemm2, interpret=interpret)
-  return combine.combine_rows(weighted_rows, schedule.pair_padded_row, out_dtype=out_dtype,
+  return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, interpret=interpret)
 
 
@@ -85,6 +85,8 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
                      fused_routing_kernels: bool | None = None):
   """The whole layer (SPEC.md steps 1-7) on the kernels, from validated inputs, inside a jitted program.
 
+  A NaN in the routing inputs makes the affected rows NaN (`routing.nan_poison`, added in the combine).
+
   Args (beyond moe_layer's):
     tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local)` for this device.
     fused_routing_kernels: route and schedule with the three Pallas kernels of `fused_routing` (True) or
@@ -114,6 +116,7 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
     plan = sort_local_pairs(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
                             num_local_experts=num_local)
     schedule = make_tile_schedule(plan, block_m=tiling.block_m)
+  # A NaN in the routing inputs turns the token's row NaN (routing.nan_poison), added in the combine.
   return _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                   gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
-                  intermediate_dtype=intermediate_dtype)
+                  intermediate_dtype=intermediate_dtype, poison=nan_poison(routing_logits, routing_bias))
