@@ -1,5 +1,10 @@
 """The "xla" layer against the float64 oracle: small presets, then the full DeepSeek-V3 shape at small T."""
 
+import hashlib
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,13 +92,35 @@ def test_tokens_without_local_expert_get_exact_zeros(seed):
   assert np.all(np.any(out[~no_local] != 0, axis=1))
 
 
-def test_identical_across_runs(seed):
+_RERUN_IN_A_FRESH_PROCESS = """
+import hashlib, sys
+import numpy as np
+from moe_pallas import SMALL, moe_layer
+from moe_pallas.testing import random_layer_inputs
+inputs = random_layer_inputs(SMALL, 64, seed=int(sys.argv[1]), scenario="skewed", local_expert_offset=8)
+out = moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=SMALL, implementation="xla")
+print("SHA256", hashlib.sha256(np.asarray(out).view(np.uint16).tobytes()).hexdigest())
+"""
+
+
+def test_identical_across_recompiles_and_processes(seed):
+  """Bit-identical output for the same inputs: after dropping every compiled program (a fresh compile and
+  fresh input draws in this process), and in another Python process (its own compile, its own draws)."""
   config = SMALL
-  inputs = random_layer_inputs(config, 64, seed=seed, scenario="skewed", local_expert_offset=8)
-  first = np.asarray(_layer(inputs, config, 8))
+  first = np.asarray(_layer(random_layer_inputs(config, 64, seed=seed, scenario="skewed", local_expert_offset=8),
+                            config, 8))
+  assert np.abs(first.astype(np.float32)).max() > 0
+  jax.clear_caches()
   again = random_layer_inputs(config, 64, seed=seed, scenario="skewed", local_expert_offset=8)
-  second = np.asarray(_layer(again, config, 8))
-  np.testing.assert_array_equal(first.view(np.uint16), second.view(np.uint16))
+  np.testing.assert_array_equal(first.view(np.uint16), np.asarray(_layer(again, config, 8)).view(np.uint16))
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _RERUN_IN_A_FRESH_PROCESS, str(seed)], env=env, cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  digests = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("SHA256 ")]
+  assert proc.returncode == 0 and digests, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert digests[0] == hashlib.sha256(first.view(np.uint16).tobytes()).hexdigest()
 
 
 # Offset and factor as traced arguments of an outer jit (as a sharded caller passes its axis index). One
