@@ -2,8 +2,9 @@
 
 Interpret mode (the other kernel tests) runs the kernels' jnp semantics and never the Pallas-Triton
 lowering, where unsupported operations fail (a `stack` of more than two arrays, a mixed index, ...).
-Here every kernel of the layer is lowered for an abstract H100/H200 (`triton_internals.abstract_gpu`):
-nothing is compiled or run, so speed and numerics stay the GPU run's business.
+Here every kernel of the layer is lowered for an abstract H100/H200 (`triton_internals.abstract_gpu`), the
+program the GPU runs (not interpret mode's): its only custom calls are the kernels and nothing in it waits on
+the host. Nothing is compiled or run, so speed and numerics stay the GPU run's business.
 """
 
 import re
@@ -35,6 +36,10 @@ def _lowered_kernels(num_tokens, device_kind, **kwargs):
   with triton_internals.abstract_gpu(device_kind):
     text = jax.jit(layer).trace(*_layer_shapes(num_tokens)).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == len(re.findall(r'name = "moe_', text))
+  # One device program: the kernels are its only custom calls, and nothing waits on the host.
+  assert set(re.findall(r"custom_call @([\w$.]+)", text)) == {"__gpu$xla.gpu.triton"}
+  for marker in ("callback", "host_compute", "infeed", "outfeed", "send", "recv"):
+    assert marker not in text.lower(), marker
   return re.findall(r'name = "(moe_[a-z0-9_]+)"', text)
 
 

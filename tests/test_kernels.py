@@ -303,7 +303,8 @@ def test_zero_tokens_and_traced_offset(seed):
   assert not np.asarray(run(jnp.int32(config.num_experts), *inputs), np.float32).any()
 
 
-def test_layer_is_one_program_without_host_callbacks(seed):
+def test_interpret_layer_is_one_program_without_host_callbacks(seed):
+  # The GPU program itself is checked in test_gpu_lowering.py (lowered for an abstract GPU).
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 9, seed=seed, local_expert_offset=8)
   lowered = jax.jit(lambda *x: mp.moe_layer(*x, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
