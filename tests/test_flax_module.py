@@ -128,11 +128,11 @@ def test_module_matches_oracle(ckpt, model, shared, rng, request):
                                 np.asarray(out).view(np.uint16))
 
 
-def test_module_kernel_path_in_interpret_mode(ckpt, rng, request):
+def test_module_kernel_path_in_interpret_mode(ckpt, rng, request, interpret):
   """implementation= and interpret= reach moe_layer: the Pallas kernels (interpret mode) against the oracle."""
   path, tensors = ckpt
   module = DeepSeekMoE.from_checkpoint(path, LAYER, local_expert_offset=OFFSET, num_local_experts=NUM_LOCAL,
-                                       include_shared=False, implementation="triton", interpret=True)
+                                       include_shared=False, implementation="triton", interpret=interpret)
   x = _activations(rng, 24)
   out = np.asarray(module(x))
   metrics = acceptance_metrics(out, _reference(module, tensors, x, shared=False)[0])

@@ -16,13 +16,13 @@ from moe_pallas.kernels.schedule import make_tile_schedule
     (mp.DEEPSEEK_V3, 5, 32, "all_local"),
 ])
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_fused_schedule_equals_xla_schedule(config, num_tokens, offset, scenario, block_m):
+def test_fused_schedule_equals_xla_schedule(config, num_tokens, offset, scenario, block_m, interpret):
   logits, bias, _, _ = testing.random_activations(config, num_tokens, seed=1000 + num_tokens + block_m,
                                                   local_expert_offset=offset, scenario=scenario)
   ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
   got, fused_ids, fused_weights = fused_routing.route_and_schedule(
       logits, bias, 2.5, offset, config=config, num_local_experts=config.num_local_experts, block_m=block_m,
-      interpret=True)
+      interpret=interpret)
   np.testing.assert_array_equal(np.asarray(fused_ids), np.asarray(ids))
   # The same float32 operations; the normalizing sum may add in another order (1-2 ulp).
   np.testing.assert_allclose(np.asarray(fused_weights), np.asarray(weights), rtol=5e-7, atol=0)
@@ -33,28 +33,28 @@ def test_fused_schedule_equals_xla_schedule(config, num_tokens, offset, scenario
     np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)), err_msg=field)
 
 
-def test_fused_routing_ties_go_to_the_lower_index():
+def test_fused_routing_ties_go_to_the_lower_index(interpret):
   config = mp.SMALL
   logits = jnp.zeros((3, config.num_experts), jnp.float32).at[1].set(1.0)  # every score equal within a token
   bias = jnp.zeros((config.num_experts,), jnp.float32)
   ids, _ = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
   _, fused_ids, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 0, config=config,
                                                      num_local_experts=config.num_local_experts, block_m=16,
-                                                     interpret=True)
+                                                     interpret=interpret)
   np.testing.assert_array_equal(np.asarray(fused_ids), np.asarray(ids))
   assert (np.asarray(fused_ids) == np.arange(config.top_k)).all()  # groups 0.., experts 0.. first
 
 
-def test_layer_with_and_without_fused_routing_is_identical():
+def test_layer_with_and_without_fused_routing_is_identical(interpret):
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 33, seed=7, scenario="skewed", local_expert_offset=8)
-  runs = [grouped_moe.moe_layer_triton(*inputs, jnp.int32(8), jnp.float32(2.5), config=config, interpret=True,
+  runs = [grouped_moe.moe_layer_triton(*inputs, jnp.int32(8), jnp.float32(2.5), config=config, interpret=interpret,
                                        fused_routing_kernels=fused) for fused in (True, False)]
   np.testing.assert_array_equal(np.asarray(runs[0]), np.asarray(runs[1]))
 
 
 @pytest.mark.parametrize("tokens_per_block,rows_per_step", [(1, 256), (16, 1024)])
-def test_fused_schedule_tuning_variants_agree(tokens_per_block, rows_per_step):
+def test_fused_schedule_tuning_variants_agree(tokens_per_block, rows_per_step, interpret):
   config = mp.DEEPSEEK_V3
   logits, bias, _, _ = testing.random_activations(config, 23, seed=5, local_expert_offset=96)
   ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
@@ -63,6 +63,6 @@ def test_fused_schedule_tuning_variants_agree(tokens_per_block, rows_per_step):
   got, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=config,
                                                num_local_experts=config.num_local_experts, block_m=16,
                                                tokens_per_block=tokens_per_block, rows_per_step=rows_per_step,
-                                               interpret=True)
+                                               interpret=interpret)
   for field in want._fields:
     np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)), err_msg=field)

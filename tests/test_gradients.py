@@ -22,7 +22,7 @@ def _layer_of(inputs, implementation, wrt):
   def f(x):
     args = inputs._replace(**{wrt: x})
     out = mp.moe_layer(*args, local_expert_offset=OFFSET, routed_scaling_factor=FACTOR, config=CONFIG,
-                       implementation=implementation, interpret=implementation == "triton")
+                       implementation=implementation, interpret=testing.interpret_mode())
     return out.astype(jnp.float32)
   return f
 
@@ -54,14 +54,14 @@ def test_moe_layer_raises_under_every_transform(implementation, seed):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_apply_local_experts_raises(implementation, seed):
+def test_apply_local_experts_raises(implementation, seed, interpret):
   inputs = testing.random_layer_inputs(CONFIG, 6, seed=seed, local_expert_offset=OFFSET)
   ids, weights = mp.route(inputs.routing_logits, inputs.routing_bias, config=CONFIG, routed_scaling_factor=FACTOR)
 
   def f(scale, weights):
     plan = mp.plan_local(ids, weights, local_expert_offset=OFFSET, num_local_experts=CONFIG.num_local_experts)
     return mp.apply_local_experts(*inputs._replace(hidden_states_scale=scale)[2:], plan,
-                                  implementation=implementation, interpret=implementation == "triton").sum()
+                                  implementation=implementation, interpret=interpret).sum()
 
   assert np.isfinite(float(f(inputs.hidden_states_scale, weights)))
   message = _raises_inference_only(lambda: jax.grad(f)(inputs.hidden_states_scale, weights))

@@ -1,4 +1,6 @@
-"""The "xla" layer against the float64 oracle: small presets, then the full DeepSeek-V3 shape at small T."""
+"""The layer against the float64 oracle: small presets, then the full DeepSeek-V3 shape at small T. The "xla"
+path everywhere; the kernels ("triton") where marked, compiled on a GPU and in interpret mode elsewhere
+(the `interpret` fixture), with SPEC.md's bound for their FP8 re-quantized SwiGLU output."""
 
 import hashlib
 import os
@@ -11,20 +13,24 @@ import numpy as np
 import pytest
 
 from moe_pallas import DEEPSEEK_V3, SMALL, apply_local_experts, moe_layer, plan_local, route
-from moe_pallas.testing import acceptance_metrics, random_activations, random_layer_inputs, random_weights, seed_of
+from moe_pallas.testing import (acceptance_metrics, interpret_mode, kernels_compile_here, random_activations,
+                                random_layer_inputs, random_weights, seed_of)
 from moe_pallas.testing.oracle import oracle_moe, oracle_route
 
 FACTOR = 2.5
-REL_L2_BOUND = 1e-2  # SPEC.md's project standard when the SwiGLU output stays in float32 (the xla path)
+# SPEC.md's project standard: the xla path keeps the SwiGLU output in float32, the kernels re-quantize it to
+# FP8 (1x128 blocks) before GEMM2.
+REL_L2_BOUND = {"xla": 1e-2, "triton": 3.5e-2}
+IMPLEMENTATIONS = ["xla", "triton"]
 
 
 def _routing_constants(config):
   return dict(top_k=config.top_k, n_group=config.n_group, topk_group=config.topk_group)
 
 
-def _layer(inputs, config, offset, factor=FACTOR):
+def _layer(inputs, config, offset, factor=FACTOR, implementation="xla"):
   return moe_layer(*inputs, local_expert_offset=offset, routed_scaling_factor=factor, config=config,
-                   implementation="xla")
+                   implementation=implementation, interpret=interpret_mode())
 
 
 def _oracle(inputs, config, offset, factor=FACTOR):
@@ -39,7 +45,7 @@ def _local_picks(inputs, config, offset):
   return (ids >= offset) & (ids < offset + config.num_local_experts)
 
 
-def _check_against_oracle(out, ref, local, label):
+def _check_against_oracle(out, ref, local, label, implementation="xla"):
   """SPEC.md acceptance, rel-L2 below the project bound, and exact zeros for tokens with no local pick."""
   out = np.asarray(out)
   assert out.dtype == jnp.bfloat16 and out.shape == ref.shape
@@ -55,7 +61,8 @@ def _check_against_oracle(out, ref, local, label):
         f"rel_l2={metrics['rel_l2']:.3e}")
   assert metrics["finite"], f"{label}: non-finite output"
   assert metrics["passed"] and metrics["matched_ratio"] >= 0.9, f"{label}: acceptance failed: {metrics}"
-  assert metrics["rel_l2"] < REL_L2_BOUND, f"{label}: rel_l2={metrics['rel_l2']:.3e} >= {REL_L2_BOUND}"
+  bound = REL_L2_BOUND[implementation]
+  assert metrics["rel_l2"] < bound, f"{label}: rel_l2={metrics['rel_l2']:.3e} >= {bound}"
 
 
 # --- small preset: H=256, I=128, E=32 (4 groups keep 2), 8 local, top-4 -------------------------------------
@@ -81,13 +88,14 @@ def test_small_zero_tokens(seed):
   assert out.shape == (0, SMALL.hidden) and out.dtype == jnp.bfloat16
 
 
-def test_tokens_without_local_expert_get_exact_zeros(seed):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_tokens_without_local_expert_get_exact_zeros(seed, implementation):
   config = SMALL
   inputs = random_layer_inputs(config, 200, seed=seed, scenario="uniform", local_expert_offset=16)
   local = _local_picks(inputs, config, 16)
   no_local = ~local.any(axis=1)
   assert 0 < no_local.sum() < 200, "the draw must mix tokens with and without local picks"
-  out = np.asarray(_layer(inputs, config, 16)).astype(np.float32)
+  out = np.asarray(_layer(inputs, config, 16, implementation=implementation)).astype(np.float32)
   assert np.all(out[no_local] == 0)
   assert np.all(np.any(out[~no_local] != 0, axis=1))
 
@@ -98,25 +106,31 @@ import numpy as np
 from moe_pallas import SMALL, moe_layer
 from moe_pallas.testing import random_layer_inputs
 inputs = random_layer_inputs(SMALL, 64, seed=int(sys.argv[1]), scenario="skewed", local_expert_offset=8)
-out = moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=SMALL, implementation="xla")
+out = moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=SMALL, implementation=sys.argv[2],
+                interpret=sys.argv[3] == "1")
 print("SHA256", hashlib.sha256(np.asarray(out).view(np.uint16).tobytes()).hexdigest())
 """
 
 
-def test_identical_across_recompiles_and_processes(seed):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_identical_across_recompiles_and_processes(seed, implementation, interpret):
   """Bit-identical output for the same inputs: after dropping every compiled program (a fresh compile and
-  fresh input draws in this process), and in another Python process (its own compile, its own draws)."""
+  fresh input draws in this process), and in another Python process (its own compile, its own draws) on the
+  same backend as this one (on a GPU: the same GPU, allocating on demand beside this process)."""
   config = SMALL
   first = np.asarray(_layer(random_layer_inputs(config, 64, seed=seed, scenario="skewed", local_expert_offset=8),
-                            config, 8))
+                            config, 8, implementation=implementation))
   assert np.abs(first.astype(np.float32)).max() > 0
   jax.clear_caches()
   again = random_layer_inputs(config, 64, seed=seed, scenario="skewed", local_expert_offset=8)
-  np.testing.assert_array_equal(first.view(np.uint16), np.asarray(_layer(again, config, 8)).view(np.uint16))
+  np.testing.assert_array_equal(first.view(np.uint16),
+                                np.asarray(_layer(again, config, 8, implementation=implementation)).view(np.uint16))
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _RERUN_IN_A_FRESH_PROCESS, str(seed)], env=env, cwd=root,
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS=jax.default_backend(), XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  argv = [str(seed), implementation, "1" if interpret else "0"]
+  proc = subprocess.run([sys.executable, "-c", _RERUN_IN_A_FRESH_PROCESS, *argv], env=env, cwd=root,
                         capture_output=True, text=True, timeout=300)
   digests = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("SHA256 ")]
   assert proc.returncode == 0 and digests, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -179,16 +193,32 @@ def test_layer_is_route_plan_apply(seed):
     return tuple(apply_local_experts(*inputs[2:], plan, out_dtype=dtype, implementation="xla")
                  for dtype in (jnp.float32, jnp.bfloat16))
 
+  ref = _oracle(inputs, config, 16)
+
+  def rel_l2(x):
+    return np.linalg.norm(np.asarray(x, np.float64) - ref) / np.linalg.norm(ref)
+
+  # The same program as the layer's at the default matmul precision: bit-equal pieces.
   partial, in_bf16 = pieces(inputs)
   assert partial.dtype == jnp.float32 and partial.shape == (40, config.hidden)
   assert in_bf16.dtype == jnp.bfloat16
   layer = np.asarray(_layer(inputs, config, 16))
   np.testing.assert_array_equal(np.asarray(partial.astype(jnp.bfloat16)).view(np.uint16), layer.view(np.uint16))
   np.testing.assert_array_equal(np.asarray(in_bf16).view(np.uint16), layer.view(np.uint16))
-  ref = _oracle(inputs, config, 16)
-  rel = np.linalg.norm(np.asarray(partial, np.float64) - ref) / np.linalg.norm(ref)
-  print(f"float32 partial sum: rel_l2={rel:.3e}")
-  assert rel < 1e-4, "before the bf16 rounding the xla path should match the oracle to float32 accuracy"
+  # Default precision: XLA:CPU's float32 dots, a GPU's TF32 (10 stored mantissa bits: each dequantized
+  # operand rounds by <= 2^-11 relative, so each product by <= 2^-10; two GEMMs in sequence, the SwiGLU
+  # between them Lipschitz-1 in relative terms, compound to <= 2 * 2^-10 = 2^-9). The H200 measured 5.2e-4.
+  rel_default = rel_l2(partial)
+  print(f"float32 partial sum at the default matmul precision: rel_l2={rel_default:.3e}")
+  assert rel_default < 2.0**-9, "the xla path's dots are less accurate than TF32"
+  # Precision "highest" (float32 dots on every backend): float32 accuracy. Products of float32 values
+  # accumulated over K <= 256 terms, twice: rel ~ K * 2^-24 = 1.5e-5 in the worst case; 1e-4 leaves room
+  # for cancellation in the SwiGLU and the weighted sum.
+  with jax.default_matmul_precision("highest"):
+    partial_f32, _ = pieces(inputs)
+  rel_highest = rel_l2(partial_f32)
+  print(f"float32 partial sum at precision highest: rel_l2={rel_highest:.3e}")
+  assert rel_highest < 1e-4, "before the bf16 rounding the xla path should match the oracle to float32 accuracy"
 
 
 # --- the full DeepSeek-V3 shape: H=7168, I=2048, E=256, 32 local, top-8 of 8 groups keep 4 ------------------
@@ -212,14 +242,21 @@ def _activations_with_a_local_pair(name, seed, num_tokens, offset):
   raise AssertionError(f"{name}: no seed in 64 gave a local pair")
 
 
+@pytest.mark.parametrize("implementation", [
+    "xla", pytest.param("triton", marks=pytest.mark.skipif(
+        not kernels_compile_here(), reason="the kernels in interpret mode at H=7168 take minutes on a CPU; "
+        "they run compiled on a GPU (the SMALL-shape kernel tests run here)"))])
 @pytest.mark.parametrize("num_tokens,offset", [(1, 32), (7, 192), (16, 224)])  # SPEC.md workloads
-def test_deepseek_v3_matches_oracle(deepseek_v3_weights, num_tokens, offset, request, seed):
+def test_deepseek_v3_matches_oracle(deepseek_v3_weights, num_tokens, offset, request, seed, implementation,
+                                    interpret):
   config = DEEPSEEK_V3
   activations, local = _activations_with_a_local_pair(request.node.name, seed, num_tokens, offset)
   assert local.sum() >= 1
   inputs = (*activations, *deepseek_v3_weights)
-  out = moe_layer(*inputs, local_expert_offset=offset, routed_scaling_factor=FACTOR, implementation="xla")
-  _check_against_oracle(out, _oracle(inputs, config, offset), local, f"deepseek_v3 T={num_tokens} offset={offset}")
+  out = moe_layer(*inputs, local_expert_offset=offset, routed_scaling_factor=FACTOR, implementation=implementation,
+                  interpret=interpret)
+  _check_against_oracle(out, _oracle(inputs, config, offset), local,
+                        f"deepseek_v3 {implementation} T={num_tokens} offset={offset}", implementation)
 
 
 def test_deepseek_v3_zero_tokens(deepseek_v3_weights, seed):

@@ -31,7 +31,7 @@ REL_L2_BOUND = {"xla": 1e-2, "triton": 3.5e-2}
 
 def _layer(inputs, implementation, offset=OFFSET):
   out = mp.moe_layer(*inputs, local_expert_offset=offset, routed_scaling_factor=FACTOR, config=CONFIG,
-                     implementation=implementation, interpret=implementation == "triton")
+                     implementation=implementation, interpret=testing.interpret_mode())
   return np.asarray(out, np.float32)
 
 

@@ -88,7 +88,7 @@ def cases(draw):
 
 def _check(config, offset, inputs, implementation, label=""):
   out = mp.moe_layer(*inputs, local_expert_offset=offset, routed_scaling_factor=FACTOR, config=config,
-                     implementation=implementation, interpret=implementation == "triton")
+                     implementation=implementation, interpret=testing.interpret_mode())
   num_tokens = inputs.routing_logits.shape[0]
   assert out.shape == (num_tokens, config.hidden) and out.dtype == jnp.bfloat16
   out = np.asarray(out, np.float32)
