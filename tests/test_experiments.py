@@ -219,3 +219,21 @@ def test_reference_kinds():
   rows = reference_lib.sample_rows(1000, 64, seed=1)
   assert len(set(rows.tolist())) == 64 and list(rows) == sorted(rows)
   assert np.array_equal(rows, reference_lib.sample_rows(1000, 64, seed=1))
+
+
+def test_smoke_reliability_check(tmp_path):
+  """experiments/reliability_check.py --smoke: determinism records identical, memory records without OOM,
+  fewer bucketed compiles than distinct T; JSONL and Markdown written."""
+  out = tmp_path / "reliability"
+  _run(["-m", "experiments.reliability_check", "--smoke", f"--out={out}", "--determinism_T=1,37",
+        "--memory_T=64", "--sweep_count=8", "--sweep_max_T=70"], tmp_path)
+  records = [json.loads(line) for line in (out / "reliability.jsonl").read_text().splitlines() if line.strip()]
+  kinds = [r["kind"] for r in records]
+  assert kinds == ["header", "determinism", "determinism", "memory", "recompiles"], kinds
+  assert all(r["same_program_identical"] and r["recompile_identical"] for r in records if r["kind"] == "determinism")
+  memory = records[3]
+  assert memory["oom"] is False and memory["finite"] and memory["compile_s"] > 0
+  assert memory["temp_size_in_bytes"] > 0 and memory["output_size_in_bytes"] == 64 * 256 * 2  # [T, H] bf16
+  sweep = records[4]
+  assert sweep["bucketed_compiles"] == len(sweep["buckets"]) < sweep["distinct_T"]
+  assert "## Recompiles over a sweep of T" in (out / "reliability.md").read_text()
