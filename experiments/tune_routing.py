@@ -4,7 +4,8 @@
 
 For each T (the benchmark's uniform draws) it times XLA's route -> plan_local -> make_tile_schedule and
 `route_and_schedule` with each (tokens_per_block, num_warps, rows_per_step) variant, per kernel (GpuTimer:
-L2 flushed before every call, median), and checks that every variant's schedule equals XLA's.
+L2 flushed before every call, median), and checks that every variant's schedule equals XLA's (the
+routing weights to 1e-6 relative: their sum's order differs).
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def main(argv):
       try:
         jitted = jax.jit(fn)
         got = jitted(*args)
-        same = all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in zip(got, want))
+        # Integer maps exactly; the weights up to the last bits (the fused kernel sums the top_k picks in
+        # another order than XLA's reduction).
+        same = all(bool(np.array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(want, f))))
+                   for f in want._fields if f != "row_weight")
+        same = same and bool(np.allclose(np.asarray(got.row_weight), np.asarray(want.row_weight), rtol=1e-6, atol=0))
         times = timer.time_calls(jitted, args, iters=_ITERS.value, warmup=2)
       except Exception as err:  # one failing variant must not hide the others
         print(f"T={workload.num_tokens} {name}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)

@@ -9,22 +9,23 @@ sort:
    biased scores, top-2 group sums, kept groups, top_k experts, normalized weights; ties to the lower
    index, as `moe_pallas.routing.route`), plus the block's pick count per local expert.
 2. `layout` (one program): from the blocks' counts, each expert's range of padded rows (whole block_m
-   tiles), where each block's picks of each expert start in it, tile -> expert, and the padding rows
-   (token 0, weight 0).
+   tiles), where each block's picks of each expert start in it, and tile -> expert.
 3. `place` (grid over blocks of tokens): each local pick's padded row = its block's start for that expert
    + its rank among the block's picks of that expert (picks in flat (token, j) order, the order of
-   `plan_local`'s stable sort); writes row -> token, row -> weight and pick -> row.
+   `plan_local`'s stable sort); writes row -> token, row -> weight and pick -> row; and the padding rows
+   (token 0, weight 0) of every num_blocks-th tile from its own.
 
-Every output element is written by exactly one program (real rows by `place`, padding rows by `layout`):
-no atomics, no barriers, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
+Every output element is written by exactly one program (a row is a pick's or padding, never both): no
+atomics, no barriers, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
 field by field in interpret mode (tests/test_fused_routing.py); on the GPU the routing weights may differ
 from XLA's in the last bit (the normalizing sum adds the top_k picks in another order).
 
 Measured on the H200 (experiments/tune_routing.py, results/h200_2026-11-29/tune5_routing.jsonl; the three
 kernels against XLA's): T=1 11.6 us vs 28.5, T=16 17.5 vs 28.7, T=80 20.2 vs 33.1, T=901 36.4 vs 76.8,
 with 4 tokens per program and 4 warps. 16 tokens per program made `route` 30-37 us (its row reductions
-over a [16, 256] tile are slow as Triton lays them out), one warp slower still. `layout`'s row loop grows
-with T (26 us at T=901), which is why the kernels stop at `MAX_FUSED_PAIRS`.
+over a [16, 256] tile are slow as Triton lays them out), one warp slower still. In that version `layout`
+also wrote the padding rows in a one-program loop (2.9 us at T=1, 11 at T=80, 26 at T=901); they are now
+written by `place`'s grid, which should bring `layout` to its T=1 cost at every T (not yet measured).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from jax.experimental.pallas import triton as pltriton
 from moe_pallas.config import MoEConfig
 from moe_pallas.kernels.schedule import TileSchedule, max_tiles
 
-# Up to this many picks (T * top_k) the fused kernels beat XLA's sort-based plan (T=901: 36 us vs 77).
-# Above, `layout`'s one-program row loop grows past XLA's cost, and routing is a small share of the call.
+# Up to this many picks (T * top_k) the fused kernels were measured against XLA's sort-based plan (T=901:
+# 36 us vs 77). Above, `layout`'s one program holds a [blocks, E_local] tile that grows with T, and
+# routing is a small share of the call.
 MAX_FUSED_PAIRS = 8192
 
 _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
@@ -106,8 +108,8 @@ def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights
   counts_ref[pl.program_id(0), :] = jnp.sum(one_hot.astype(jnp.int32), axis=0)
 
 
-def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, row_token_ref, row_weight_ref, *, num_blocks,
-                   num_local, lanes, block_m, num_tiles, rows_per_step):
+def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref, *, num_blocks, num_local, lanes,
+                   block_m, num_tiles, rows_per_step):
   experts = jnp.arange(lanes, dtype=jnp.int32)
   blocks = jnp.arange(counts_ref.shape[0], dtype=jnp.int32)  # a power of two >= num_blocks
   counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
@@ -119,36 +121,24 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, row_token_ref, 
   padded_end = padded_start + padded
   # Where each block's picks of each expert start: the expert's start + the earlier blocks' picks.
   block_start_ref[...] = padded_start[None, :] + jnp.cumsum(counts, axis=0) - counts
+  expert_rows_ref[0, :] = padded_start
+  expert_rows_ref[1, :] = totals
 
-  def expert_of(rows):  # the number of experts whose padded range ends at or before `rows`
-    ended = (padded_end[None, :] <= rows[:, None]) & (experts[None, :] < num_local)
-    return jnp.sum(ended.astype(jnp.int32), axis=1)
-
-  # Tile -> expert (num_local for the unused tiles at the end).
+  # Tile -> expert: the number of experts whose padded range ends at or before the tile's first row
+  # (num_local for the unused tiles at the end).
   def tiles_step(step, carry):
     tiles = step * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
-    pltriton.store(tile_expert_ref.at[tiles], expert_of(tiles * block_m), mask=tiles < num_tiles)
+    ended = (padded_end[None, :] <= (tiles * block_m)[:, None]) & (experts[None, :] < num_local)
+    pltriton.store(tile_expert_ref.at[tiles], jnp.sum(ended.astype(jnp.int32), axis=1), mask=tiles < num_tiles)
     return carry
   jax.lax.fori_loop(0, pl.cdiv(num_tiles, rows_per_step), tiles_step, 0)
 
-  # Padding rows (past an expert's picks, or in unused tiles) read token 0 with weight 0; `place`
-  # writes the real rows.
-  def rows_step(step, carry):
-    rows = step * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
-    expert = expert_of(rows)
-    mine = experts[None, :] == expert[:, None]
-    start = jnp.sum(jnp.where(mine, padded_start[None, :], 0), axis=1)
-    total = jnp.sum(jnp.where(mine, totals[None, :], 0), axis=1)
-    padding = (rows < num_tiles * block_m) & ((expert >= num_local) | (rows - start >= total))
-    pltriton.store(row_token_ref.at[rows], jnp.zeros_like(rows), mask=padding)
-    pltriton.store(row_weight_ref.at[rows], jnp.zeros(rows.shape, jnp.float32), mask=padding)
-    return carry
-  jax.lax.fori_loop(0, pl.cdiv(num_tiles * block_m, rows_per_step), rows_step, 0)
 
-
-def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, _row_token_in, _row_weight_in, row_token_ref,
-                  row_weight_ref, pair_row_ref, *, num_pairs, top_k, num_local, lanes, num_rows, tokens_per_block):
-  # _row_token_in / _row_weight_in alias row_token_ref / row_weight_ref (layout's padding rows stay).
+def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, tile_expert_ref, expert_rows_ref,
+                  row_token_ref, row_weight_ref, pair_row_ref, *, num_pairs, top_k, num_local, lanes, block_m,
+                  num_tiles, tokens_per_block, tiles_per_program):
+  num_rows = num_tiles * block_m
+  experts = jnp.arange(lanes, dtype=jnp.int32)
   block_pairs = tokens_per_block * top_k
   block = pl.program_id(0)
   pairs = block * block_pairs + jnp.arange(block_pairs, dtype=jnp.int32)
@@ -156,16 +146,28 @@ def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, _row_token_
   safe_pairs = jnp.minimum(pairs, num_pairs - 1)
   local = pltriton.load(ids_ref.at[safe_pairs]) - offset_ref[0]
   is_local = pair_ok & (local >= 0) & (local < num_local)
-  one_hot = ((local[:, None] == jnp.arange(lanes, dtype=jnp.int32)[None, :]) & is_local[:, None]).astype(jnp.int32)
+  one_hot = ((local[:, None] == experts[None, :]) & is_local[:, None]).astype(jnp.int32)
   before = jnp.cumsum(one_hot, axis=0) - one_hot  # earlier picks of the same expert in this block
   start = block_start_ref[block, :]
   row = jnp.where(is_local, jnp.sum(one_hot * (before + start[None, :]), axis=1), num_rows)
   pltriton.store(pair_row_ref.at[pairs], row, mask=pair_ok)
-  # Masked-off lanes store nothing on the GPU; interpret mode writes their old values back, which is
-  # harmless unless row num_rows - 1 is also a real row of this block (every tile full: never in tests).
-  safe_row = jnp.minimum(row, num_rows - 1)
-  pltriton.store(row_token_ref.at[safe_row], pairs // top_k, mask=is_local)
-  pltriton.store(row_weight_ref.at[safe_row], pltriton.load(weights_ref.at[safe_pairs]), mask=is_local)
+  # Masked-off lanes keep their out-of-range rows: Triton stores nothing there, and interpret mode drops them.
+  pltriton.store(row_token_ref.at[row], pairs // top_k, mask=is_local)
+  pltriton.store(row_weight_ref.at[row], pltriton.load(weights_ref.at[safe_pairs]), mask=is_local)
+
+  # Padding rows (past an expert's picks, or in unused tiles) read token 0 with weight 0. This program
+  # writes those of tiles block, block + num_blocks, ...; the real rows are the picks' (above).
+  tiles = block + jnp.arange(tiles_per_program, dtype=jnp.int32) * pl.num_programs(0)
+  tile_ok = tiles < num_tiles
+  expert = pltriton.load(tile_expert_ref.at[jnp.minimum(tiles, num_tiles - 1)], mask=tile_ok, other=num_local)
+  mine = experts[None, :] == expert[:, None]
+  expert_start = jnp.sum(jnp.where(mine, expert_rows_ref[0, :][None, :], 0), axis=1)
+  expert_total = jnp.sum(jnp.where(mine, expert_rows_ref[1, :][None, :], 0), axis=1)
+  rows = tiles[:, None] * block_m + jnp.arange(block_m, dtype=jnp.int32)[None, :]
+  past_picks = rows - expert_start[:, None] >= expert_total[:, None]
+  padding = tile_ok[:, None] & ((expert >= num_local)[:, None] | past_picks)
+  pltriton.store(row_token_ref.at[rows], jnp.zeros_like(rows), mask=padding)
+  pltriton.store(row_weight_ref.at[rows], jnp.zeros(rows.shape, jnp.float32), mask=padding)
 
 
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
@@ -174,7 +176,7 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as three kernels.
 
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
-  two), num_warps (all three), rows_per_step (layout's row loop, a power of two).
+  two), num_warps (all three), rows_per_step (tiles per step of layout's tile loop, a power of two).
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32).
@@ -205,24 +207,22 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   )(routing_logits.astype(jnp.float32), routing_bias.astype(jnp.float32),
     jnp.reshape(jnp.asarray(routed_scaling_factor, jnp.float32), (1,)), offset)
 
-  tile_expert, block_start, row_token, row_weight = pl.pallas_call(
+  tile_expert, block_start, expert_rows = pl.pallas_call(
       functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
                         block_m=block_m, num_tiles=num_tiles, rows_per_step=rows_per_step),
       grid=(1,), interpret=interpret, name="moe_layout", compiler_params=params,
-      out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32),
-                 jax.ShapeDtypeStruct(counts_shape, jnp.int32),
-                 jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32)),
+      out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct(counts_shape, jnp.int32),
+                 jax.ShapeDtypeStruct((2, lanes), jnp.int32)),
   )(counts)
 
   row_token, row_weight, pair_row = pl.pallas_call(
       functools.partial(_place_kernel, num_pairs=num_pairs, top_k=top_k, num_local=num_local_experts, lanes=lanes,
-                        num_rows=num_rows, tokens_per_block=tokens_per_block),
+                        block_m=block_m, num_tiles=num_tiles, tokens_per_block=tokens_per_block,
+                        tiles_per_program=_next_pow2(pl.cdiv(num_tiles, num_blocks))),
       grid=(num_blocks,), interpret=interpret, name="moe_place", compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32),
                  jax.ShapeDtypeStruct((num_pairs,), jnp.int32)),
-      # The padding rows written by `layout` stay: the outputs alias its row maps.
-      input_output_aliases={4: 0, 5: 1},
-  )(ids, weights, offset, block_start, row_token, row_weight)
+  )(ids, weights, offset, block_start, tile_expert, expert_rows)
 
   schedule = TileSchedule(tile_expert=tile_expert, row_token=row_token, row_weight=row_weight,
                           pair_padded_row=pair_row.reshape(num_tokens, top_k),
