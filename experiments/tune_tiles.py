@@ -112,6 +112,7 @@ def main(argv):
       cases += [(w, scenario, large) for w in wl.select(spec, config)]
   out_file = open(_OUT.value, "w")
   summary = []
+  best = {}  # (T, scenario) -> [(row, tiling)]
   for workload, scenario, large in cases:
     d = wl.draw(config, workload, scenario)
     T, offset = workload.num_tokens, workload.local_expert_offset
@@ -161,7 +162,15 @@ def main(argv):
       line += f"  [{routing}]" if routing else ""
       print(line, flush=True)
       summary.append(line)
+      best.setdefault((T, scenario), []).append((row, tiling))
   print("\n".join(summary))
+  print("\nBest passing variant per workload (GEMM1 + GEMM2 + combine; the entries of this device's table in "
+        "moe_pallas/kernels/tiling.py):")
+  for (T, scenario), rows in best.items():
+    passing = [(r["gemm1_us"] + r["gemm2_us"] + r["combine_us"], r, t) for r, t in rows if r["passed"]]
+    if passing:
+      us, r, t = min(passing, key=lambda entry: entry[0])
+      print(f"T={T} {scenario} rows/expert={r['pairs'] / max(r['experts'], 1):.1f}: {r['variant']} {us:.1f} us\n  {t}")
 
 
 if __name__ == "__main__":
