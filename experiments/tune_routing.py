@@ -3,7 +3,7 @@
   PYTHONPATH=. python3 experiments/tune_routing.py --out=$OUT/tune_routing.jsonl
 
 For each T (the benchmark's uniform draws) it times XLA's route -> plan_local -> make_tile_schedule and
-`route_and_schedule` with each (tokens_per_block, num_warps, rows_per_step) variant, per kernel (GpuTimer:
+`route_and_schedule` with each (tokens_per_block, num_warps, tiles_per_step) variant, per kernel (GpuTimer:
 L2 flushed before every call, median), and checks that every variant's schedule equals XLA's (the
 routing weights to 1e-6 relative: their sum's order differs).
 """
@@ -18,7 +18,7 @@ from absl import app, flags
 _WORKLOADS = flags.DEFINE_string("workloads", "1,16,80,901", "Workloads (benchmark.py --workloads syntax).")
 _VARIANTS = flags.DEFINE_list("variants", ["16/4/256", "16/1/256", "4/1/256", "4/4/256", "16/8/256",
                                            "16/4/1024", "1/1/256", "8/2/256"],
-                              "tokens_per_block/num_warps/rows_per_step variants.")
+                              "tokens_per_block/num_warps/tiles_per_step variants.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
 _OUT = flags.DEFINE_string("out", "tune_routing.jsonl", "JSONL output.")
 
@@ -44,12 +44,12 @@ def main(argv):
     plan = mp.plan_local(ids, w, local_expert_offset=offset, num_local_experts=num_local)
     return make_tile_schedule(plan, block_m=block_m)
 
-  def fused(tokens_per_block, num_warps, rows_per_step):
+  def fused(tokens_per_block, num_warps, tiles_per_step):
     def run(logits, bias, offset):
       return fused_routing.route_and_schedule(logits, bias, jnp.float32(2.5), offset, config=config,
                                               num_local_experts=num_local, block_m=block_m,
                                               tokens_per_block=tokens_per_block, num_warps=num_warps,
-                                              rows_per_step=rows_per_step)[0]
+                                              tiles_per_step=tiles_per_step)[0]
     return run
 
   out = open(_OUT.value, "w")

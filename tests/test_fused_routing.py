@@ -1,4 +1,9 @@
-"""The fused routing kernels compute exactly what route -> plan_local -> make_tile_schedule compute."""
+"""The fused routing kernels compute exactly what route -> plan_local -> make_tile_schedule compute.
+
+Exactly, in interpret mode (both sides are the same float32 operations on the CPU). Compiled on a GPU, the
+kernel's sigmoid and its sum of the top_k picks may round differently from XLA's in the last bits: there
+the expert ids and every integer map must still be equal, the weights to 1e-6 relative.
+"""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +13,17 @@ import moe_pallas as mp
 from moe_pallas import testing
 from moe_pallas.kernels import fused_routing, grouped_moe
 from moe_pallas.kernels.schedule import make_tile_schedule
+
+WEIGHT_RTOL_COMPILED = 1e-6  # float32 is 6e-8 per rounding; a handful of roundings apart
+
+
+def _assert_same_schedule(got, want, interpret):
+  for field in want._fields:
+    g, w = np.asarray(getattr(got, field)), np.asarray(getattr(want, field))
+    if field == "row_weight" and not interpret:
+      np.testing.assert_allclose(g, w, rtol=WEIGHT_RTOL_COMPILED, atol=0, err_msg=field)
+    else:
+      np.testing.assert_array_equal(g, w, err_msg=field)
 
 
 @pytest.mark.parametrize("config,num_tokens,offset,scenario", [
@@ -25,12 +41,11 @@ def test_fused_schedule_equals_xla_schedule(config, num_tokens, offset, scenario
       interpret=interpret)
   np.testing.assert_array_equal(np.asarray(fused_ids), np.asarray(ids))
   # The same float32 operations; the normalizing sum may add in another order (1-2 ulp).
-  np.testing.assert_allclose(np.asarray(fused_weights), np.asarray(weights), rtol=5e-7, atol=0)
+  np.testing.assert_allclose(np.asarray(fused_weights), np.asarray(weights),
+                             rtol=5e-7 if interpret else WEIGHT_RTOL_COMPILED, atol=0)
 
   plan = mp.plan_local(ids, weights, local_expert_offset=offset, num_local_experts=config.num_local_experts)
-  want = make_tile_schedule(plan, block_m=block_m)
-  for field in want._fields:
-    np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)), err_msg=field)
+  _assert_same_schedule(got, make_tile_schedule(plan, block_m=block_m), interpret)
 
 
 def test_fused_routing_ties_go_to_the_lower_index(interpret):
@@ -45,16 +60,20 @@ def test_fused_routing_ties_go_to_the_lower_index(interpret):
   assert (np.asarray(fused_ids) == np.arange(config.top_k)).all()  # groups 0.., experts 0.. first
 
 
-def test_layer_with_and_without_fused_routing_is_identical(interpret):
+def test_layer_with_and_without_fused_routing_agrees(interpret):
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 33, seed=7, scenario="skewed", local_expert_offset=8)
   runs = [grouped_moe.moe_layer_triton(*inputs, jnp.int32(8), jnp.float32(2.5), config=config, interpret=interpret,
                                        fused_routing_kernels=fused) for fused in (True, False)]
-  np.testing.assert_array_equal(np.asarray(runs[0]), np.asarray(runs[1]))
+  if interpret:
+    np.testing.assert_array_equal(np.asarray(runs[0]), np.asarray(runs[1]))
+  else:  # routing weights 1e-6 apart can move a bf16 output by one rounding step (2**-8 relative)
+    np.testing.assert_allclose(np.asarray(runs[0], np.float32), np.asarray(runs[1], np.float32), rtol=2**-7,
+                               atol=1e-6 * float(np.abs(np.asarray(runs[1], np.float32)).max()))
 
 
-@pytest.mark.parametrize("tokens_per_block,rows_per_step", [(1, 256), (16, 1024)])
-def test_fused_schedule_tuning_variants_agree(tokens_per_block, rows_per_step, interpret):
+@pytest.mark.parametrize("tokens_per_block,tiles_per_step", [(1, 256), (16, 1024)])
+def test_fused_schedule_tuning_variants_agree(tokens_per_block, tiles_per_step, interpret):
   config = mp.DEEPSEEK_V3
   logits, bias, _, _ = testing.random_activations(config, 23, seed=5, local_expert_offset=96)
   ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
@@ -62,7 +81,6 @@ def test_fused_schedule_tuning_variants_agree(tokens_per_block, rows_per_step, i
   want = make_tile_schedule(plan, block_m=16)
   got, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=config,
                                                num_local_experts=config.num_local_experts, block_m=16,
-                                               tokens_per_block=tokens_per_block, rows_per_step=rows_per_step,
+                                               tokens_per_block=tokens_per_block, tiles_per_step=tiles_per_step,
                                                interpret=interpret)
-  for field in want._fields:
-    np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)), err_msg=field)
+  _assert_same_schedule(got, want, interpret)

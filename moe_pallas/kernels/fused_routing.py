@@ -109,7 +109,7 @@ def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights
 
 
 def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref, *, num_blocks, num_local, lanes,
-                   block_m, num_tiles, rows_per_step):
+                   block_m, num_tiles, tiles_per_step):
   experts = jnp.arange(lanes, dtype=jnp.int32)
   blocks = jnp.arange(counts_ref.shape[0], dtype=jnp.int32)  # a power of two >= num_blocks
   counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
@@ -127,11 +127,11 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref
   # Tile -> expert: the number of experts whose padded range ends at or before the tile's first row
   # (num_local for the unused tiles at the end).
   def tiles_step(step, carry):
-    tiles = step * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
+    tiles = step * tiles_per_step + jnp.arange(tiles_per_step, dtype=jnp.int32)
     ended = (padded_end[None, :] <= (tiles * block_m)[:, None]) & (experts[None, :] < num_local)
     pltriton.store(tile_expert_ref.at[tiles], jnp.sum(ended.astype(jnp.int32), axis=1), mask=tiles < num_tiles)
     return carry
-  jax.lax.fori_loop(0, pl.cdiv(num_tiles, rows_per_step), tiles_step, 0)
+  jax.lax.fori_loop(0, pl.cdiv(num_tiles, tiles_per_step), tiles_step, 0)
 
 
 def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, tile_expert_ref, expert_rows_ref,
@@ -172,11 +172,11 @@ def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, tile_expert
 
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
                        config: MoEConfig, num_local_experts: int, block_m: int, interpret=False,
-                       tokens_per_block: int = 4, num_warps: int = 4, rows_per_step: int = 256):
+                       tokens_per_block: int = 4, num_warps: int = 4, tiles_per_step: int = 256):
   """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as three kernels.
 
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
-  two), num_warps (all three), rows_per_step (tiles per step of layout's tile loop, a power of two).
+  two), num_warps (all three), tiles_per_step (layout's tile loop, a power of two).
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32).
@@ -185,6 +185,8 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
     NotImplementedError: a geometry whose tiles are not powers of two (see `supports`).
   """
   num_tokens, num_experts = routing_logits.shape
+  if num_tokens == 0:
+    raise ValueError("route_and_schedule needs T >= 1 (the layer returns its empty output before routing)")
   if not supports(config) or num_experts != config.num_experts:
     raise NotImplementedError(f"the fused routing kernels need power-of-two E, n_group and top_k, got "
                               f"E={num_experts}, n_group={config.n_group}, top_k={config.top_k}")
@@ -209,7 +211,7 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
 
   tile_expert, block_start, expert_rows = pl.pallas_call(
       functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
-                        block_m=block_m, num_tiles=num_tiles, rows_per_step=rows_per_step),
+                        block_m=block_m, num_tiles=num_tiles, tiles_per_step=tiles_per_step),
       grid=(1,), interpret=interpret, name="moe_layout", compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct(counts_shape, jnp.int32),
                  jax.ShapeDtypeStruct((2, lanes), jnp.int32)),

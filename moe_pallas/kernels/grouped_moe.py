@@ -6,8 +6,8 @@ program. Two entries:
 
 - `moe_layer_triton`: the whole layer from the router logits. Up to `fused_routing.MAX_FUSED_PAIRS`
   picks (T <= 1024 at DeepSeek-V3's top-8), routing + plan + schedule run as three small Pallas kernels
-  (six kernels per call in all); above, as XLA's routing and sort-based plan (~40 small kernels, a small
-  share of a large call).
+  (six Pallas kernels per call in all); above, as XLA's routing and sort-based plan (~40 small kernels,
+  a small share of a large call).
 - `apply_local_experts_triton`: from a RoutingPlan (the public `apply_local_experts`, used by sharded
   callers that route once for all ranks).
 """

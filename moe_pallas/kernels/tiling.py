@@ -99,8 +99,8 @@ def _h100_tiling(rows_per_expert: float) -> MoETiling:
 
 def _h200_tiling(rows_per_expert: float) -> MoETiling:
   # Measured on H200 (experiments/tune_tiles.py on the benchmark's uniform draws, 2026-11-29; results in
-  # experiments/results/h200_tune_tiles.jsonl). Up to 32 rows per expert (T <= 128 at DeepSeek-V3's
-  # shape) 16-row tiles: GEMM1 with 8 warps, GEMM2 64-wide with 3 stages (T=16: GEMM1 124 -> 79 us,
+  # experiments/results/h200_2026-11-29/tune1_tiles.jsonl). Up to 32 rows per expert (T <= 128 at
+  # DeepSeek-V3's shape) 16-row tiles: GEMM1 with 8 warps, GEMM2 64-wide with 3 stages (T=16: GEMM1 124 -> 79 us,
   # GEMM2 42 -> 32; T=57: 230 -> 183, 95 -> 78; T=1: 49 -> 44, 17 -> 15). Narrower GEMM1 tiles
   # (32, 64) gain a few us on GEMM1 at T=1 but force GEMM2's K step down, which costs more there.
   # The combine with 8 x 256 programs: T=57 9.9 -> 4.8 us, T=16 6.3 -> 4.0, T=14107 232 -> 152.
