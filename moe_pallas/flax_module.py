@@ -306,7 +306,12 @@ class DeepSeekMoE(nnx.Module):
     if self.shared_expert is not None:
       # As in DeepSeek-V3's reference: routed and shared outputs are each in bf16, then added.
       out = (out.astype(jnp.float32) + self.shared_expert(tokens, dtype=jnp.bfloat16).astype(jnp.float32))
-    return out.astype(self.dtype).reshape(x.shape)
+    out = out.astype(self.dtype)
+    if self.mesh is None:
+      return out.reshape(x.shape)
+    # The sharded layer returns its [tokens, H] rows split over the mesh; folding them back into x's
+    # leading axes is a reshape JAX cannot infer a sharding for: give it x's own.
+    return jax.lax.reshape(out, x.shape, out_sharding=jax.typeof(x).sharding)
 
   @classmethod
   def from_weights(cls, weights, **kwargs) -> "DeepSeekMoE":

@@ -289,6 +289,9 @@ _EXPERT_PARALLEL_WORKER = textwrap.dedent("""
       result["router_spec"] = list(model.router_weight.get_value().sharding.spec)
       result["router_devices"] = len(model.router_weight.get_value().sharding.device_set)
       out = model(x)
+      # Leading axes [batch, seq] as in a model (the README's snippet): folded back with x's sharding.
+      out_3d = model(x.reshape(4, 10, 256))
+      result["same_3d"] = bool(np.array_equal(np.asarray(out_3d).reshape(40, 256), np.asarray(out)))
       try:
         DeepSeekMoE.from_checkpoint(path, layer, num_local_experts=8)
       except ValueError as err:
@@ -310,6 +313,7 @@ def test_expert_parallel_on_a_4_device_mesh(ckpt):
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(lines[-1][len("RESULT "):])
   assert result["expert_parallel"] and result["spec"] == ["expert", None, None]
+  assert result["same_3d"]
   assert result["shard_shape"] == [8, 256, 256]
   assert result["router_spec"] == [] and result["router_devices"] == 4  # replicated, not on one device
   # Same function; the shard_map program may round the last bf16 bit differently after the float32 sum.
