@@ -7,8 +7,9 @@ size varies compiles once per new T. Padding T up to `bucket_tokens(T)` (powers 
 GEMM work):
 
     padded = bucket_tokens(T)                      # 37 -> 64
-    args = pad_tokens(logits, hs, hs_scale, padded, local_expert_offset=off, num_local_experts=32)
-    out = moe_layer(*args, bias, ..., local_expert_offset=off, ...)[:T]
+    logits_p, hs_p, hs_scale_p = pad_tokens(logits, hs, hs_scale, padded, local_expert_offset=off,
+                                            num_local_experts=32)
+    out = moe_layer(logits_p, bias, hs_p, hs_scale_p, w1, w1s, w2, w2s, local_expert_offset=off, ...)[:T]
     # or in one call: moe_layer_bucketed(logits, bias, hs, hs_scale, w1, w1s, w2, w2s, local_expert_offset=off, ...)
 
 Why the padding rows change no result (every output row depends only on its own token):

@@ -101,18 +101,19 @@ def test_real_rows_are_unchanged_by_padding(seed, implementation, num_tokens, in
   out_mixed = _run(mixed, implementation, interpret)
   np.testing.assert_array_equal(_bits(out_mixed[:num_tokens]), _bits(out_padded[:num_tokens]))
 
-  # Against the unpadded call: bit for bit where the kernels pick the same tiles for both sizes (always on
-  # the xla path), and within SPEC.md's bound of each other otherwise.
+  # Against the unpadded call: bit for bit where the kernels pick the same tiles for both sizes, and on the
+  # xla path on the CPU; within SPEC.md's bound otherwise (the kernels' other tiles re-quantize in other
+  # blocks; XLA:GPU may pick another dot algorithm for another row count, summing in another order).
   out = _run(inputs, implementation, interpret)
   bucketed = mp.moe_layer_bucketed(*inputs, local_expert_offset=OFFSET, routed_scaling_factor=2.5, config=CONFIG,
                                    implementation=implementation, interpret=interpret)
   assert bucketed.shape == (num_tokens, CONFIG.hidden)
   np.testing.assert_array_equal(_bits(bucketed), _bits(out_padded[:num_tokens]))
-  if implementation == "xla" or _same_tiles(num_tokens, padded_size):
+  if (implementation == "triton" and _same_tiles(num_tokens, padded_size)) or (implementation == "xla" and interpret):
     np.testing.assert_array_equal(_bits(out_padded[:num_tokens]), _bits(out))
   else:
     metrics = testing.acceptance_metrics(out_padded[:num_tokens], np.asarray(out, np.float32))
-    assert metrics["passed"] and metrics["rel_l2"] < 3.5e-2, metrics
+    assert metrics["passed"] and metrics["rel_l2"] < (3.5e-2 if implementation == "triton" else 1e-2), metrics
 
 
 def test_one_program_per_bucket(seed):
