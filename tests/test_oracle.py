@@ -428,3 +428,13 @@ def test_acceptance_rel_l2_and_zero_reference(seed):
   assert empty["passed"] and empty["matched_ratio"] == 1.0
   with pytest.raises(ValueError, match="shape"):
     testing.acceptance_metrics(out, ref.T)
+
+
+def test_random_weights_eager_and_traced_agree():
+  # Eagerly, experts are assembled in one host array (bounded memory); traced, stacked on the device.
+  eager = testing.random_weights(SMALL, seed=11)
+  traced = jax.jit(lambda: testing.random_weights(SMALL, seed=11))()
+  for a, b in zip(eager, traced):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8) if a.dtype.itemsize == 1 else np.asarray(a),
+                                  np.asarray(b).view(np.uint8) if b.dtype.itemsize == 1 else np.asarray(b))

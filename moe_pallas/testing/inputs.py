@@ -102,12 +102,31 @@ def _stream_key(seed: int, stream: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), stream)
 
 
+def _draw_per_expert(key: jax.Array, num_experts: int, shape: tuple[int, ...]) -> jax.Array:
+  """[num_experts, *shape] FP8, expert e drawn from fold_in(key, e), assembled in one host array.
+
+  Stacking the per-expert device arrays (`jnp.stack`) held the list and the stacked copy at once and peaked
+  at 4x the weights on a CPU (5.7 GB for DeepSeek-V3's 1.4 GB, 21 s); here each expert is copied into its
+  slot of one preallocated host array as soon as it is drawn, and the whole goes to the device once (the
+  same values, bit for bit).
+  """
+  draws = (_fp8_normal(jax.random.fold_in(key, e), shape) for e in range(num_experts))
+  first = next(draws)
+  if isinstance(first, jax.core.Tracer):  # traced (jit, eval_shape): no host array, the same values
+    return jnp.stack([first, *draws])
+  host = np.empty((num_experts, *shape), ml_dtypes.float8_e4m3fn)
+  host[0] = np.asarray(first)
+  for e, draw in enumerate(draws, start=1):
+    host[e] = np.asarray(draw)
+  return jax.device_put(host)
+
+
 def random_weights(config: MoEConfig, *, seed: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Random FP8 expert weights of one rank, like the public benchmark's.
 
   Values are clip(N(0, 1), -2, 2) cast to float8_e4m3fn; scales are N(0, 1) float32 (negative ones
-  included). Experts are drawn one at a time (expert e from fold_in(key, e)), so the float32-sized
-  temporaries never exceed one expert.
+  included). Experts are drawn one at a time (expert e from fold_in(key, e)) into one host array that
+  goes to the device once (DeepSeek-V3's 1.4 GB: 2.2 GB peak resident memory and 13 s on a 2-core CPU).
 
   Args:
     config: the geometry (hidden H, intermediate I, num_local_experts E_local, block B).
@@ -119,8 +138,8 @@ def random_weights(config: MoEConfig, *, seed: int) -> tuple[jax.Array, jax.Arra
   """
   h, i, b, e_local = config.hidden, config.intermediate, config.block, config.num_local_experts
   k13, k13_scale, k2, k2_scale = jax.random.split(_stream_key(seed, _WEIGHTS_STREAM), 4)
-  gemm1_weights = jnp.stack([_fp8_normal(jax.random.fold_in(k13, e), (2 * i, h)) for e in range(e_local)])
-  gemm2_weights = jnp.stack([_fp8_normal(jax.random.fold_in(k2, e), (h, i)) for e in range(e_local)])
+  gemm1_weights = _draw_per_expert(k13, e_local, (2 * i, h))
+  gemm2_weights = _draw_per_expert(k2, e_local, (h, i))
   gemm1_weights_scale = jax.random.normal(k13_scale, (e_local, 2 * i // b, h // b), jnp.float32)
   gemm2_weights_scale = jax.random.normal(k2_scale, (e_local, h // b, i // b), jnp.float32)
   return gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale
