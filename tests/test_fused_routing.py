@@ -36,7 +36,7 @@ def test_fused_schedule_equals_xla_schedule(config, num_tokens, offset, scenario
   logits, bias, _, _ = testing.random_activations(config, num_tokens, seed=1000 + num_tokens + block_m,
                                                   local_expert_offset=offset, scenario=scenario)
   ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
-  got, fused_ids, fused_weights = fused_routing.route_and_schedule(
+  got, fused_ids, fused_weights, _ = fused_routing.route_and_schedule(
       logits, bias, 2.5, offset, config=config, num_local_experts=config.num_local_experts, block_m=block_m,
       interpret=interpret)
   np.testing.assert_array_equal(np.asarray(fused_ids), np.asarray(ids))
@@ -53,7 +53,7 @@ def test_fused_routing_ties_go_to_the_lower_index(interpret):
   logits = jnp.zeros((3, config.num_experts), jnp.float32).at[1].set(1.0)  # every score equal within a token
   bias = jnp.zeros((config.num_experts,), jnp.float32)
   ids, _ = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
-  _, fused_ids, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 0, config=config,
+  _, fused_ids, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 0, config=config,
                                                      num_local_experts=config.num_local_experts, block_m=16,
                                                      interpret=interpret)
   np.testing.assert_array_equal(np.asarray(fused_ids), np.asarray(ids))
@@ -79,8 +79,28 @@ def test_fused_schedule_tuning_variants_agree(tokens_per_block, tiles_per_step, 
   ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
   plan = mp.plan_local(ids, weights, local_expert_offset=96, num_local_experts=config.num_local_experts)
   want = make_tile_schedule(plan, block_m=16)
-  got, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=config,
+  got, _, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=config,
                                                num_local_experts=config.num_local_experts, block_m=16,
                                                tokens_per_block=tokens_per_block, tiles_per_step=tiles_per_step,
                                                interpret=interpret)
   _assert_same_schedule(got, want, interpret)
+
+
+
+@pytest.mark.parametrize("where", ["logit", "bias", "inf_logits"])
+def test_fused_poison_equals_nan_poison(where, interpret):
+  config = mp.SMALL
+  logits, bias, _, _ = testing.random_activations(config, 21, seed=9, local_expert_offset=8)
+  if where == "logit":
+    logits = logits.at[5, 3].set(jnp.nan)
+  elif where == "bias":
+    bias = bias.at[30].set(jnp.nan)
+  else:  # +-inf logits are valid: nothing poisoned
+    logits = logits.at[2, 0].set(jnp.inf).at[7, 1].set(-jnp.inf)
+  *_, poison = fused_routing.route_and_schedule(logits, bias, 2.5, 8, config=config,
+                                                num_local_experts=config.num_local_experts, block_m=16,
+                                                interpret=interpret)
+  want = np.asarray(mp.routing.nan_poison(logits, bias))
+  np.testing.assert_array_equal(np.isnan(np.asarray(poison)), np.isnan(want))
+  assert np.isnan(want).any() == (where != "inf_logits")
+  np.testing.assert_array_equal(np.asarray(poison)[~np.isnan(want)], 0.0)

@@ -30,11 +30,15 @@ def _layer_shapes(num_tokens):
           sd((), jnp.int32), sd((), jnp.float32))
 
 
-def _lowered_kernels(num_tokens, device_kind, **kwargs):
+def _lowered_text(num_tokens, device_kind, **kwargs):
   tiles = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind=device_kind)
   layer = lambda *args: grouped_moe.moe_layer_triton(*args, config=CONFIG, tiling=tiles, **kwargs)
   with triton_internals.abstract_gpu(device_kind):
-    text = jax.jit(layer).trace(*_layer_shapes(num_tokens)).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(layer).trace(*_layer_shapes(num_tokens)).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _lowered_kernels(num_tokens, device_kind, **kwargs):
+  text = _lowered_text(num_tokens, device_kind, **kwargs)
   assert text.count("__gpu$xla.gpu.triton") == len(re.findall(r'name = "moe_', text))
   # One device program: the kernels are its only custom calls, and nothing waits on the host.
   assert set(re.findall(r"custom_call @([\w$.]+)", text)) == {"__gpu$xla.gpu.triton"}
@@ -48,6 +52,13 @@ def _lowered_kernels(num_tokens, device_kind, **kwargs):
 def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
   kernels = _lowered_kernels(num_tokens, device_kind)
   assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
+
+
+def test_small_calls_are_the_kernels_alone():
+  """With the fused routing, the program is its six kernels and free reshapes: no XLA kernel of its own."""
+  text = _lowered_text(57, "NVIDIA H200")
+  main = text[text.index("func.func public @main"):]
+  assert set(re.findall(r"= (stablehlo\.[a-z_]+)", main)) == {"stablehlo.custom_call", "stablehlo.reshape"}
 
 
 def test_large_calls_route_with_xla():

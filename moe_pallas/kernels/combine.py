@@ -33,7 +33,7 @@ def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_t
   else:  # NaN for tokens whose routing inputs hold a NaN (routing.nan_poison), else 0
     acc = jnp.broadcast_to(pltriton.load(poison_ref.at[safe_tokens])[:, None], (bt, bh))
   for j in range(top_k):
-    row = pltriton.load(pair_padded_row_ref.at[j * num_tokens + safe_tokens], mask=token_ok, other=num_rows)
+    row = pltriton.load(pair_padded_row_ref.at[safe_tokens * top_k + j], mask=token_ok, other=num_rows)
     picked = jnp.broadcast_to((row < num_rows)[:, None], (bt, bh))
     safe_row = jnp.minimum(row, num_rows - 1)
     acc += pltriton.load(rows_ref.at[safe_row[:, None], cols[None, :]], mask=picked, other=0.0)
@@ -50,7 +50,8 @@ def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, poison: jax.Arr
   Args:
     rows: [num_rows, H] float32 weighted expert outputs.
     pair_padded_row: [T, top_k] int32, the row of pick (t, j), or num_rows where the pick is not local
-      (passed to the kernel as [top_k * T], so that one pick of a token tile is one contiguous load).
+      (passed flat, as it lies: a pick's rows of a token tile are a strided load of a few bytes, cheaper
+      than the XLA transpose kernel that would make them contiguous).
     poison: optional [T] float32 added to every element of each token's row (0, or NaN where the token's
       routing inputs hold a NaN: see routing.nan_poison); read once per token tile, so it costs nothing.
     out_dtype: float32 or bfloat16 (rounded once, after the float32 sum).
@@ -67,4 +68,4 @@ def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, poison: jax.Arr
       kernel, out_shape=jax.ShapeDtypeStruct((num_tokens, hidden), out_dtype),
       grid=(pl.cdiv(num_tokens, tiling.block_t), hidden // tiling.block_h), interpret=interpret,
       name="moe_combine", compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
-  )(pair_padded_row.T.reshape(-1), rows, poison if poison is None else poison.astype(jnp.float32))
+  )(pair_padded_row.reshape(-1), rows, poison if poison is None else poison.astype(jnp.float32))

@@ -7,7 +7,8 @@ sort:
 
 1. `route` (grid over blocks of tokens): SPEC.md steps 2-5 on a [tokens, E] tile in registers (sigmoid,
    biased scores, top-2 group sums, kept groups, top_k experts, normalized weights; ties to the lower
-   index, as `moe_pallas.routing.route`), plus the block's pick count per local expert.
+   index, as `moe_pallas.routing.route`), plus the block's pick count per local expert and each token's
+   NaN poison (`routing.nan_poison`).
 2. `layout` (one program): from the blocks' counts, each expert's range of padded rows (whole block_m
    tiles), where each block's picks of each expert start in it, and tile -> expert.
 3. `place` (grid over blocks of tokens): each local pick's padded row = its block's start for that expert
@@ -57,16 +58,21 @@ def supports(config: MoEConfig) -> bool:
   return all(n & (n - 1) == 0 for n in (config.num_experts, config.n_group, config.top_k))
 
 
-def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref, *, num_tokens,
-                  config: MoEConfig, num_local, lanes, tokens_per_block):
+def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref, poison_ref, *,
+                  num_tokens, config: MoEConfig, num_local, lanes, tokens_per_block):
   bt, k = tokens_per_block, config.top_k
   num_experts, num_groups, per_group = config.num_experts, config.n_group, config.experts_per_group
   tokens = pl.program_id(0) * bt + jnp.arange(bt, dtype=jnp.int32)
   token_ok = tokens < num_tokens
   experts = jnp.arange(num_experts, dtype=jnp.int32)
   logits = pltriton.load(logits_ref.at[jnp.minimum(tokens, num_tokens - 1)[:, None], experts[None, :]])
+  bias = bias_ref[...].astype(jnp.float32)
   scores = jax.nn.sigmoid(logits)
-  biased = scores + bias_ref[...][None, :]
+  biased = scores + bias[None, :]
+  # routing.nan_poison, from the tile already in registers (no extra pass over the logits): NaN for a token
+  # whose logits hold a NaN, for every token if the bias does, else 0.
+  has_nan = (jnp.max(jnp.isnan(logits).astype(jnp.int32), axis=1) + jnp.max(jnp.isnan(bias).astype(jnp.int32))) > 0
+  pltriton.store(poison_ref.at[tokens], jnp.where(has_nan, jnp.nan, 0.0).astype(jnp.float32), mask=token_ok)
 
   # Group score: the sum of the group's two largest biased scores (SPEC.md step 3).
   grouped = biased.reshape(bt, num_groups, per_group)
@@ -179,7 +185,8 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   two), num_warps (all three), tiles_per_step (layout's tile loop, a power of two).
 
   Returns:
-    (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32).
+    (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32, poison [T] float32: equal
+    to `routing.nan_poison(routing_logits, routing_bias)`).
 
   Raises:
     NotImplementedError: a geometry whose tiles are not powers of two (see `supports`).
@@ -200,13 +207,13 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   offset = jnp.reshape(jnp.asarray(local_expert_offset, jnp.int32), (1,))
 
   counts_shape = (_next_pow2(num_blocks), lanes)  # the layout program holds all blocks' counts as one tile
-  ids, weights, counts = pl.pallas_call(
+  ids, weights, counts, poison = pl.pallas_call(
       functools.partial(_route_kernel, num_tokens=num_tokens, config=config, num_local=num_local_experts,
                         lanes=lanes, tokens_per_block=tokens_per_block),
       grid=(num_blocks,), interpret=interpret, name="moe_route", compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((num_pairs,), jnp.int32), jax.ShapeDtypeStruct((num_pairs,), jnp.float32),
-                 jax.ShapeDtypeStruct(counts_shape, jnp.int32)),
-  )(routing_logits.astype(jnp.float32), routing_bias.astype(jnp.float32),
+                 jax.ShapeDtypeStruct(counts_shape, jnp.int32), jax.ShapeDtypeStruct((num_tokens,), jnp.float32)),
+  )(routing_logits.astype(jnp.float32), routing_bias,
     jnp.reshape(jnp.asarray(routed_scaling_factor, jnp.float32), (1,)), offset)
 
   tile_expert, block_start, expert_rows = pl.pallas_call(
@@ -229,4 +236,4 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   schedule = TileSchedule(tile_expert=tile_expert, row_token=row_token, row_weight=row_weight,
                           pair_padded_row=pair_row.reshape(num_tokens, top_k),
                           num_used_tiles=jnp.sum(tile_expert < num_local_experts, dtype=jnp.int32))
-  return schedule, ids.reshape(num_tokens, top_k), weights.reshape(num_tokens, top_k)
+  return schedule, ids.reshape(num_tokens, top_k), weights.reshape(num_tokens, top_k), poison

@@ -106,17 +106,17 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
     fused_routing_kernels = (num_tokens * config.top_k <= fused_routing.MAX_FUSED_PAIRS
                              and fused_routing.supports(config))
   if fused_routing_kernels:
-    schedule, _, _ = fused_routing.route_and_schedule(routing_logits, routing_bias, routed_scaling_factor,
-                                                      local_expert_offset, config=config,
-                                                      num_local_experts=num_local, block_m=tiling.block_m,
-                                                      interpret=interpret)
+    schedule, _, _, poison = fused_routing.route_and_schedule(
+        routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, config=config,
+        num_local_experts=num_local, block_m=tiling.block_m, interpret=interpret)
   else:
     topk_ids, topk_weights = grouped_topk(routing_logits, routing_bias, config=config,
                                           routed_scaling_factor=routed_scaling_factor)
     plan = sort_local_pairs(topk_ids, topk_weights, local_expert_offset=local_expert_offset,
                             num_local_experts=num_local)
     schedule = make_tile_schedule(plan, block_m=tiling.block_m)
+    poison = nan_poison(routing_logits, routing_bias)
   # A NaN in the routing inputs turns the token's row NaN (routing.nan_poison), added in the combine.
   return _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                   gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
-                  intermediate_dtype=intermediate_dtype, poison=nan_poison(routing_logits, routing_bias))
+                  intermediate_dtype=intermediate_dtype, poison=poison)
