@@ -31,17 +31,19 @@ _OUT = flags.DEFINE_string("out", "tune.jsonl", "JSONL output.")
 _BUDGET = flags.DEFINE_float("max_seconds", 540.0, "Stop starting new variants after this much wall time.")
 
 
-def _gemm(bm, bn, bk, warps, stages, group_m=8):
+def _gemm(bm, bn, bk, warps, stages, group_m=8, split_k=1):
   from moe_pallas.kernels.tiling import GemmTiling
-  return GemmTiling(block_m=bm, block_n=bn, block_k=bk, group_m=group_m, num_warps=warps, num_stages=stages)
+  return GemmTiling(block_m=bm, block_n=bn, block_k=bk, group_m=group_m, num_warps=warps, num_stages=stages,
+                    split_k=split_k)
 
 
-def _variant(bm, g1, g2, *, combine=(8, 256), bf16=False, fused=None):
+def _variant(bm, g1, g2, *, combine=(8, 256), bf16=False, fused=None, split_k=1):
   """g1 = (block_n, warps, stages); g2 = (block_n, block_k, warps, stages); combine = (block_t, block_h)."""
   from moe_pallas.kernels.tiling import CombineTiling, MoETiling
-  tiling = MoETiling(gemm1=_gemm(bm, g1[0], 128, g1[1], g1[2]), gemm2=_gemm(bm, g2[0], g2[1], g2[2], g2[3]),
-                     combine=CombineTiling(*combine))
-  name = (f"m{bm}_n{g1[0]}w{g1[1]}s{g1[2]}_n{g2[0]}k{g2[1]}w{g2[2]}s{g2[3]}_c{combine[0]}x{combine[1]}"
+  tiling = MoETiling(gemm1=_gemm(bm, g1[0], 128, g1[1], g1[2], split_k=split_k),
+                     gemm2=_gemm(bm, g2[0], g2[1], g2[2], g2[3]), combine=CombineTiling(*combine))
+  name = (f"m{bm}_n{g1[0]}w{g1[1]}s{g1[2]}" + (f"sk{split_k}" if split_k > 1 else "")
+          + f"_n{g2[0]}k{g2[1]}w{g2[2]}s{g2[3]}_c{combine[0]}x{combine[1]}"
           + ("_bf16" if bf16 else "") + {None: "", True: "_fused", False: "_xlaroute"}[fused])
   return name, tiling, bf16, fused
 
@@ -52,18 +54,28 @@ def _with_combine(base, name, block_t, block_h):
   return name, dataclasses.replace(base, combine=CombineTiling(block_t, block_h)), False, None
 
 
+def split_k_variants():
+  """GEMM1 split-K, for the T at which few experts leave most SMs idle (T=1, 7: two experts)."""
+  return [_variant(16, (128, 8, 4), (64, 128, 4, 3), split_k=split_k) for split_k in (1, 2, 4, 8)] + [
+      _variant(16, (128, 4, 3), (64, 128, 4, 3), split_k=4), _variant(16, (128, 4, 4), (64, 128, 4, 3), split_k=8)]
+
+
 def small_t_variants(base):
   return [
       ("default_xlaroute", base, False, False),
       _variant(16, (128, 8, 3), (64, 128, 4, 3)),
       _variant(16, (128, 4, 4), (64, 128, 4, 4)),
+      _variant(16, (128, 4, 3), (64, 128, 4, 3)),
+      _variant(32, (128, 8, 4), (64, 128, 4, 3)),
       _variant(16, (128, 8, 4), (128, 128, 8, 3)),
       _with_combine(base, "default_c16x512", 16, 512),
   ]
 
 
 def large_t_variants(base, num_tokens):
-  out = [_with_combine(base, "default_c16x512", 16, 512), _with_combine(base, "default_c16x256", 16, 256)]
+  out = [_with_combine(base, "default_c16x512", 16, 512), _with_combine(base, "default_c16x256", 16, 256),
+         _variant(64, (128, 4, 3), (64, 128, 4, 3)), _variant(32, (128, 4, 3), (64, 128, 4, 3)),
+         _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3))]
   if num_tokens * 8 <= 8192:
     out += [("default_xlaroute", base, False, False)]
   return out
@@ -122,6 +134,8 @@ def main(argv):
     base = default_tiling(T, K, L)
     variants = [("default", base, False, None)]
     variants += large_t_variants(base, T) if large else small_t_variants(base)
+    if not large and T * K <= 2 * L:  # <= 2 rows per expert: few experts touched
+      variants += split_k_variants()
     if _ONLY.value:
       variants = [v for v in variants if v[0] == "default" or v[0] in _ONLY.value]
     for name, tiling, bf16, fused in variants:

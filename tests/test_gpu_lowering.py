@@ -30,8 +30,8 @@ def _layer_shapes(num_tokens):
           sd((), jnp.int32), sd((), jnp.float32))
 
 
-def _lowered_text(num_tokens, device_kind, **kwargs):
-  tiles = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind=device_kind)
+def _lowered_text(num_tokens, device_kind, tiles=None, **kwargs):
+  tiles = tiles or tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind=device_kind)
   layer = lambda *args: grouped_moe.moe_layer_triton(*args, config=CONFIG, tiling=tiles, **kwargs)
   with triton_internals.abstract_gpu(device_kind):
     return jax.jit(layer).trace(*_layer_shapes(num_tokens)).lower(lowering_platforms=("cuda",)).as_text()
@@ -51,7 +51,20 @@ def _lowered_kernels(num_tokens, device_kind, **kwargs):
 @pytest.mark.parametrize("num_tokens", [1, 57, 901])
 def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
   kernels = _lowered_kernels(num_tokens, device_kind)
-  assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
+  tiles = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind=device_kind)
+  gemm1 = (["moe_gemm1_split_k", "moe_gemm1_split_k_swiglu_fp8"] if tiles.gemm1.split_k > 1 else
+           ["moe_gemm1_swiglu_fp8"])
+  assert kernels == ROUTING_KERNELS + gemm1 + ["moe_gemm2_fp8", "moe_combine"]
+
+
+def test_split_k_gemm1_lowers():
+  """Split-K GEMM1 (two kernels: K-range partials, then their sum with SwiGLU + quant), bf16 output too."""
+  split = tiling.MoETiling(gemm1=tiling.GemmTiling(block_m=16, num_warps=8, num_stages=4, split_k=8),
+                           gemm2=tiling.GemmTiling(block_m=16, block_n=64))
+  for intermediate, suffix in ((jnp.float8_e4m3fn, "fp8"), (jnp.bfloat16, "bf16")):
+    kernels = _lowered_kernels(7, "NVIDIA H200", tiles=split, intermediate_dtype=intermediate)
+    assert kernels == ROUTING_KERNELS + ["moe_gemm1_split_k", f"moe_gemm1_split_k_swiglu_{suffix}",
+                                         f"moe_gemm2_{suffix}", "moe_combine"]
 
 
 def test_small_calls_are_the_kernels_alone():

@@ -5,6 +5,8 @@ bounds below hold for both (they come from SPEC.md's FP8/bf16 arithmetic, not fr
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,11 +126,11 @@ def _kernel_inputs(seed, num_tokens=40, scenario="skewed"):
   return acts, plan
 
 
-@pytest.mark.parametrize("block_n", [32, 64, 128])
-def test_gemm1_swiglu_matches_jnp(seed, small_weights, block_n, interpret):
+@pytest.mark.parametrize("block_n,split_k", [(32, 1), (64, 1), (128, 1), (64, 2), (128, 2)])
+def test_gemm1_swiglu_matches_jnp(seed, small_weights, block_n, split_k, interpret):
   acts, plan = _kernel_inputs(seed)
   w1, w1s, _, _ = small_weights
-  tiles = tiling.GemmTiling(block_m=16, block_n=block_n)
+  tiles = tiling.GemmTiling(block_m=16, block_n=block_n, split_k=split_k)
   sched = schedule.make_tile_schedule(plan, block_m=16)
   values, scales = grouped_gemm.gemm1_swiglu(sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s,
                                              tiling=tiles, interpret=interpret)
@@ -198,6 +200,19 @@ def test_tiling_rejects_inconsistent_blocks():
     mixed.check_intermediate(quantized=True)
   with pytest.raises(ValueError, match="share the tile schedule"):
     tiling.MoETiling(gemm1=tiling.GemmTiling(block_m=64), gemm2=tiling.GemmTiling(block_m=128))
+  with pytest.raises(ValueError, match="split_k must be >= 1, got 0"):
+    tiling.GemmTiling(split_k=0)
+  with pytest.raises(ValueError, match="split_k applies to gemm1 only"):
+    tiling.MoETiling(gemm2=tiling.GemmTiling(split_k=2))
+
+
+def test_gemm1_split_k_must_divide_k_steps(seed, small_weights):
+  acts, plan = _kernel_inputs(seed)
+  w1, w1s, _, _ = small_weights
+  sched = schedule.make_tile_schedule(plan, block_m=16)
+  with pytest.raises(ValueError, match="split_k must divide the 2 K steps of H=256, got 3"):
+    grouped_gemm.gemm1_swiglu(sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s,
+                              tiling=tiling.GemmTiling(block_m=16, split_k=3), interpret=True)
 
 
 # ---- the whole layer against the float64 oracle ----------------------------------------------------------
@@ -249,7 +264,9 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
     tiling.MoETiling(tiling.GemmTiling(block_m=32, block_n=128, group_m=3),
                      tiling.GemmTiling(block_m=32, block_n=128, group_m=5)),
     tiling.default_tiling(50, 4, 8, device_kind="NVIDIA H200"),
-], ids=["narrow", "grouped", "h200_small_t"])
+    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=128, split_k=2),
+                     tiling.GemmTiling(block_m=16, block_n=64, block_k=128)),
+], ids=["narrow", "grouped", "h200_small_t", "split_k"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 
@@ -267,6 +284,24 @@ def test_expert_chunking_for_int32_offsets_is_exact(seed, monkeypatch, interpret
   chunked = mp.moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
                          implementation="triton", interpret=interpret)
   np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
+
+
+def test_split_k_gemm1_in_expert_chunks_is_exact(seed, small_weights, monkeypatch, interpret):
+  """The split-K partials of per-expert chunks merge into the same SwiGLU output as one call."""
+  acts, plan = _kernel_inputs(seed)
+  w1, w1s, _, _ = small_weights
+  sched = schedule.make_tile_schedule(plan, block_m=16)
+  tiles = tiling.GemmTiling(block_m=16, split_k=2)
+  args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s)
+  whole = grouped_gemm.gemm1_swiglu(*args, tiling=tiles, interpret=interpret)
+  monkeypatch.setattr(triton_internals, "_INT32_OFFSET_LIMIT", 3 * math.prod(w1.shape[1:]))  # 2 experts a call
+  assert len(triton_internals.per_expert_chunks(w1)) == 4
+  chunked = grouped_gemm.gemm1_swiglu(*args, tiling=tiles, interpret=interpret)
+  valid = np.asarray(sched.row_weight) != 0
+  for got, want in zip(chunked, whole):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_array_equal(got[valid] if got.shape[0] == valid.size else got[:, valid],
+                                  want[valid] if want.shape[0] == valid.size else want[:, valid])
 
 
 def test_best_available_falls_back_to_xla_where_kernels_cannot_run(seed, monkeypatch, interpret):

@@ -178,11 +178,12 @@ def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, tile_expert
 
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
                        config: MoEConfig, num_local_experts: int, block_m: int, interpret=False,
-                       tokens_per_block: int = 4, num_warps: int = 4, tiles_per_step: int = 256):
+                       tokens_per_block: int | None = None, num_warps: int = 4, tiles_per_step: int = 256):
   """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as three kernels.
 
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
-  two), num_warps (all three), tiles_per_step (layout's tile loop, a power of two).
+  two; None: 2 up to T=128, else 4), num_warps (all three), tiles_per_step (layout's tile loop, a power
+  of two).
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32, poison [T] float32: equal
@@ -197,6 +198,10 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   if not supports(config) or num_experts != config.num_experts:
     raise NotImplementedError(f"the fused routing kernels need power-of-two E, n_group and top_k, got "
                               f"E={num_experts}, n_group={config.n_group}, top_k={config.top_k}")
+  if tokens_per_block is None:
+    # Measured on H200 (tune_routing.py, 2026-11-30, experiments/results/h200_2026-11-30/): 2 tokens per
+    # program take the three kernels from 9.2-9.7 to 7.9-8.6 us at T=1..80; at T=901, 4 do (13.2 vs 15.2).
+    tokens_per_block = 2 if num_tokens <= 128 else 4
   top_k = config.top_k
   num_pairs = num_tokens * top_k
   num_blocks = pl.cdiv(num_tokens, tokens_per_block)

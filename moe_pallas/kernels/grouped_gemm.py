@@ -5,6 +5,9 @@ tile `i` is read inside the kernel from `tile_expert`, and a tile of no expert e
 expert that no token picked costs no weight reads. The grid is 1-D over (M-tile, N-tile) pairs in
 Triton's grouped order (`group_m` M-tiles per N sweep) to keep weight and activation tiles in L2.
 
+GEMM1 with `tiling.split_k > 1` runs as two kernels: K-range partials into a float32 workspace, then
+their fixed-order sum with the SwiGLU + quant epilogue (the epilogue needs full K sums).
+
 Scales: activations 1x128 (stored [K/128, rows] so a tile's scales are one contiguous load), weights
 128x128. Per K step: `acc = fma(dot_nt(a, w), row_scale * weight_scale, acc)`.
 """
@@ -40,51 +43,113 @@ def _silu(x):
   return x / (1.0 + jnp.exp(-x))
 
 
+def _gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *, i, j, k_start,
+                      num_k_steps, intermediate, tiling):
+  """M-tile i's up and gate accumulators (N-tile j) over K steps k_start .. k_start + num_k_steps."""
+  expert = tile_expert_ref[i]
+  bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
+  rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
+  up_cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+  gate_cols = pl.ds(pl.multiple_of(intermediate + j * bn, bn), bn)
+  up_scale_row = j * bn // _SCALE_BLOCK
+  gate_scale_row = (intermediate + j * bn) // _SCALE_BLOCK
+  # The gather of each row's token is fused into the loads: no [rows, H] copy of the activations.
+  tokens = row_token_ref[rows]
+  k_stop = k_start + num_k_steps
+
+  def scales_of_step(k):
+    row_scale = a_scale_ref[k, tokens]
+    return (row_scale * w_scale_ref[expert, up_scale_row, k],
+            row_scale * w_scale_ref[expert, gate_scale_row, k])
+
+  def k_step(k, carry):
+    acc_up, acc_gate, up_scale, gate_scale = carry
+    # The next step's scales are loaded one step ahead (through the loop carry): Triton pipelines
+    # the tile loads that feed the dots, not these small ones, whose latency would otherwise stall
+    # every step. The last step reloads its own scales, an unused in-bounds load.
+    next_scales = scales_of_step(jnp.minimum(k + 1, k_stop - 1))
+    ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+    a = a_ref[tokens, ks]
+    acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
+    acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
+    return (acc_up, acc_gate, *next_scales)
+
+  zeros = jnp.zeros((bm, bn), jnp.float32)
+  acc_up, acc_gate, _, _ = jax.lax.fori_loop(k_start, k_stop, k_step, (zeros, zeros, *scales_of_step(k_start)))
+  return acc_up, acc_gate
+
+
+def _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, *, i, j, tiling, quantize_output):
+  """SwiGLU of one (M-tile, N-tile), stored as FP8 with one scale per row of the tile (or as bf16)."""
+  bm, bn = tiling.block_m, tiling.block_n
+  rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
+  cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+  swiglu = _silu(acc_gate) * acc_up  # silu on the SECOND half of W13's output (SPEC.md step 6)
+  if quantize_output:
+    [out_scale_ref] = out_scale_refs
+    scale = jnp.maximum(jnp.max(jnp.abs(swiglu), axis=1), _AMAX_FLOOR) / _FP8_MAX
+    out_ref[rows, cols] = jnp.clip(swiglu / scale[:, None], -_FP8_MAX, _FP8_MAX).astype(out_ref.dtype)
+    out_scale_ref[j, rows] = scale
+  else:
+    out_ref[rows, cols] = swiglu.astype(out_ref.dtype)
+
+
 def _gemm1_swiglu_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, out_ref,
                          *out_scale_refs,
                          num_m_tiles, num_n_tiles, num_k_steps, intermediate, num_local_experts, tiling,
                          quantize_output):
   i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
-  expert = tile_expert_ref[i]
 
-  @pl.when(expert < num_local_experts)
+  @pl.when(tile_expert_ref[i] < num_local_experts)
   def _():
-    bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
+    acc_up, acc_gate = _gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
+                                         i=i, j=j, k_start=0, num_k_steps=num_k_steps,
+                                         intermediate=intermediate, tiling=tiling)
+    _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
+                  quantize_output=quantize_output)
+
+
+def _gemm1_partial_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, partial_ref, *,
+                          num_m_tiles, num_n_tiles, num_k_steps, intermediate, num_local_experts, tiling):
+  # Split-K: program (tile, split) sums K steps split*S .. (split+1)*S - 1 into columns
+  # split*2I + [up | gate] of the float32 workspace.
+  i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
+  split = pl.program_id(1)
+  steps_per_split = num_k_steps // tiling.split_k
+
+  @pl.when(tile_expert_ref[i] < num_local_experts)
+  def _():
+    acc_up, acc_gate = _gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
+                                         i=i, j=j, k_start=split * steps_per_split, num_k_steps=steps_per_split,
+                                         intermediate=intermediate, tiling=tiling)
+    bm, bn = tiling.block_m, tiling.block_n
     rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
-    up_cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-    gate_cols = pl.ds(pl.multiple_of(intermediate + j * bn, bn), bn)
-    up_scale_row = j * bn // _SCALE_BLOCK
-    gate_scale_row = (intermediate + j * bn) // _SCALE_BLOCK
-    # The gather of each row's token is fused into the loads: no [rows, H] copy of the activations.
-    tokens = row_token_ref[rows]
+    base = split * 2 * intermediate
+    partial_ref[rows, pl.ds(pl.multiple_of(base + j * bn, bn), bn)] = acc_up
+    partial_ref[rows, pl.ds(pl.multiple_of(base + intermediate + j * bn, bn), bn)] = acc_gate
 
-    def scales_of_step(k):
-      row_scale = a_scale_ref[k, tokens]
-      return (row_scale * w_scale_ref[expert, up_scale_row, k],
-              row_scale * w_scale_ref[expert, gate_scale_row, k])
 
-    def k_step(k, carry):
-      acc_up, acc_gate, up_scale, gate_scale = carry
-      # The next step's scales are loaded one step ahead (through the loop carry): Triton pipelines
-      # the tile loads that feed the dots, not these small ones, whose latency would otherwise stall
-      # every step. The last step reloads its own scales, an unused in-bounds load.
-      next_scales = scales_of_step(jnp.minimum(k + 1, num_k_steps - 1))
-      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-      a = a_ref[tokens, ks]
-      acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
-      acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
-      return (acc_up, acc_gate, *next_scales)
+def _split_k_swiglu_kernel(tile_expert_ref, partial_ref, out_ref, *out_scale_refs, num_n_tiles, intermediate,
+                           num_local_experts, tiling, quantize_output):
+  # Sums the split-K partials in a fixed order (split 0, 1, ...: bit-identical repeats, no atomics),
+  # then the same SwiGLU + quant epilogue as the unsplit kernel.
+  pid = pl.program_id(0)
+  i, j = pid // num_n_tiles, pid % num_n_tiles
 
-    zeros = jnp.zeros((bm, bn), jnp.float32)
-    acc_up, acc_gate, _, _ = jax.lax.fori_loop(0, num_k_steps, k_step, (zeros, zeros, *scales_of_step(0)))
-    swiglu = _silu(acc_gate) * acc_up  # silu on the SECOND half of W13's output (SPEC.md step 6)
-    if quantize_output:
-      [out_scale_ref] = out_scale_refs
-      scale = jnp.maximum(jnp.max(jnp.abs(swiglu), axis=1), _AMAX_FLOOR) / _FP8_MAX
-      out_ref[rows, up_cols] = jnp.clip(swiglu / scale[:, None], -_FP8_MAX, _FP8_MAX).astype(out_ref.dtype)
-      out_scale_ref[j, rows] = scale
-    else:
-      out_ref[rows, up_cols] = swiglu.astype(out_ref.dtype)
+  @pl.when(tile_expert_ref[i] < num_local_experts)
+  def _():
+    bm, bn = tiling.block_m, tiling.block_n
+    rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
+
+    def partial(split, offset):
+      return partial_ref[rows, pl.ds(pl.multiple_of(split * 2 * intermediate + offset + j * bn, bn), bn)]
+
+    acc_up, acc_gate = partial(0, 0), partial(0, intermediate)
+    for split in range(1, tiling.split_k):
+      acc_up = acc_up + partial(split, 0)
+      acc_gate = acc_gate + partial(split, intermediate)
+    _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
+                  quantize_output=quantize_output)
 
 
 def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: GemmTiling,
@@ -119,16 +184,42 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
   if quantize_output:
     # One scale per (row, block_n columns): GEMM2 reads it with K steps of block_n.
     out_shape.append(jax.ShapeDtypeStruct((intermediate // tiling.block_n, num_rows), jnp.float32))
+  num_k_steps = hidden // tiling.block_k
+  if num_k_steps % tiling.split_k:
+    raise ValueError(f"tiling.split_k must divide the {num_k_steps} K steps of H={hidden}, got {tiling.split_k}")
+  params = pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+  grid = (num_m_tiles * num_n_tiles,)
+
   def run(chunk_tile_expert, start, stop):
+    operands = (chunk_tile_expert, row_token, a, a_scale, w13[start:stop], w13_scale[start:stop])
+    if tiling.split_k > 1:
+      kernel = functools.partial(
+          _gemm1_partial_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles, num_k_steps=num_k_steps,
+          intermediate=intermediate, num_local_experts=stop - start, tiling=tiling)
+      return (pl.pallas_call(
+          kernel, out_shape=jax.ShapeDtypeStruct((num_rows, tiling.split_k * two_i), jnp.float32),
+          grid=(*grid, tiling.split_k), interpret=interpret, name="moe_gemm1_split_k", compiler_params=params,
+      )(*operands),)
     kernel = functools.partial(
         _gemm1_swiglu_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
-        num_k_steps=hidden // tiling.block_k, intermediate=intermediate, num_local_experts=stop - start,
+        num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=stop - start,
         tiling=tiling, quantize_output=quantize_output)
     return tuple(pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
-        name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16",
-        compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
-    )(chunk_tile_expert, row_token, a, a_scale, w13[start:stop], w13_scale[start:stop]))
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16", compiler_params=params,
+    )(*operands))
+
+  if tiling.split_k > 1:
+    [partials] = run_per_expert_chunk(run, tile_expert, w13, (0,), tiling.block_m)
+    kernel = functools.partial(
+        _split_k_swiglu_kernel, num_n_tiles=num_n_tiles, intermediate=intermediate, num_local_experts=num_local,
+        tiling=tiling, quantize_output=quantize_output)
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        name="moe_gemm1_split_k_swiglu_fp8" if quantize_output else "moe_gemm1_split_k_swiglu_bf16",
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+    )(tile_expert, partials)
+    return (outs[0], outs[1]) if quantize_output else (outs[0], None)
 
   outs = run_per_expert_chunk(run, tile_expert, w13, (0, 1), tiling.block_m)
   return (outs[0], outs[1]) if quantize_output else (outs[0], None)

@@ -27,6 +27,9 @@ class GemmTiling:
     group_m: M-tiles visited together before moving to the next N-tile, so that a group's weight tile
       and activation rows stay in L2 (Triton's grouped ordering).
     num_warps, num_stages: Triton launch parameters (warps per program, software pipeline depth).
+    split_k: GEMM1 only. Above 1, K is split into this many ranges, one program each, summed in float32
+      in a fixed order by a second kernel that applies SwiGLU and the quant: more programs on the weights
+      when few experts are touched (T=1 reads two experts' W13 with only 2 x 16 unsplit programs).
   """
 
   block_m: int = 64
@@ -35,6 +38,7 @@ class GemmTiling:
   group_m: int = 8
   num_warps: int = 4
   num_stages: int = 3
+  split_k: int = 1
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -45,6 +49,8 @@ class GemmTiling:
       raise ValueError(f"block_m must be 16, 32, 64 or 128, got {self.block_m}")
     if self.group_m < 1:
       raise ValueError(f"group_m must be >= 1, got {self.group_m}")
+    if self.split_k < 1:
+      raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,8 @@ class MoETiling:
     if self.gemm1.block_m != self.gemm2.block_m:
       raise ValueError(f"gemm1 and gemm2 share the tile schedule: block_m {self.gemm1.block_m} != "
                        f"{self.gemm2.block_m}")
+    if self.gemm2.split_k != 1:
+      raise ValueError(f"split_k applies to gemm1 only, got gemm2.split_k = {self.gemm2.split_k}")
     if self.gemm1.block_k != SCALE_BLOCK:
       raise ValueError(f"gemm1.block_k must be {SCALE_BLOCK} (the activations' scale block), got "
                        f"{self.gemm1.block_k}")
@@ -107,10 +115,16 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
   # Above, the H100 tiles stay best (T=901: 16- and 32-row variants were 3-16 % slower in sum; T=14107:
   # 128-row tiles 36 % slower).
   combine = CombineTiling(block_t=8, block_h=256)
-  if rows_per_expert <= 32:
+  gemm2 = GemmTiling(block_m=16, block_n=64, group_m=8, num_warps=4, num_stages=3)
+  if rows_per_expert <= 2:
+    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, split_k=4),
+                     gemm2=gemm2, combine=combine)
+  if rows_per_expert <= 4:
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4),
-                     gemm2=GemmTiling(block_m=16, block_n=64, group_m=8, num_warps=4, num_stages=3),
-                     combine=combine)
+                     gemm2=gemm2, combine=combine)
+  if rows_per_expert <= 32:
+    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=3),
+                     gemm2=gemm2, combine=combine)
   return dataclasses.replace(_h100_tiling(rows_per_expert), combine=combine)
 
 
