@@ -266,7 +266,12 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
     tiling.default_tiling(50, 4, 8, device_kind="NVIDIA H200"),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=128, split_k=2),
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=128)),
-], ids=["narrow", "grouped", "h200_small_t", "split_k"])
+    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64), tiling.GemmTiling(block_m=16, block_n=64, block_k=64),
+                     gemm1_busy=tiling.GemmTiling(block_m=16, block_n=64, num_warps=8, group_m=2), busy_min_tiles=1),
+    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64), tiling.GemmTiling(block_m=16, block_n=64, block_k=64),
+                     gemm1_busy=tiling.GemmTiling(block_m=16, block_n=64, num_warps=8, group_m=2),
+                     busy_min_tiles=10**6),
+], ids=["narrow", "grouped", "h200_small_t", "split_k", "busy_gemm1_picked", "busy_gemm1_not_picked"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 
@@ -284,6 +289,30 @@ def test_expert_chunking_for_int32_offsets_is_exact(seed, monkeypatch, interpret
   chunked = mp.moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
                          implementation="triton", interpret=interpret)
   np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
+
+
+def test_gemm1_used_tiles_range_picks_the_call_that_writes(seed, small_weights, interpret):
+  """Outside its used-tile range a GEMM1 call leaves `into` as it was; inside, it writes every used row."""
+  acts, plan = _kernel_inputs(seed)
+  w1, w1s, _, _ = small_weights
+  sched = schedule.make_tile_schedule(plan, block_m=16)
+  tiles = tiling.GemmTiling(block_m=16)
+  args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s)
+  plain = grouped_gemm.gemm1_swiglu(*args, tiling=tiles, interpret=interpret)
+  used = int(sched.num_used_tiles)
+  sentinel = (jnp.full(plain[0].shape, 3.0, plain[0].dtype), jnp.full(plain[1].shape, -7.0, plain[1].dtype))
+  kwargs = dict(tiling=tiles, interpret=interpret, used_tiles=sched.num_used_tiles)
+  skipped = grouped_gemm.gemm1_swiglu(*args, used_tiles_range=(used + 1, 2**31 - 1), into=sentinel, **kwargs)
+  for got, want in zip(skipped, sentinel):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  picked = grouped_gemm.gemm1_swiglu(*args, used_tiles_range=(used, used + 1), into=sentinel, **kwargs)
+  valid = np.asarray(sched.row_weight) != 0
+  np.testing.assert_array_equal(np.asarray(picked[0], np.float32)[valid], np.asarray(plain[0], np.float32)[valid])
+  np.testing.assert_array_equal(np.asarray(picked[1])[:, valid], np.asarray(plain[1])[:, valid])
+  with pytest.raises(ValueError, match="gemm1_busy must have gemm1's blocks"):
+    tiling.MoETiling(gemm1=tiles, gemm1_busy=tiling.GemmTiling(block_m=32), busy_min_tiles=4)
+  with pytest.raises(ValueError, match="busy_min_tiles must be >= 1"):
+    tiling.MoETiling(gemm1=tiles, gemm1_busy=tiles)
 
 
 def test_split_k_gemm1_in_expert_chunks_is_exact(seed, small_weights, monkeypatch, interpret):

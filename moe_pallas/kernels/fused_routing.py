@@ -114,8 +114,8 @@ def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights
   counts_ref[pl.program_id(0), :] = jnp.sum(one_hot.astype(jnp.int32), axis=0)
 
 
-def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref, *, num_blocks, num_local, lanes,
-                   block_m, num_tiles, tiles_per_step):
+def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref, used_tiles_ref, *, num_blocks,
+                   num_local, lanes, block_m, num_tiles, tiles_per_step):
   experts = jnp.arange(lanes, dtype=jnp.int32)
   blocks = jnp.arange(counts_ref.shape[0], dtype=jnp.int32)  # a power of two >= num_blocks
   counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
@@ -129,6 +129,7 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref
   block_start_ref[...] = padded_start[None, :] + jnp.cumsum(counts, axis=0) - counts
   expert_rows_ref[0, :] = padded_start
   expert_rows_ref[1, :] = totals
+  used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
 
   # Tile -> expert: the number of experts whose padded range ends at or before the tile's first row
   # (num_local for the unused tiles at the end).
@@ -221,12 +222,12 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   )(routing_logits.astype(jnp.float32), routing_bias,
     jnp.reshape(jnp.asarray(routed_scaling_factor, jnp.float32), (1,)), offset)
 
-  tile_expert, block_start, expert_rows = pl.pallas_call(
+  tile_expert, block_start, expert_rows, used_tiles = pl.pallas_call(
       functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
                         block_m=block_m, num_tiles=num_tiles, tiles_per_step=tiles_per_step),
       grid=(1,), interpret=interpret, name="moe_layout", compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct(counts_shape, jnp.int32),
-                 jax.ShapeDtypeStruct((2, lanes), jnp.int32)),
+                 jax.ShapeDtypeStruct((2, lanes), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
   )(counts)
 
   row_token, row_weight, pair_row = pl.pallas_call(
@@ -240,5 +241,5 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
 
   schedule = TileSchedule(tile_expert=tile_expert, row_token=row_token, row_weight=row_weight,
                           pair_padded_row=pair_row.reshape(num_tokens, top_k),
-                          num_used_tiles=jnp.sum(tile_expert < num_local_experts, dtype=jnp.int32))
+                          num_used_tiles=used_tiles.reshape(()))
   return schedule, ids.reshape(num_tokens, top_k), weights.reshape(num_tokens, top_k), poison

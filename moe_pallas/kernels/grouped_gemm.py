@@ -23,7 +23,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from moe_pallas.config import SCALE_BLOCK as _SCALE_BLOCK
 from moe_pallas.kernels.tiling import GemmTiling
-from moe_pallas.kernels.triton_internals import dot_nt, fma, run_per_expert_chunk
+from moe_pallas.kernels.triton_internals import dot_nt, fma, per_expert_chunks, run_per_expert_chunk
 # The epilogue quantizes as quant.quantize_blockwise does (amax / 448, amax floor), so both agree.
 from moe_pallas.quant import AMAX_FLOOR as _AMAX_FLOOR, FP8_DTYPE, FP8_MAX as _FP8_MAX
 
@@ -94,13 +94,19 @@ def _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, *, i, j, tiling, qu
     out_ref[rows, cols] = swiglu.astype(out_ref.dtype)
 
 
-def _gemm1_swiglu_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, out_ref,
-                         *out_scale_refs,
-                         num_m_tiles, num_n_tiles, num_k_steps, intermediate, num_local_experts, tiling,
-                         quantize_output):
+def _gemm1_swiglu_kernel(*refs, num_m_tiles, num_n_tiles, num_k_steps, intermediate, num_local_experts, tiling,
+                         quantize_output, used_tiles_range, num_aliased):
+  tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *rest = refs
+  if used_tiles_range is not None:
+    used_tiles_ref, *rest = rest
+  out_ref, *out_scale_refs = rest[num_aliased:]  # aliased inputs are written through the outputs
   i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
+  runs = tile_expert_ref[i] < num_local_experts
+  if used_tiles_range is not None:
+    used = used_tiles_ref[0]
+    runs = runs & (used >= used_tiles_range[0]) & (used < used_tiles_range[1])
 
-  @pl.when(tile_expert_ref[i] < num_local_experts)
+  @pl.when(runs)
   def _():
     acc_up, acc_gate = _gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
                                          i=i, j=j, k_start=0, num_k_steps=num_k_steps,
@@ -153,7 +159,7 @@ def _split_k_swiglu_kernel(tile_expert_ref, partial_ref, out_ref, *out_scale_ref
 
 
 def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: GemmTiling,
-                 out_dtype=FP8_DTYPE, interpret=False):
+                 out_dtype=FP8_DTYPE, interpret=False, used_tiles=None, used_tiles_range=None, into=None):
   """Grouped `swiglu(a[row_token] @ W13[e].T)` per M-tile, quantized to FP8 in 1 x block_n blocks or bf16.
 
   Args:
@@ -163,6 +169,10 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
     w13: [E_local, 2I, H] float8_e4m3fn; w13_scale: [E_local, 2I/128, H/128] float32.
     out_dtype: float8_e4m3fn (returns values [rows, I] and scales [I/block_n, rows]: a finer block than
       1x128 when block_n < 128, which only helps accuracy) or bfloat16 (values only).
+    used_tiles, used_tiles_range: a [1] int32 count of the M-tiles in use and a static [lo, hi): the kernel
+      computes only if lo <= count < hi (else every program exits at once). Two calls with disjoint
+      ranges, the second writing `into` the first's outputs, pick their tiles by the count on the device.
+    into: outputs of an earlier call (same tiles) that this call writes into, in place.
 
   Returns:
     (values, scales or None). Rows of tiles of no expert are left unwritten.
@@ -190,6 +200,14 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
   params = pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
   grid = (num_m_tiles * num_n_tiles,)
 
+  selected = used_tiles_range is not None
+  into = tuple(x for x in into if x is not None) if into is not None else None  # bf16: no scales
+  if (selected or into is not None) and (tiling.split_k > 1 or len(per_expert_chunks(w13)) > 1):
+    raise NotImplementedError("used_tiles_range and into need one unsplit GEMM1 call (split_k = 1, weights "
+                              "within int32 offsets)")
+  extra = ((used_tiles.reshape(1),) if selected else ()) + tuple(into or ())
+  aliases = {6 + selected + k: k for k in range(len(into or ()))}
+
   def run(chunk_tile_expert, start, stop):
     operands = (chunk_tile_expert, row_token, a, a_scale, w13[start:stop], w13_scale[start:stop])
     if tiling.split_k > 1:
@@ -203,11 +221,11 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
     kernel = functools.partial(
         _gemm1_swiglu_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
         num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=stop - start,
-        tiling=tiling, quantize_output=quantize_output)
+        tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases))
     return tuple(pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret, input_output_aliases=aliases,
         name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16", compiler_params=params,
-    )(*operands))
+    )(*operands, *extra))
 
   if tiling.split_k > 1:
     [partials] = run_per_expert_chunk(run, tile_expert, w13, (0,), tiling.block_m)

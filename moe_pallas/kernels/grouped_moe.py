@@ -44,9 +44,19 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
           f"implementation='triton' cannot index {name} of shape {list(shape)} ({jnp.dtype(dtype).name}: "
           f"2**31 elements or more in 2**32 bytes or fewer overflow Pallas-Triton's int32 offsets at "
           f"T={num_tokens}); use implementation='xla' or split the tokens into smaller calls")
-  swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(
-      schedule.tile_expert, schedule.row_token, hidden_states, hidden_states_scale, gemm1_weights,
-      gemm1_weights_scale, tiling=tiling.gemm1, out_dtype=intermediate_dtype, interpret=interpret)
+  gemm1_args = (schedule.tile_expert, schedule.row_token, hidden_states, hidden_states_scale, gemm1_weights,
+                gemm1_weights_scale)
+  if tiling.gemm1_busy is not None and len(triton_internals.per_expert_chunks(gemm1_weights)) == 1:
+    # Both GEMM1 launches; the count of used tiles on the device picks the one that computes.
+    select = dict(used_tiles=schedule.num_used_tiles, out_dtype=intermediate_dtype, interpret=interpret)
+    first = grouped_gemm.gemm1_swiglu(*gemm1_args, tiling=tiling.gemm1, used_tiles_range=(0, tiling.busy_min_tiles),
+                                      **select)
+    swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(
+        *gemm1_args, tiling=tiling.gemm1_busy, used_tiles_range=(tiling.busy_min_tiles, 2**31 - 1), into=first,
+        **select)
+  else:
+    swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(*gemm1_args, tiling=tiling.gemm1, out_dtype=intermediate_dtype,
+                                                     interpret=interpret)
   weighted_rows = grouped_gemm.gemm2_weighted(
       schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights, gemm2_weights_scale, schedule.row_weight,
       tiling=tiling.gemm2, interpret=interpret)

@@ -64,13 +64,27 @@ class CombineTiling:
 
 @dataclasses.dataclass(frozen=True)
 class MoETiling:
-  """Tiles of GEMM1 (+ fused SwiGLU-quant), GEMM2 and the combine; the GEMMs share block_m (one schedule)."""
+  """Tiles of GEMM1 (+ fused SwiGLU-quant), GEMM2 and the combine; the GEMMs share block_m (one schedule).
+
+  `gemm1_busy`: GEMM1's launch parameters when `busy_min_tiles` or more M-tiles are in use, a count known
+  only on the device (it depends on how many experts the tokens picked). Both GEMM1 variants are then
+  launched; each program of the one not chosen exits at once (~2 us). None: `gemm1` always.
+  """
 
   gemm1: GemmTiling = GemmTiling()
   gemm2: GemmTiling = GemmTiling()
   combine: CombineTiling = CombineTiling()
+  gemm1_busy: GemmTiling | None = None
+  busy_min_tiles: int = 0
 
   def __post_init__(self):
+    if self.gemm1_busy is not None:
+      blocks = lambda g: (g.block_m, g.block_n, g.block_k, g.split_k)
+      if blocks(self.gemm1_busy) != blocks(self.gemm1) or self.gemm1.split_k != 1:
+        raise ValueError(f"gemm1_busy must have gemm1's blocks and no split-K (one output layout), got "
+                         f"{blocks(self.gemm1_busy)} and {blocks(self.gemm1)}")
+      if self.busy_min_tiles < 1:
+        raise ValueError(f"busy_min_tiles must be >= 1 with a gemm1_busy, got {self.busy_min_tiles}")
     if self.gemm1.block_m != self.gemm2.block_m:
       raise ValueError(f"gemm1 and gemm2 share the tile schedule: block_m {self.gemm1.block_m} != "
                        f"{self.gemm2.block_m}")
@@ -119,12 +133,15 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
   if rows_per_expert <= 2:
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, split_k=4),
                      gemm2=gemm2, combine=combine)
-  if rows_per_expert <= 4:
-    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4),
-                     gemm2=gemm2, combine=combine)
   if rows_per_expert <= 32:
-    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=3),
-                     gemm2=gemm2, combine=combine)
+    # GEMM1's best launch depends on the experts touched: with 8 warps up to 14 experts (T=14: 116.5 ->
+    # 114.7 us against 4 stages, T=32: 107.3 -> 95.7 and T=80: 112.0 -> 101.5 against 4 warps), with 4
+    # warps from 18 (T=52/55/57, 18-20 experts: 188-190 -> 147-159 us). 16 tiles x 16 N-tiles = 256
+    # programs, about two per SM, is the measured boundary.
+    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3),
+                     gemm2=gemm2, combine=combine,
+                     gemm1_busy=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=3),
+                     busy_min_tiles=17)
   return dataclasses.replace(_h100_tiling(rows_per_expert), combine=combine)
 
 
