@@ -206,6 +206,24 @@ def test_tiling_rejects_inconsistent_blocks():
     tiling.MoETiling(gemm2=tiling.GemmTiling(split_k=2))
 
 
+@pytest.mark.parametrize("device_kind", ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "cpu"])
+def test_default_tiling_fits_every_hidden_size(device_kind):
+  """The tables are measured at DeepSeek-V3's H; at any other H GEMM1's split_k divides the K steps."""
+  for num_tokens in (1, 7, 16, 57, 901, 14107):
+    for hidden, most in ((7168, 4), (256, 2), (384, 3), (128, 1), (640, 1)):
+      tiles = tiling.default_tiling(num_tokens, 8, 32, device_kind=device_kind, hidden=hidden)
+      assert (hidden // 128) % tiles.gemm1.split_k == 0 and tiles.gemm1.split_k <= most
+  assert tiling.default_tiling(1, 8, 32, device_kind="NVIDIA H200", hidden=7168).gemm1.split_k == 4
+
+
+@pytest.mark.parametrize("num_tokens", [1, 13])
+def test_h200_default_tiling_runs_the_small_shape(seed, num_tokens, monkeypatch):
+  """The H200 table (split-K at T=1, the device-picked GEMM1 launch above) at the SMALL shape, on any host."""
+  h200 = lambda *args, **kwargs: tiling.default_tiling(*args, **{**kwargs, "device_kind": "NVIDIA H200"})
+  monkeypatch.setattr(grouped_moe, "default_tiling", h200)
+  _check_layer(mp.SMALL, num_tokens, seed, "uniform", 8, jnp.float8_e4m3fn)
+
+
 def test_gemm1_split_k_must_divide_k_steps(seed, small_weights):
   acts, plan = _kernel_inputs(seed)
   w1, w1s, _, _ = small_weights

@@ -23,9 +23,9 @@ from moe_pallas.kernels.tiling import MoETiling, default_tiling
 from moe_pallas.routing import RoutingPlan, grouped_topk, nan_poison, sort_local_pairs
 
 
-def _tiling_for(tiling, num_tokens, top_k, num_local, intermediate_dtype) -> MoETiling:
+def _tiling_for(tiling, num_tokens, top_k, num_local, hidden, intermediate_dtype) -> MoETiling:
   if tiling is None:
-    tiling = default_tiling(num_tokens, top_k, num_local)
+    tiling = default_tiling(num_tokens, top_k, num_local, hidden=hidden)
   tiling.check_intermediate(jnp.dtype(intermediate_dtype) == jnp.dtype(jnp.float8_e4m3fn))
   return tiling
 
@@ -71,7 +71,7 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
   """Same contract as `moe_pallas.apply_local_experts` (see there), computed by Pallas kernels.
 
   Args (beyond apply_local_experts'):
-    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local)`.
+    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local, hidden=H)`.
 
   Raises:
     NotImplementedError: the Pallas-Triton internals moved, or an operand is too large for its int32
@@ -81,7 +81,8 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
   num_tokens, hidden = hidden_states.shape
   if num_tokens == 0:
     return jnp.zeros((0, hidden), out_dtype)
-  tiling = _tiling_for(tiling, num_tokens, plan.pair_rows.shape[1], gemm1_weights.shape[0], intermediate_dtype)
+  tiling = _tiling_for(tiling, num_tokens, plan.pair_rows.shape[1], gemm1_weights.shape[0], hidden,
+                       intermediate_dtype)
   schedule = make_tile_schedule(plan, block_m=tiling.block_m)
   return _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                   gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
@@ -98,7 +99,7 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
   A NaN in the routing inputs makes the affected rows NaN (`routing.nan_poison`, added in the combine).
 
   Args (beyond moe_layer's):
-    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local)` for this device.
+    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local, hidden=H)` for this device.
     fused_routing_kernels: route and schedule with the three Pallas kernels of `fused_routing` (True) or
       with XLA (False); None: fused up to `fused_routing.MAX_FUSED_PAIRS` picks where the geometry
       allows (`fused_routing.supports`). Both give the same schedule (tested).
@@ -111,7 +112,7 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
   if num_tokens == 0:
     return jnp.zeros((0, hidden), out_dtype)
   num_local = gemm1_weights.shape[0]
-  tiling = _tiling_for(tiling, num_tokens, config.top_k, num_local, intermediate_dtype)
+  tiling = _tiling_for(tiling, num_tokens, config.top_k, num_local, hidden, intermediate_dtype)
   if fused_routing_kernels is None:
     fused_routing_kernels = (num_tokens * config.top_k <= fused_routing.MAX_FUSED_PAIRS
                              and fused_routing.supports(config))

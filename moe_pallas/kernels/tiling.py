@@ -149,7 +149,8 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
 _TILINGS_BY_DEVICE = (("H200", _h200_tiling), ("H100", _h100_tiling))
 
 
-def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_kind: str | None = None) -> MoETiling:
+def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_kind: str | None = None,
+                   hidden: int | None = None) -> MoETiling:
   """Per-shape, per-device default (T is static under jit).
 
   Few rows per expert (memory-bound): short M-tiles and narrow GEMM2 N-tiles, so that the weights of a
@@ -157,11 +158,16 @@ def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_k
 
   Args:
     device_kind: `jax.Device.device_kind` whose measured table applies; default: the first device's.
+    hidden: H; GEMM1's split_k (measured at DeepSeek-V3's 56 K steps) becomes the largest divisor of
+      H/128 that does not exceed it. None: as measured.
   """
   if device_kind is None:
     device_kind = jax.devices()[0].device_kind
   rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
-  for name, tiling_for in _TILINGS_BY_DEVICE:
-    if name in device_kind:
-      return tiling_for(rows_per_expert)
-  return _h100_tiling(rows_per_expert)
+  tiling_for = next((table for name, table in _TILINGS_BY_DEVICE if name in device_kind), _h100_tiling)
+  tiling = tiling_for(rows_per_expert)
+  split_k = tiling.gemm1.split_k
+  if hidden is not None and (hidden // SCALE_BLOCK) % split_k:
+    split_k = max(d for d in range(1, split_k + 1) if (hidden // SCALE_BLOCK) % d == 0)
+    tiling = dataclasses.replace(tiling, gemm1=dataclasses.replace(tiling.gemm1, split_k=split_k))
+  return tiling
