@@ -88,7 +88,11 @@ def _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, *, i, j, tiling, qu
   if quantize_output:
     [out_scale_ref] = out_scale_refs
     scale = jnp.maximum(jnp.max(jnp.abs(swiglu), axis=1), _AMAX_FLOOR) / _FP8_MAX
-    out_ref[rows, cols] = jnp.clip(swiglu / scale[:, None], -_FP8_MAX, _FP8_MAX).astype(out_ref.dtype)
+    clipped = jnp.clip(swiglu / scale[:, None], -_FP8_MAX, _FP8_MAX)
+    # Compiled, min/max return the non-NaN operand (interpret mode keeps the NaN): without this a NaN
+    # product (a NaN activation scale) would be clipped to +-448 and come out finite (issue 9).
+    clipped = jnp.where(swiglu != swiglu, swiglu, clipped)
+    out_ref[rows, cols] = clipped.astype(out_ref.dtype)
     out_scale_ref[j, rows] = scale
   else:
     out_ref[rows, cols] = swiglu.astype(out_ref.dtype)
