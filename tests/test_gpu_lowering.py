@@ -7,6 +7,7 @@ program the GPU runs (not interpret mode's): its only custom calls are the kerne
 the host. Nothing is compiled or run, so speed and numerics stay the GPU run's business.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -20,8 +21,8 @@ CONFIG = mp.DEEPSEEK_V3
 ROUTING_KERNELS = ["moe_route", "moe_layout", "moe_place"]
 
 
-def _layer_shapes(num_tokens):
-  c, sd = CONFIG, jax.ShapeDtypeStruct
+def _layer_shapes(num_tokens, config=CONFIG):
+  c, sd = config, jax.ShapeDtypeStruct
   h, i, e, b = c.hidden, c.intermediate, c.num_local_experts, 128
   return (sd((num_tokens, c.num_experts), jnp.float32), sd((c.num_experts,), jnp.bfloat16),
           sd((num_tokens, h), jnp.float8_e4m3fn), sd((h // b, num_tokens), jnp.float32),
@@ -72,6 +73,19 @@ def test_small_calls_are_the_kernels_alone():
   text = _lowered_text(57, "NVIDIA H200")
   main = text[text.index("func.func public @main"):]
   assert set(re.findall(r"= (stablehlo\.[a-z_]+)", main)) == {"stablehlo.custom_call", "stablehlo.reshape"}
+
+
+@pytest.mark.parametrize("num_tokens", [1, 901])
+def test_128_local_experts_lower_without_copies(num_tokens):
+  """Two GPUs' share of DeepSeek-V3 (128 experts, W13 3.76 GB: int32 offsets would wrap): the weights go to
+  the kernels whole, as at 32 experts (64-bit offsets), not sliced (a copy per call)."""
+  config = dataclasses.replace(CONFIG, num_local_experts=128)
+  tiles = tiling.default_tiling(num_tokens, config.top_k, 128, device_kind="NVIDIA H200")
+  layer = lambda *args: grouped_moe.moe_layer_triton(*args, config=config, tiling=tiles)
+  with triton_internals.abstract_gpu("NVIDIA H200"):
+    text = jax.jit(layer).trace(*_layer_shapes(num_tokens, config)).lower(lowering_platforms=("cuda",)).as_text()
+  main = text[text.index("func.func public @main"):]
+  assert set(re.findall(r"= (stablehlo\.[a-z_]+)", main)) <= {"stablehlo.custom_call", "stablehlo.reshape"}
 
 
 def test_large_calls_route_with_xla():

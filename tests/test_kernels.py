@@ -294,21 +294,6 @@ def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 
 
-def test_expert_chunking_for_int32_offsets_is_exact(seed, monkeypatch, interpret):
-  """Weights too large for int32 offsets run in per-expert chunks; forced here at a small shape."""
-  config = mp.SMALL
-  inputs = testing.random_layer_inputs(config, 40, seed=seed, scenario="uniform", local_expert_offset=8)
-  whole = mp.moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
-                       implementation="triton", interpret=interpret)
-  per_expert = 2 * config.intermediate * config.hidden  # W13 elements of one expert
-  monkeypatch.setattr(triton_internals, "_INT32_OFFSET_LIMIT", 3 * per_expert)  # 2 experts per W13 call
-  assert triton_internals.per_expert_chunks(inputs.gemm1_weights) == [(0, 2), (2, 4), (4, 6), (6, 8)]
-  assert len(triton_internals.per_expert_chunks(inputs.gemm2_weights)) == 2  # W2 is half of W13
-  chunked = mp.moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
-                         implementation="triton", interpret=interpret)
-  np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
-
-
 def test_gemm1_used_tiles_range_picks_the_call_that_writes(seed, small_weights, interpret):
   """Outside its used-tile range a GEMM1 call leaves `into` as it was; inside, it writes every used row."""
   acts, plan = _kernel_inputs(seed)
@@ -333,24 +318,6 @@ def test_gemm1_used_tiles_range_picks_the_call_that_writes(seed, small_weights, 
     tiling.MoETiling(gemm1=tiles, gemm1_busy=tiles)
 
 
-def test_split_k_gemm1_in_expert_chunks_is_exact(seed, small_weights, monkeypatch, interpret):
-  """The split-K partials of per-expert chunks merge into the same SwiGLU output as one call."""
-  acts, plan = _kernel_inputs(seed)
-  w1, w1s, _, _ = small_weights
-  sched = schedule.make_tile_schedule(plan, block_m=16)
-  tiles = tiling.GemmTiling(block_m=16, split_k=2)
-  args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s)
-  whole = grouped_gemm.gemm1_swiglu(*args, tiling=tiles, interpret=interpret)
-  monkeypatch.setattr(triton_internals, "_INT32_OFFSET_LIMIT", 3 * math.prod(w1.shape[1:]))  # 2 experts a call
-  assert len(triton_internals.per_expert_chunks(w1)) == 4
-  chunked = grouped_gemm.gemm1_swiglu(*args, tiling=tiles, interpret=interpret)
-  valid = np.asarray(sched.row_weight) != 0
-  for got, want in zip(chunked, whole):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    np.testing.assert_array_equal(got[valid] if got.shape[0] == valid.size else got[:, valid],
-                                  want[valid] if want.shape[0] == valid.size else want[:, valid])
-
-
 def test_best_available_falls_back_to_xla_where_kernels_cannot_run(seed, monkeypatch, interpret):
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 11, seed=seed, local_expert_offset=8)
@@ -372,6 +339,25 @@ def test_int32_offset_overflow_rule():
   assert triton_internals.int32_offsets_overflow((128, 4096, 7168), jnp.float8_e4m3fn)      # 3.76 GB
   assert not triton_internals.int32_offsets_overflow((256, 4096, 7168), jnp.float8_e4m3fn)  # 7.5 GB: int64
   assert not triton_internals.int32_offsets_overflow((300_000, 7168), jnp.float32)          # 8.6 GB: int64
+
+
+def test_wide_offsets_for_arrays_int32_cannot_index():
+  """Pallas-Triton's offset rule is wrapped: a 2**31+ element array of <= 2**32 bytes is sized as 4-byte
+  elements (64-bit offsets, same element offsets); every other array reaches the stock rule unchanged."""
+  from jax._src.pallas.triton import lowering
+  wrapped = lowering._compute_offsets_from_indices
+  assert wrapped.moe_pallas_stock is not None
+  seen = []
+  check = triton_internals._wide_offsets(lambda block_info, indexer: seen.append(block_info) or indexer)
+  for shape, dtype, wide in (((128, 4096, 7168), jnp.float8_e4m3fn, True), ((32, 4096, 7168), jnp.float8_e4m3fn, False),
+                             ((300_000, 7168), jnp.float32, False)):
+    info = lowering.BlockInfo(full_shape_dtype=jax.core.ShapedArray(shape, dtype), start_indices=(None,) * len(shape),
+                              start_indices_alignment=(1,) * len(shape), block_shape=shape)
+    assert check(info, "indexer") == "indexer"
+    passed = seen[-1].full_shape_dtype
+    assert passed.shape == shape
+    assert (math.prod(shape) * passed.dtype.itemsize > 2**32) == (wide or math.prod(shape) * jnp.dtype(dtype).itemsize > 2**32)
+    assert (passed.dtype == jnp.dtype(dtype)) != wide
 
 
 def test_untouched_experts_are_never_read(seed, interpret):

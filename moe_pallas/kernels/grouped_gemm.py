@@ -23,7 +23,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from moe_pallas.config import SCALE_BLOCK as _SCALE_BLOCK
 from moe_pallas.kernels.tiling import GemmTiling
-from moe_pallas.kernels.triton_internals import dot_nt, fma, per_expert_chunks, run_per_expert_chunk
+from moe_pallas.kernels.triton_internals import dot_nt, fma
 # The epilogue quantizes as quant.quantize_blockwise does (amax / 448, amax floor), so both agree.
 from moe_pallas.quant import AMAX_FLOOR as _AMAX_FLOOR, FP8_DTYPE, FP8_MAX as _FP8_MAX
 
@@ -206,33 +206,20 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
 
   selected = used_tiles_range is not None
   into = tuple(x for x in into if x is not None) if into is not None else None  # bf16: no scales
-  if (selected or into is not None) and (tiling.split_k > 1 or len(per_expert_chunks(w13)) > 1):
-    raise NotImplementedError("used_tiles_range and into need one unsplit GEMM1 call (split_k = 1, weights "
-                              "within int32 offsets)")
+  if (selected or into is not None) and tiling.split_k > 1:
+    raise NotImplementedError("used_tiles_range and into need an unsplit GEMM1 (split_k = 1)")
   extra = ((used_tiles.reshape(1),) if selected else ()) + tuple(into or ())
   aliases = {6 + selected + k: k for k in range(len(into or ()))}
-
-  def run(chunk_tile_expert, start, stop):
-    operands = (chunk_tile_expert, row_token, a, a_scale, w13[start:stop], w13_scale[start:stop])
-    if tiling.split_k > 1:
-      kernel = functools.partial(
-          _gemm1_partial_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles, num_k_steps=num_k_steps,
-          intermediate=intermediate, num_local_experts=stop - start, tiling=tiling)
-      return (pl.pallas_call(
-          kernel, out_shape=jax.ShapeDtypeStruct((num_rows, tiling.split_k * two_i), jnp.float32),
-          grid=(*grid, tiling.split_k), interpret=interpret, name="moe_gemm1_split_k", compiler_params=params,
-      )(*operands),)
-    kernel = functools.partial(
-        _gemm1_swiglu_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
-        num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=stop - start,
-        tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases))
-    return tuple(pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=interpret, input_output_aliases=aliases,
-        name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16", compiler_params=params,
-    )(*operands, *extra))
+  operands = (tile_expert, row_token, a, a_scale, w13, w13_scale)
 
   if tiling.split_k > 1:
-    [partials] = run_per_expert_chunk(run, tile_expert, w13, (0,), tiling.block_m)
+    kernel = functools.partial(
+        _gemm1_partial_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles, num_k_steps=num_k_steps,
+        intermediate=intermediate, num_local_experts=num_local, tiling=tiling)
+    partials = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((num_rows, tiling.split_k * two_i), jnp.float32),
+        grid=(*grid, tiling.split_k), interpret=interpret, name="moe_gemm1_split_k", compiler_params=params,
+    )(*operands)
     kernel = functools.partial(
         _split_k_swiglu_kernel, num_n_tiles=num_n_tiles, intermediate=intermediate, num_local_experts=num_local,
         tiling=tiling, quantize_output=quantize_output)
@@ -241,9 +228,15 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
         name="moe_gemm1_split_k_swiglu_fp8" if quantize_output else "moe_gemm1_split_k_swiglu_bf16",
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
     )(tile_expert, partials)
-    return (outs[0], outs[1]) if quantize_output else (outs[0], None)
-
-  outs = run_per_expert_chunk(run, tile_expert, w13, (0, 1), tiling.block_m)
+  else:
+    kernel = functools.partial(
+        _gemm1_swiglu_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
+        num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=num_local,
+        tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases))
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret, input_output_aliases=aliases,
+        name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16", compiler_params=params,
+    )(*operands, *extra)
   return (outs[0], outs[1]) if quantize_output else (outs[0], None)
 
 
@@ -301,16 +294,12 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
   if scaled_input and c_scale.shape != (intermediate // tiling.block_k, num_rows):
     raise ValueError(f"c_scale must be [I/block_k, rows] = {[intermediate // tiling.block_k, num_rows]}, "
                      f"got {list(c_scale.shape)}")
-  def run(chunk_tile_expert, start, stop):
-    kernel = functools.partial(
-        _gemm2_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
-        num_k_steps=intermediate // tiling.block_k, num_local_experts=stop - start, tiling=tiling)
-    operands = (chunk_tile_expert, c, c_scale, w2[start:stop], w2_scale[start:stop], row_weight)
-    return (pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((num_rows, hidden), jnp.float32),
-        grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
-        name="moe_gemm2_fp8" if scaled_input else "moe_gemm2_bf16",
-        compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
-    )(*operands),)
-
-  return run_per_expert_chunk(run, tile_expert, w2, (0,), tiling.block_m)[0]
+  kernel = functools.partial(
+      _gemm2_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
+      num_k_steps=intermediate // tiling.block_k, num_local_experts=num_local, tiling=tiling)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((num_rows, hidden), jnp.float32),
+      grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
+      name="moe_gemm2_fp8" if scaled_input else "moe_gemm2_bf16",
+      compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+  )(tile_expert, c, c_scale, w2, w2_scale, row_weight)

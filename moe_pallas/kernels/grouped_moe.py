@@ -33,20 +33,9 @@ def _tiling_for(tiling, num_tokens, top_k, num_local, hidden, intermediate_dtype
 def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
              gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
              intermediate_dtype, poison=None):
-  num_tokens = hidden_states.shape[0]
-  # Weights are split per expert chunk where needed (grouped_gemm); the activations and the SwiGLU
-  # output are not, so their sizes are checked here rather than read at wrapped addresses.
-  for name, shape, dtype in (("hidden_states", hidden_states.shape, hidden_states.dtype),
-                             ("the [rows, I] SwiGLU output", (schedule.num_rows, gemm2_weights.shape[2]),
-                              intermediate_dtype)):
-    if triton_internals.int32_offsets_overflow(shape, dtype):
-      raise NotImplementedError(
-          f"implementation='triton' cannot index {name} of shape {list(shape)} ({jnp.dtype(dtype).name}: "
-          f"2**31 elements or more in 2**32 bytes or fewer overflow Pallas-Triton's int32 offsets at "
-          f"T={num_tokens}); use implementation='xla' or split the tokens into smaller calls")
   gemm1_args = (schedule.tile_expert, schedule.row_token, hidden_states, hidden_states_scale, gemm1_weights,
                 gemm1_weights_scale)
-  if tiling.gemm1_busy is not None and len(triton_internals.per_expert_chunks(gemm1_weights)) == 1:
+  if tiling.gemm1_busy is not None:
     # Both GEMM1 launches; the count of used tiles on the device picks the one that computes.
     select = dict(used_tiles=schedule.num_used_tiles, out_dtype=intermediate_dtype, interpret=interpret)
     first = grouped_gemm.gemm1_swiglu(*gemm1_args, tiling=tiling.gemm1, used_tiles_range=(0, tiling.busy_min_tiles),
@@ -74,8 +63,8 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
     tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local, hidden=H)`.
 
   Raises:
-    NotImplementedError: the Pallas-Triton internals moved, or an operand is too large for its int32
-      offsets; `implementation=None` then falls back to the xla path.
+    NotImplementedError: the Pallas-Triton internals moved; `implementation=None` then falls back to the
+      xla path.
   """
   triton_internals.check_pallas_triton_internals()
   num_tokens, hidden = hidden_states.shape

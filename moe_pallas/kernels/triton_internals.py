@@ -10,7 +10,7 @@
 
    Each is a JAX primitive with two lowerings: a Pallas-Triton rule registered in Pallas's rule table (no
    JAX rule is changed), and a plain-jnp rule so that interpret mode and CPU CI run the same kernels.
-2. The int32 offset rule of Pallas-Triton's indexing, and the per-expert chunking that works around it.
+2. The int32 offset rule of Pallas-Triton's indexing, and the fix: 64-bit offsets wherever int32 would wrap.
 3. `check_pallas_triton_internals`: says clearly what moved if a JAX upgrade breaks any of this
    (pyproject pins the JAX range it was written against).
 4. `abstract_gpu`: lowering the kernels to Triton IR on a machine without a GPU (CPU tests of the
@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import jax
@@ -55,6 +56,8 @@ def check_pallas_triton_internals() -> None:
         f"moe_pallas's FP8 dot primitives need jax._src.pallas.triton internals, which failed to import on "
         f"jax {jax.__version__} (tested: {', '.join(TESTED_JAX_VERSIONS)}): {_IMPORT_ERROR}")
   missing = [name for name in ("triton_lowering_rules", "_zeros") if not hasattr(_triton_lowering, name)]
+  if not hasattr(getattr(_triton_lowering, "_compute_offsets_from_indices", None), "moe_pallas_stock"):
+    missing.append("lowering._compute_offsets_from_indices (64-bit offsets of 2**31+ element arrays)")
   if not hasattr(_pallas_call_registration, "gpu_info_lib"):
     missing.append("pallas_call_registration.gpu_info_lib")
   if not hasattr(_tt, "dot") or not hasattr(_tt, "trans"):
@@ -147,46 +150,44 @@ _INT32_OFFSET_LIMIT = 2**31
 
 
 def int32_offsets_overflow(shape, dtype) -> bool:
-  """Whether Pallas-Triton (jax 0.11.2) would index an array of this shape with overflowing int32 offsets.
+  """Whether stock Pallas-Triton (jax 0.11.2) would index an array of this shape with overflowing int32 offsets.
 
   Its lowering switches to 64-bit element offsets only above 2**32 BYTES, while int32 holds element
   offsets below 2**31: a 1-byte array of 2**31 .. 2**32 bytes (e.g. W13 of more than 73 DeepSeek-V3
-  experts) would be read at wrapped addresses.
+  experts, 128 per GPU when two GPUs share the 256) would be read at wrapped addresses. `_wide_offsets`
+  below gives such arrays 64-bit offsets.
   """
   elements = math.prod(shape)
   return elements >= _INT32_OFFSET_LIMIT and elements * jnp.dtype(dtype).itemsize <= _INT64_OFFSETS_ABOVE_BYTES
 
 
-def per_expert_chunks(weights) -> list[tuple[int, int]]:
-  """Expert ranges whose weight slices stay clear of the int32 offset overflow (one range if possible)."""
-  num_experts = weights.shape[0]
-  if not int32_offsets_overflow(weights.shape, weights.dtype):
-    return [(0, num_experts)]
-  per_call = max(1, (_INT32_OFFSET_LIMIT - 1) // math.prod(weights.shape[1:]))
-  return [(start, min(start + per_call, num_experts)) for start in range(0, num_experts, per_call)]
+def _wide_offsets(stock):
+  """`_compute_offsets_from_indices` with 64-bit offsets for every array that int32 cannot index.
 
-
-def run_per_expert_chunk(run, tile_expert, weights, row_axes, block_m):
-  """`run(tile_expert, start, stop)` once per expert chunk, results merged by the tiles each chunk owns.
-
-  `row_axes` gives, per output, the axis that holds rows. Only calls whose weights would overflow int32
-  offsets are split; each split call reads a sliced copy of its experts' weights, a cost paid only there.
+  The stock rule reads the array's dtype only to size it in bytes; such an array is presented to it with
+  4-byte elements (same shape, so the same element offsets), which puts it above 2**32 bytes. Without this,
+  moe_pallas split the weights per expert range, and XLA copied each slice (~3.8 GB a call at 128 experts).
   """
-  chunks = per_expert_chunks(weights)
-  if len(chunks) == 1:
-    return run(tile_expert, 0, weights.shape[0])
-  merged = None
-  for start, stop in chunks:
-    in_chunk = (tile_expert >= start) & (tile_expert < stop)
-    outs = run(jnp.where(in_chunk, tile_expert - start, stop - start), start, stop)
-    if merged is None:
-      merged = outs
-      continue
-    row_in_chunk = jnp.repeat(in_chunk, block_m)
-    merged = tuple(
-        jnp.where(jnp.expand_dims(row_in_chunk, 1 - axis) if out.ndim == 2 else row_in_chunk, out, old)
-        for out, old, axis in zip(outs, merged, row_axes))
-  return merged
+  def compute_offsets(block_info, nd_indexer):
+    full = block_info.full_shape_dtype
+    if int32_offsets_overflow(full.shape, full.dtype):
+      block_info = dataclasses.replace(block_info, full_shape_dtype=full.update(dtype=jnp.dtype(jnp.float32)))
+    return stock(block_info, nd_indexer)
+
+  compute_offsets.moe_pallas_stock = stock
+  return compute_offsets
+
+
+def _install_wide_offsets() -> None:
+  # Process-wide and idempotent: it changes only offsets that would otherwise wrap, for every Pallas-Triton
+  # kernel (ours are lowered when the caller's jit lowers, outside any call of ours).
+  current = getattr(_triton_lowering, "_compute_offsets_from_indices", None)
+  if current is not None and not hasattr(current, "moe_pallas_stock"):
+    _triton_lowering._compute_offsets_from_indices = _wide_offsets(current)
+
+
+if _triton_lowering is not None:
+  _install_wide_offsets()
 
 
 # ---- lowering without a GPU ---------------------------------------------------------------------------
