@@ -334,6 +334,37 @@ def test_best_available_falls_back_to_xla_where_kernels_cannot_run(seed, monkeyp
     mp.moe_layer(*inputs, implementation="triton", **kwargs)
 
 
+@pytest.mark.skipif(testing.interpret_mode(), reason="interpret mode computes no Pallas-Triton offsets; the GPU "
+                    "test run (scripts/gpu_tests.sh) compiles this case")
+def test_experts_past_int32_offsets_are_read_where_they_are(seed):
+  """128 local experts (two GPUs' share): W13's last experts lie past 2**31 elements, where int32 offsets
+  wrap. Their output must equal the same experts' as a small array of 8 (no wrap), bit for bit."""
+  config, num_local, top_k, num_tokens = mp.DEEPSEEK_V3, 128, 8, 8
+  h, i = config.hidden, config.intermediate
+  keys = jax.random.split(jax.random.key(seed), 6)
+
+  def fp8(key, shape):  # random bits with the sign and lowest exponent bit cleared: finite, |x| <= 240
+    return jax.lax.bitcast_convert_type(jax.random.bits(key, shape, jnp.uint8) & 0x77, jnp.float8_e4m3fn)
+
+  w13, w2 = fp8(keys[0], (num_local, 2 * i, h)), fp8(keys[1], (num_local, h, i))
+  w13_scale = jax.random.uniform(keys[2], (num_local, 2 * i // 128, h // 128), minval=1e-4, maxval=2e-4)
+  w2_scale = jax.random.uniform(keys[3], (num_local, h // 128, i // 128), minval=1e-4, maxval=2e-4)
+  acts = fp8(keys[4], (num_tokens, h))
+  acts_scale = jax.random.uniform(keys[5], (h // 128, num_tokens), minval=1e-3, maxval=2e-3)
+  assert triton_internals.int32_offsets_overflow(w13.shape, w13.dtype)
+  ids = jnp.broadcast_to(jnp.arange(num_local - top_k, num_local, dtype=jnp.int32), (num_tokens, top_k))
+  weights = jnp.full((num_tokens, top_k), 1.0 / top_k, jnp.float32)
+  tiles = tiling.default_tiling(num_tokens, top_k, top_k, hidden=h)
+  run = lambda first, count, offset: grouped_moe.apply_local_experts_triton(
+      acts, acts_scale, w13[first:first + count], w13_scale[first:first + count], w2[first:first + count],
+      w2_scale[first:first + count], mp.plan_local(ids, weights, local_expert_offset=offset, num_local_experts=count),
+      tiling=tiles)
+  whole = np.asarray(jax.jit(lambda: run(0, num_local, 0))())
+  last_eight = np.asarray(jax.jit(lambda: run(num_local - top_k, top_k, num_local - top_k))())
+  assert np.isfinite(whole).all() and np.abs(whole).max() > 0
+  np.testing.assert_array_equal(whole, last_eight)
+
+
 def test_int32_offset_overflow_rule():
   assert not triton_internals.int32_offsets_overflow((32, 4096, 7168), jnp.float8_e4m3fn)   # 0.94 GB
   assert triton_internals.int32_offsets_overflow((128, 4096, 7168), jnp.float8_e4m3fn)      # 3.76 GB
