@@ -164,12 +164,25 @@ def test_linen_bridge_gives_the_same_output(model, rng):
                                 np.asarray(out).view(np.uint16))
 
 
-def test_linen_bridge_under_jit(model, rng):
+def test_linen_bridge_under_jit(ckpt, model, rng, request):
+  """Under jax.jit the bridge's apply is the NNX module's own jitted program (the Linen init inside apply is
+  dead code), so the two give the same bits; and the jitted bridge meets SPEC.md's bound against the oracle.
+
+  Not compared with the eager module: eagerly the router, the activation quantization and the shared expert
+  run as separate programs and the layer compiles on its own, so XLA:GPU fuses and autotunes the xla path's
+  float32 dots (TF32 at the default precision) differently from the one jitted program, and may pick another
+  GEMM (another TF32 operand rounding or summation order). On these synthetic outputs (|y| up to 512, rows
+  with much cancellation) a TF32-vs-float32 difference alone moves 254 of 12288 elements by more than
+  1e-3 + 2^-7 |y| (emulated on a CPU), so no elementwise bound of the old test's form holds on a GPU.
+  """
   x = _activations(rng)
   linen_model = to_linen(config=model.config, local_expert_offset=OFFSET, shared_intermediate=SHARED_I,
                          implementation="xla")
   out = jax.jit(linen_model.apply)(linen_variables(model), x)
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(model(x), np.float32), rtol=2**-7, atol=1e-3)
+  graphdef, state = nnx.split(model)
+  module_jit = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
+  np.testing.assert_array_equal(np.asarray(out).view(np.uint16), np.asarray(module_jit).view(np.uint16))
+  _check(np.asarray(out), _reference(model, ckpt[1], x, shared=True)[0], request.node.name)
 
 
 def test_state_fp8_experts_are_non_trainable_and_sharded_on_expert_axis():

@@ -108,15 +108,27 @@ from moe_pallas.testing import random_layer_inputs
 inputs = random_layer_inputs(SMALL, 64, seed=int(sys.argv[1]), scenario="skewed", local_expert_offset=8)
 out = moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=SMALL, implementation=sys.argv[2],
                 interpret=sys.argv[3] == "1")
+np.save(sys.argv[4], np.asarray(out).view(np.uint16))
 print("SHA256", hashlib.sha256(np.asarray(out).view(np.uint16).tobytes()).hexdigest())
 """
+# Two TF32 evaluations of the xla path's dots (see test_layer_is_route_plan_apply): each float32 result is
+# within 2^-9 (rel-L2) of the exact one, so they are within 2^-8 of each other, and each bf16 rounding adds
+# at most 2^-9 relative per element: 2^-8 + 2 * 2^-9 = 2^-7. A token routed differently is O(1) off.
+XLA_GPU_CROSS_COMPILE_REL_L2 = 2.0**-7
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_identical_across_recompiles_and_processes(seed, implementation, interpret):
+def test_identical_across_recompiles_and_processes(seed, implementation, interpret, tmp_path):
   """Bit-identical output for the same inputs: after dropping every compiled program (a fresh compile and
   fresh input draws in this process), and in another Python process (its own compile, its own draws) on the
-  same backend as this one (on a GPU: the same GPU, allocating on demand beside this process)."""
+  same backend as this one (on a GPU: the same GPU, allocating on demand beside this process).
+
+  One exception, the xla path in another process on a GPU: XLA:GPU autotunes its GEMMs by timing them at
+  compile time, and a fresh process may pick another GEMM kernel for the same dot (XLA's determinism notes:
+  "different kernels can be picked as the fastest ones in different compilation runs"), which with TF32
+  rounds or sums in another order. Within one process the autotuning results are cached, so the recompile
+  after `jax.clear_caches` stays bit-identical there too; across processes that case is held to the TF32
+  bound `XLA_GPU_CROSS_COMPILE_REL_L2`. The kernels are Pallas programs with fixed tiles: no autotuning."""
   config = SMALL
   first = np.asarray(_layer(random_layer_inputs(config, 64, seed=seed, scenario="skewed", local_expert_offset=8),
                             config, 8, implementation=implementation))
@@ -129,12 +141,17 @@ def test_identical_across_recompiles_and_processes(seed, implementation, interpr
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_PLATFORMS=jax.default_backend(), XLA_PYTHON_CLIENT_PREALLOCATE="false")
-  argv = [str(seed), implementation, "1" if interpret else "0"]
+  argv = [str(seed), implementation, "1" if interpret else "0", str(tmp_path / "out.npy")]
   proc = subprocess.run([sys.executable, "-c", _RERUN_IN_A_FRESH_PROCESS, *argv], env=env, cwd=root,
                         capture_output=True, text=True, timeout=300)
   digests = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("SHA256 ")]
   assert proc.returncode == 0 and digests, proc.stdout[-2000:] + proc.stderr[-2000:]
-  assert digests[0] == hashlib.sha256(first.view(np.uint16).tobytes()).hexdigest()
+  if implementation == "xla" and jax.default_backend() == "gpu":
+    other = np.load(tmp_path / "out.npy").view(first.dtype)
+    metrics = acceptance_metrics(other, first.astype(np.float32))
+    assert metrics["passed"] and metrics["rel_l2"] <= XLA_GPU_CROSS_COMPILE_REL_L2, metrics
+  else:
+    assert digests[0] == hashlib.sha256(first.view(np.uint16).tobytes()).hexdigest()
 
 
 # Offset and factor as traced arguments of an outer jit (as a sharded caller passes its axis index). One

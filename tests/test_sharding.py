@@ -117,7 +117,8 @@ def test_ragged_layout_delivers_what_the_buckets_deliver(num_shards, rng):
 
 def test_ragged_all_to_all_on_cpu_names_the_alternative():
   inputs = _inputs("uniform", 8)
-  mesh = jax.make_mesh((1,), ("expert",), devices=jax.devices()[:1])
+  # A CPU mesh on every machine: on a GPU machine jax.devices() are GPUs, which implement the collective.
+  mesh = jax.make_mesh((1,), ("expert",), devices=jax.devices("cpu")[:1])
   with pytest.raises(NotImplementedError, match="strategy='all_to_all'"):
     sharding.moe_layer_sharded(*inputs, mesh=mesh, routed_scaling_factor=FACTOR, config=CONFIG,
                                strategy="ragged_all_to_all")
