@@ -102,9 +102,11 @@ def test_tokens_without_local_expert_get_exact_zeros(seed, implementation):
 
 _RERUN_IN_A_FRESH_PROCESS = """
 import hashlib, sys
+import jax
 import numpy as np
 from moe_pallas import SMALL, moe_layer
 from moe_pallas.testing import random_layer_inputs
+assert jax.default_backend() == sys.argv[5], f"backend {jax.default_backend()}, the test's is {sys.argv[5]}"
 inputs = random_layer_inputs(SMALL, 64, seed=int(sys.argv[1]), scenario="skewed", local_expert_offset=8)
 out = moe_layer(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, config=SMALL, implementation=sys.argv[2],
                 interpret=sys.argv[3] == "1")
@@ -139,9 +141,12 @@ def test_identical_across_recompiles_and_processes(seed, implementation, interpr
                                 np.asarray(_layer(again, config, 8, implementation=implementation)).view(np.uint16))
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # The child inherits this process's environment, so JAX picks the same backend (checked there).
+  # JAX_PLATFORMS=jax.default_backend() would say "gpu", which JAX expands to cuda and rocm, and fails
+  # on a CUDA machine: "Unable to initialize backend 'rocm'" (the H200 run).
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_PLATFORMS=jax.default_backend(), XLA_PYTHON_CLIENT_PREALLOCATE="false")
-  argv = [str(seed), implementation, "1" if interpret else "0", str(tmp_path / "out.npy")]
+             XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  argv = [str(seed), implementation, "1" if interpret else "0", str(tmp_path / "out.npy"), jax.default_backend()]
   proc = subprocess.run([sys.executable, "-c", _RERUN_IN_A_FRESH_PROCESS, *argv], env=env, cwd=root,
                         capture_output=True, text=True, timeout=300)
   digests = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("SHA256 ")]
