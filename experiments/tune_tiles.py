@@ -78,6 +78,8 @@ def large_t_variants(base, num_tokens):
          _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3))]
   if num_tokens * 8 <= 8192:
     out += [("default_xlaroute", base, False, False)]
+  else:  # the fused routing kernels past their default range (layout in chunks of 256 blocks)
+    out += [("default_fused", base, False, True)]
   return out
 
 

@@ -86,6 +86,19 @@ def test_fused_schedule_tuning_variants_agree(tokens_per_block, tiles_per_step, 
   _assert_same_schedule(got, want, interpret)
 
 
+@pytest.mark.parametrize("blocks_per_chunk", [4, 16])
+def test_layout_in_chunks_equals_xla_schedule(blocks_per_chunk, monkeypatch, interpret):
+  """More blocks than `layout` holds as one tile (T > 1024 at DeepSeek-V3's shape) are laid out in chunks."""
+  monkeypatch.setattr(fused_routing, "_BLOCKS_PER_CHUNK", blocks_per_chunk)
+  config = mp.SMALL
+  logits, bias, _, _ = testing.random_activations(config, 150, seed=11, local_expert_offset=8, scenario="skewed")
+  ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
+  plan = mp.plan_local(ids, weights, local_expert_offset=8, num_local_experts=config.num_local_experts)
+  got, _, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 8, config=config,
+                                               num_local_experts=config.num_local_experts, block_m=16,
+                                               tokens_per_block=4, interpret=interpret)  # 38 blocks
+  _assert_same_schedule(got, make_tile_schedule(plan, block_m=16), interpret)
+
 
 @pytest.mark.parametrize("where", ["logit", "bias", "inf_logits"])
 def test_fused_poison_equals_nan_poison(where, interpret):

@@ -88,6 +88,12 @@ def test_128_local_experts_lower_without_copies(num_tokens):
   assert set(re.findall(r"= (stablehlo\.[a-z_]+)", main)) <= {"stablehlo.custom_call", "stablehlo.reshape"}
 
 
+def test_fused_routing_lowers_past_one_layout_tile():
+  """T=14107 asked for the fused routing: 3527 blocks, laid out in chunks of 256 (two loops in `layout`)."""
+  kernels = _lowered_kernels(14107, "NVIDIA H200", fused_routing_kernels=True)
+  assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
+
+
 def test_large_calls_route_with_xla():
   kernels = _lowered_kernels(2048, "NVIDIA H200")  # 16384 picks: above fused_routing.MAX_FUSED_PAIRS
   assert kernels == ["moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]

@@ -10,7 +10,8 @@ sort:
    index, as `moe_pallas.routing.route`), plus the block's pick count per local expert and each token's
    NaN poison (`routing.nan_poison`).
 2. `layout` (one program): from the blocks' counts, each expert's range of padded rows (whole block_m
-   tiles), where each block's picks of each expert start in it, and tile -> expert.
+   tiles), where each block's picks of each expert start in it, and tile -> expert. Up to 256 blocks in
+   one tile; more (T > 1024, only when asked for) in chunks, two passes over them.
 3. `place` (grid over blocks of tokens): each local pick's padded row = its block's start for that expert
    + its rank among the block's picks of that expert (picks in flat (token, j) order, the order of
    `plan_local`'s stable sort); writes row -> token, row -> weight and pick -> row; and the padding rows
@@ -25,8 +26,9 @@ Measured on the H200 (experiments/tune_routing.py, results/h200_2026-11-29/tune5
 kernels against XLA's): T=1 11.6 us vs 28.5, T=16 17.5 vs 28.7, T=80 20.2 vs 33.1, T=901 36.4 vs 76.8,
 with 4 tokens per program and 4 warps. 16 tokens per program made `route` 30-37 us (its row reductions
 over a [16, 256] tile are slow as Triton lays them out), one warp slower still. In that version `layout`
-also wrote the padding rows in a one-program loop (2.9 us at T=1, 11 at T=80, 26 at T=901); they are now
-written by `place`'s grid, which should bring `layout` to its T=1 cost at every T (not yet measured).
+also wrote the padding rows in a one-program loop; with them in `place`'s grid (2026-11-30,
+results/h200_2026-11-30/tune1_routing.jsonl) the three kernels take 7.9-8.6 us at T=1..80 with 2 tokens
+per program and 13.2 at T=901 with 4 (XLA: 28.7-33.1 and 76.8).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from moe_pallas.kernels.schedule import TileSchedule, max_tiles
 # 36 us vs 77). Above, `layout`'s one program holds a [blocks, E_local] tile that grows with T, and
 # routing is a small share of the call.
 MAX_FUSED_PAIRS = 8192
+# `layout` sums the blocks' counts as one [blocks, E_local] tile up to this many blocks (256 at T=1024 with
+# 4 tokens a block), in chunks of it above (calls past MAX_FUSED_PAIRS that ask for the fused kernels).
+_BLOCKS_PER_CHUNK = 256
 
 _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
@@ -115,18 +120,38 @@ def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights
 
 
 def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref, used_tiles_ref, *, num_blocks,
-                   num_local, lanes, block_m, num_tiles, tiles_per_step):
+                   num_local, lanes, block_m, num_tiles, tiles_per_step, blocks_per_chunk):
   experts = jnp.arange(lanes, dtype=jnp.int32)
-  blocks = jnp.arange(counts_ref.shape[0], dtype=jnp.int32)  # a power of two >= num_blocks
-  counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
-                         other=0)
-  totals = jnp.sum(counts, axis=0)
+  num_chunks = pl.cdiv(num_blocks, blocks_per_chunk)
+
+  def chunk_counts(chunk):
+    # [blocks_per_chunk, lanes] counts of one chunk of blocks (zeros past the last block).
+    blocks = chunk * blocks_per_chunk + jnp.arange(blocks_per_chunk, dtype=jnp.int32)
+    in_range = (blocks < num_blocks)[:, None]
+    counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=in_range, other=0)
+    return blocks, in_range, counts
+
+  if num_chunks == 1:  # every measured size (T <= 1024): the counts stay in registers
+    blocks, in_range, counts = chunk_counts(0)
+    totals = jnp.sum(counts, axis=0)
+  else:  # more blocks than one tile holds: a first pass for the totals, a second for each block's start
+    totals = jax.lax.fori_loop(0, num_chunks, lambda c, acc: acc + jnp.sum(chunk_counts(c)[2], axis=0),
+                               jnp.zeros((lanes,), jnp.int32))
   padded = (totals + block_m - 1) // block_m * block_m
   earlier = experts[None, :] < experts[:, None]  # [e, e']: e' comes before e
   padded_start = jnp.sum(jnp.where(earlier, padded[None, :], 0), axis=1)
   padded_end = padded_start + padded
   # Where each block's picks of each expert start: the expert's start + the earlier blocks' picks.
-  block_start_ref[...] = padded_start[None, :] + jnp.cumsum(counts, axis=0) - counts
+  if num_chunks == 1:
+    block_start_ref[...] = padded_start[None, :] + jnp.cumsum(counts, axis=0) - counts
+  else:
+    def chunk_starts(chunk, earlier_chunks):
+      blocks, in_range, counts = chunk_counts(chunk)
+      starts = padded_start[None, :] + earlier_chunks[None, :] + jnp.cumsum(counts, axis=0) - counts
+      pltriton.store(block_start_ref.at[blocks[:, None], experts[None, :]], starts,
+                     mask=jnp.broadcast_to(in_range, starts.shape))
+      return earlier_chunks + jnp.sum(counts, axis=0)
+    jax.lax.fori_loop(0, num_chunks, chunk_starts, jnp.zeros((lanes,), jnp.int32))
   expert_rows_ref[0, :] = padded_start
   expert_rows_ref[1, :] = totals
   used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
@@ -212,7 +237,9 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
   offset = jnp.reshape(jnp.asarray(local_expert_offset, jnp.int32), (1,))
 
-  counts_shape = (_next_pow2(num_blocks), lanes)  # the layout program holds all blocks' counts as one tile
+  # The layout program holds up to _BLOCKS_PER_CHUNK blocks' counts as one tile, more in chunks of that.
+  blocks_per_chunk = min(_next_pow2(num_blocks), _BLOCKS_PER_CHUNK)
+  counts_shape = (pl.cdiv(num_blocks, blocks_per_chunk) * blocks_per_chunk, lanes)
   ids, weights, counts, poison = pl.pallas_call(
       functools.partial(_route_kernel, num_tokens=num_tokens, config=config, num_local=num_local_experts,
                         lanes=lanes, tokens_per_block=tokens_per_block),
@@ -224,7 +251,8 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
 
   tile_expert, block_start, expert_rows, used_tiles = pl.pallas_call(
       functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
-                        block_m=block_m, num_tiles=num_tiles, tiles_per_step=tiles_per_step),
+                        block_m=block_m, num_tiles=num_tiles, tiles_per_step=tiles_per_step,
+                        blocks_per_chunk=blocks_per_chunk),
       grid=(1,), interpret=interpret, name="moe_layout", compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct(counts_shape, jnp.int32),
                  jax.ShapeDtypeStruct((2, lanes), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
