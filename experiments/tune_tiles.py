@@ -38,12 +38,14 @@ def _gemm(bm, bn, bk, warps, stages, group_m=8, split_k=1):
 
 
 def _variant(bm, g1, g2, *, combine=(8, 256), bf16=False, fused=None, split_k=1):
-  """g1 = (block_n, warps, stages); g2 = (block_n, block_k, warps, stages); combine = (block_t, block_h)."""
+  """g1 = (block_n, warps, stages); g2 = (block_n, block_k, warps, stages[, split_k]); combine = (block_t, block_h)."""
   from moe_pallas.kernels.tiling import CombineTiling, MoETiling
+  split_k2 = g2[4] if len(g2) > 4 else 1
   tiling = MoETiling(gemm1=_gemm(bm, g1[0], 128, g1[1], g1[2], split_k=split_k),
-                     gemm2=_gemm(bm, g2[0], g2[1], g2[2], g2[3]), combine=CombineTiling(*combine))
+                     gemm2=_gemm(bm, g2[0], g2[1], g2[2], g2[3], split_k=split_k2), combine=CombineTiling(*combine))
   name = (f"m{bm}_n{g1[0]}w{g1[1]}s{g1[2]}" + (f"sk{split_k}" if split_k > 1 else "")
-          + f"_n{g2[0]}k{g2[1]}w{g2[2]}s{g2[3]}_c{combine[0]}x{combine[1]}"
+          + f"_n{g2[0]}k{g2[1]}w{g2[2]}s{g2[3]}" + (f"sk{split_k2}" if split_k2 > 1 else "")
+          + f"_c{combine[0]}x{combine[1]}"
           + ("_bf16" if bf16 else "") + {None: "", True: "_fused", False: "_xlaroute"}[fused])
   return name, tiling, bf16, fused
 
@@ -55,9 +57,12 @@ def _with_combine(base, name, block_t, block_h):
 
 
 def split_k_variants():
-  """GEMM1 split-K, for the T at which few experts leave most SMs idle (T=1, 7: two experts)."""
+  """Split-K, for the T at which few experts leave most SMs idle (T=1, 7: two experts)."""
   return [_variant(16, (128, 8, 4), (64, 128, 4, 3), split_k=split_k) for split_k in (1, 2, 4, 8)] + [
-      _variant(16, (128, 4, 3), (64, 128, 4, 3), split_k=4), _variant(16, (128, 4, 4), (64, 128, 4, 3), split_k=8)]
+      _variant(16, (128, 4, 3), (64, 128, 4, 3), split_k=4), _variant(16, (128, 4, 4), (64, 128, 4, 3), split_k=8),
+      # GEMM2 split-K too (its partial rows summed by the combine): 2 experts x 112 N-tiles x 16 K steps.
+      _variant(16, (128, 8, 4), (64, 128, 4, 3, 2), split_k=4), _variant(16, (128, 8, 4), (64, 128, 4, 3, 4), split_k=4),
+      _variant(16, (128, 8, 4), (128, 128, 4, 3, 4), split_k=4)]
 
 
 def small_t_variants(base):

@@ -59,9 +59,10 @@ def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
 
 
 def test_split_k_gemm1_lowers():
-  """Split-K GEMM1 (two kernels: K-range partials, then their sum with SwiGLU + quant), bf16 output too."""
+  """Split-K GEMM1 (two kernels: K-range partials, then their sum with SwiGLU + quant) and GEMM2 (partial rows
+  that the combine sums), bf16 intermediate too."""
   split = tiling.MoETiling(gemm1=tiling.GemmTiling(block_m=16, num_warps=8, num_stages=4, split_k=8),
-                           gemm2=tiling.GemmTiling(block_m=16, block_n=64))
+                           gemm2=tiling.GemmTiling(block_m=16, block_n=64, split_k=4))
   for intermediate, suffix in ((jnp.float8_e4m3fn, "fp8"), (jnp.bfloat16, "bf16")):
     kernels = _lowered_kernels(7, "NVIDIA H200", tiles=split, intermediate_dtype=intermediate)
     assert kernels == ROUTING_KERNELS + ["moe_gemm1_split_k", f"moe_gemm1_split_k_swiglu_{suffix}",

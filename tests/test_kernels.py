@@ -148,7 +148,8 @@ def test_gemm1_swiglu_matches_jnp(seed, small_weights, block_n, split_k, interpr
   assert err < 4e-2, err  # FP8 re-quantization of the output, 1 x block_n blocks
 
 
-def test_gemm2_weighted_matches_jnp(seed, small_weights, interpret):
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemm2_weighted_matches_jnp(seed, small_weights, split_k, interpret):
   acts, plan = _kernel_inputs(seed)
   _, _, w2, w2s = small_weights
   sched = schedule.make_tile_schedule(plan, block_m=16)
@@ -156,9 +157,11 @@ def test_gemm2_weighted_matches_jnp(seed, small_weights, interpret):
   key = jax.random.key(seed)
   c = testing.inputs._fp8_normal(key, (rows, mp.SMALL.intermediate))
   c_scale = jax.random.normal(jax.random.fold_in(key, 1), (mp.SMALL.intermediate // 64, rows))
-  tiles = tiling.GemmTiling(block_m=16, block_n=64, block_k=64)
-  got = np.asarray(grouped_gemm.gemm2_weighted(sched.tile_expert, c, c_scale, w2, w2s, sched.row_weight,
-                                               tiling=tiles, interpret=interpret), np.float64)
+  tiles = tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=split_k)
+  partials = np.asarray(grouped_gemm.gemm2_weighted(sched.tile_expert, c, c_scale, w2, w2s, sched.row_weight,
+                                                    tiling=tiles, interpret=interpret), np.float64)
+  assert partials.shape == (split_k * rows, mp.SMALL.hidden)
+  got = partials.reshape(split_k, rows, -1).sum(axis=0)  # the K ranges' partial sums, as the combine adds them
   c_full = np.asarray(c, np.float64) * np.repeat(np.asarray(c_scale, np.float64).T, 64, axis=1)
   w2_full = np.asarray(mp.dequantize(mp.BlockScaledArray(w2, w2s, (128, 128))), np.float64)
   experts = np.repeat(np.asarray(sched.tile_expert), 16)
@@ -183,6 +186,13 @@ def test_combine_matches_jnp(seed, num_tokens, interpret):
   rows = jax.random.normal(key, (num_rows, hidden))
   pair_padded_row = jax.random.randint(jax.random.fold_in(key, 1), (num_tokens, top_k), 0, num_rows + 1)
   got = combine.combine_rows(rows, pair_padded_row, interpret=interpret)
+  # GEMM2's split-K partials: the same rows as two halves that sum to them.
+  half = jax.random.normal(jax.random.fold_in(key, 2), (num_rows, hidden))
+  split = combine.combine_rows(jnp.concatenate([half, rows - half]), pair_padded_row, num_splits=2,
+                               interpret=interpret)
+  np.testing.assert_allclose(split, got, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="num_splits"):
+    combine.combine_rows(rows[:95], pair_padded_row, num_splits=2, interpret=interpret)
   r, p = np.asarray(rows, np.float64), np.asarray(pair_padded_row)
   want = np.stack([sum((r[i] for i in p[t] if i < num_rows), np.zeros(hidden)) for t in range(num_tokens)])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
@@ -202,8 +212,6 @@ def test_tiling_rejects_inconsistent_blocks():
     tiling.MoETiling(gemm1=tiling.GemmTiling(block_m=64), gemm2=tiling.GemmTiling(block_m=128))
   with pytest.raises(ValueError, match="split_k must be >= 1, got 0"):
     tiling.GemmTiling(split_k=0)
-  with pytest.raises(ValueError, match="split_k applies to gemm1 only"):
-    tiling.MoETiling(gemm2=tiling.GemmTiling(split_k=2))
 
 
 @pytest.mark.parametrize("device_kind", ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "cpu"])
@@ -284,12 +292,15 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
     tiling.default_tiling(50, 4, 8, device_kind="NVIDIA H200"),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=128, split_k=2),
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=128)),
+    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64),
+                     tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2)),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64), tiling.GemmTiling(block_m=16, block_n=64, block_k=64),
                      gemm1_busy=tiling.GemmTiling(block_m=16, block_n=64, num_warps=8, group_m=2), busy_min_tiles=1),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64), tiling.GemmTiling(block_m=16, block_n=64, block_k=64),
                      gemm1_busy=tiling.GemmTiling(block_m=16, block_n=64, num_warps=8, group_m=2),
                      busy_min_tiles=10**6),
-], ids=["narrow", "grouped", "h200_small_t", "split_k", "busy_gemm1_picked", "busy_gemm1_not_picked"])
+], ids=["narrow", "grouped", "h200_small_t", "split_k", "gemm2_split_k", "busy_gemm1_picked",
+        "busy_gemm1_not_picked"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 

@@ -19,14 +19,14 @@ from jax.experimental.pallas import triton as pltriton
 from moe_pallas.kernels.tiling import CombineTiling
 
 
-def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_tokens, top_k, tiling):
+def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_tokens, top_k, num_splits, tiling):
   # Whole-array (gather) indices everywhere: masked loads with mixed slice/array indices have no
   # interpret-mode rule, and these lower to the same coalesced pointer arithmetic in Triton.
   bt, bh = tiling.block_t, tiling.block_h
   tokens = pl.program_id(0) * bt + jnp.arange(bt, dtype=jnp.int32)
   cols = pl.program_id(1) * bh + jnp.arange(bh, dtype=jnp.int32)
   token_ok = tokens < num_tokens
-  num_rows = rows_ref.shape[0]
+  num_rows = rows_ref.shape[0] // num_splits
   safe_tokens = jnp.minimum(tokens, num_tokens - 1)
   if poison_ref is None:
     acc = jnp.zeros((bt, bh), jnp.float32)
@@ -36,7 +36,9 @@ def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_t
     row = pltriton.load(pair_padded_row_ref.at[safe_tokens * top_k + j], mask=token_ok, other=num_rows)
     picked = jnp.broadcast_to((row < num_rows)[:, None], (bt, bh))
     safe_row = jnp.minimum(row, num_rows - 1)
-    acc += pltriton.load(rows_ref.at[safe_row[:, None], cols[None, :]], mask=picked, other=0.0)
+    for split in range(num_splits):  # GEMM2's split-K partials of the row, in a fixed order
+      acc += pltriton.load(rows_ref.at[split * num_rows + safe_row[:, None], cols[None, :]], mask=picked,
+                           other=0.0)
   store_ok = jnp.broadcast_to(token_ok[:, None], (bt, bh))
   # Tail lanes keep their out-of-range token index (masked, so Triton writes nothing there): clamping
   # them would alias token T-1 and make interpret mode's scatter race with the real row.
@@ -44,11 +46,13 @@ def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_t
 
 
 def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, poison: jax.Array | None = None,
-                 out_dtype=jnp.float32, tiling: CombineTiling = CombineTiling(), interpret=False) -> jax.Array:
+                 out_dtype=jnp.float32, tiling: CombineTiling = CombineTiling(), num_splits: int = 1,
+                 interpret=False) -> jax.Array:
   """Sums each token's rows.
 
   Args:
-    rows: [num_rows, H] float32 weighted expert outputs.
+    rows: [num_splits * num_rows, H] float32 weighted expert outputs: num_splits partial sums of each row
+      (GEMM2's split-K), split s at rows s * num_rows .. (s + 1) * num_rows - 1.
     pair_padded_row: [T, top_k] int32, the row of pick (t, j), or num_rows where the pick is not local
       (passed flat, as it lies: a pick's rows of a token tile are a strided load of a few bytes, cheaper
       than the XLA transpose kernel that would make them contiguous).
@@ -63,7 +67,10 @@ def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, poison: jax.Arr
   hidden = rows.shape[1]
   # Triton tensors have power-of-two sizes: the largest power of two dividing H (H = 384 gives 128).
   tiling = dataclasses.replace(tiling, block_h=min(tiling.block_h, hidden & -hidden))
-  kernel = functools.partial(_combine_kernel, num_tokens=num_tokens, top_k=top_k, tiling=tiling)
+  if num_splits < 1 or rows.shape[0] % num_splits:
+    raise ValueError(f"rows ({rows.shape[0]}) must hold num_splits ({num_splits}) equal parts")
+  kernel = functools.partial(_combine_kernel, num_tokens=num_tokens, top_k=top_k, num_splits=num_splits,
+                             tiling=tiling)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((num_tokens, hidden), out_dtype),
       grid=(pl.cdiv(num_tokens, tiling.block_t), hidden // tiling.block_h), interpret=interpret,

@@ -245,6 +245,10 @@ def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_w
   scaled_input = c_scale_ref is not None  # None: a bf16 intermediate, no activation scales
   i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
   expert = tile_expert_ref[i]
+  # Split-K: program (tile, split) sums K steps split*S .. (split+1)*S - 1 into rows split*num_rows + ...
+  split = pl.program_id(1) if tiling.split_k > 1 else 0
+  steps = num_k_steps // tiling.split_k
+  k_start, k_stop = split * steps, split * steps + steps
 
   @pl.when(expert < num_local_experts)
   def _():
@@ -252,6 +256,7 @@ def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_w
     rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
     cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
     weight_scale_row = j * bn // _SCALE_BLOCK
+    out_rows = pl.ds(pl.multiple_of(split * num_m_tiles * bm + i * bm, bm), bm)
 
     def scale_of_step(k):
       weight_scale = w_scale_ref[expert, weight_scale_row, k * bk // _SCALE_BLOCK]
@@ -261,7 +266,7 @@ def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_w
 
     def k_step(k, carry):
       acc, scale = carry
-      next_scale = scale_of_step(jnp.minimum(k + 1, num_k_steps - 1))  # one step ahead, as in GEMM1
+      next_scale = scale_of_step(jnp.minimum(k + 1, k_stop - 1))  # one step ahead, as in GEMM1
       ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
       w = w_ref[expert, cols, ks]
       a = c_ref[rows, ks]
@@ -269,8 +274,9 @@ def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_w
         w = w.astype(c_ref.dtype)
       return fma(dot_nt(a, w), scale[:, None], acc), next_scale
 
-    acc, _ = jax.lax.fori_loop(0, num_k_steps, k_step, (jnp.zeros((bm, bn), jnp.float32), scale_of_step(0)))
-    out_ref[rows, cols] = acc * row_weight_ref[rows][:, None]
+    acc, _ = jax.lax.fori_loop(k_start, k_stop, k_step,
+                               (jnp.zeros((bm, bn), jnp.float32), scale_of_step(k_start)))
+    out_ref[out_rows, cols] = acc * row_weight_ref[rows][:, None]
 
 
 def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling: GemmTiling, interpret=False):
@@ -284,7 +290,9 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
     row_weight: [rows] float32 routing weight of each row.
 
   Returns:
-    [rows, H] float32; rows of tiles of no expert are left unwritten.
+    [split_k * rows, H] float32: with `tiling.split_k > 1` the K range of split s gives rows
+    s * rows .. (s + 1) * rows - 1, partial sums that the combine adds (`combine_rows(num_splits=...)`).
+    Rows of tiles of no expert are left unwritten.
   """
   num_rows, intermediate = c.shape
   num_local, hidden, _ = w2.shape
@@ -294,12 +302,17 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
   if scaled_input and c_scale.shape != (intermediate // tiling.block_k, num_rows):
     raise ValueError(f"c_scale must be [I/block_k, rows] = {[intermediate // tiling.block_k, num_rows]}, "
                      f"got {list(c_scale.shape)}")
+  num_k_steps = intermediate // tiling.block_k
+  if num_k_steps % tiling.split_k:
+    raise ValueError(f"tiling.split_k must divide the {num_k_steps} K steps of I={intermediate}, got "
+                     f"{tiling.split_k}")
   kernel = functools.partial(
       _gemm2_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
-      num_k_steps=intermediate // tiling.block_k, num_local_experts=num_local, tiling=tiling)
+      num_k_steps=num_k_steps, num_local_experts=num_local, tiling=tiling)
+  grid = (num_m_tiles * num_n_tiles,) + ((tiling.split_k,) if tiling.split_k > 1 else ())
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((num_rows, hidden), jnp.float32),
-      grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
+      kernel, out_shape=jax.ShapeDtypeStruct((tiling.split_k * num_rows, hidden), jnp.float32),
+      grid=grid, interpret=interpret,
       name="moe_gemm2_fp8" if scaled_input else "moe_gemm2_bf16",
       compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
   )(tile_expert, c, c_scale, w2, w2_scale, row_weight)

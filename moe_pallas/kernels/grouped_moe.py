@@ -50,7 +50,7 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
       schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights, gemm2_weights_scale, schedule.row_weight,
       tiling=tiling.gemm2, interpret=interpret)
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
-                              tiling=tiling.combine, interpret=interpret)
+                              tiling=tiling.combine, num_splits=tiling.gemm2.split_k, interpret=interpret)
 
 
 def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,

@@ -27,9 +27,10 @@ class GemmTiling:
     group_m: M-tiles visited together before moving to the next N-tile, so that a group's weight tile
       and activation rows stay in L2 (Triton's grouped ordering).
     num_warps, num_stages: Triton launch parameters (warps per program, software pipeline depth).
-    split_k: GEMM1 only. Above 1, K is split into this many ranges, one program each, summed in float32
-      in a fixed order by a second kernel that applies SwiGLU and the quant: more programs on the weights
-      when few experts are touched (T=1 reads two experts' W13 with only 2 x 16 unsplit programs).
+    split_k: above 1, K is split into this many ranges, one program each, for more programs on the weights
+      when few experts are touched (T=1 reads two experts' W13 with only 2 x 16 unsplit programs). GEMM1's
+      partials are summed in float32 in a fixed order by a second kernel that applies SwiGLU and the
+      quant; GEMM2's by the combine, which adds each row's partials as it adds the token's rows.
   """
 
   block_m: int = 64
@@ -88,8 +89,6 @@ class MoETiling:
     if self.gemm1.block_m != self.gemm2.block_m:
       raise ValueError(f"gemm1 and gemm2 share the tile schedule: block_m {self.gemm1.block_m} != "
                        f"{self.gemm2.block_m}")
-    if self.gemm2.split_k != 1:
-      raise ValueError(f"split_k applies to gemm1 only, got gemm2.split_k = {self.gemm2.split_k}")
     if self.gemm1.block_k != SCALE_BLOCK:
       raise ValueError(f"gemm1.block_k must be {SCALE_BLOCK} (the activations' scale block), got "
                        f"{self.gemm1.block_k}")
