@@ -111,11 +111,33 @@ def _local_expert_outputs(checked: Checked, hidden_states, hidden_states_scale, 
                                            out_dtype=checked.out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("checked",))
+def _check_finite(routing_logits, routing_bias, hidden_states, hidden_states_scale, experts: LocalExperts,
+                  routed_scaling_factor):
+  """`checkify.check`s (moe_layer's check_finite=True) for the non-finite inputs that the layer otherwise
+  turns into NaN rows (README, "Non-finite inputs"). The FP8 weights themselves are not read: that would
+  cost every expert's weights on every call; their scales are."""
+  from jax.experimental import checkify  # only when asked for
+
+  def check(name, bad):
+    checkify.check(~jnp.any(bad), f"moe_layer(check_finite=True): {name} (first at flat index {{index}})",
+                   index=jnp.argmax(bad.ravel()))
+
+  check("routing_logits holds a NaN", jnp.isnan(routing_logits))
+  check("routing_bias holds a non-finite value", ~jnp.isfinite(routing_bias.astype(jnp.float32)))
+  check("hidden_states holds a NaN", jnp.isnan(hidden_states.astype(jnp.float32)))
+  check("hidden_states_scale holds a non-finite value", ~jnp.isfinite(hidden_states_scale))
+  for name, scale in (("gemm1_weights_scale", experts.gemm1.scales), ("gemm2_weights_scale", experts.gemm2.scales)):
+    check(f"{name} holds a non-finite value", ~jnp.isfinite(scale))
+  check("routed_scaling_factor is not finite", ~jnp.isfinite(routed_scaling_factor))
+
+
+@functools.partial(jax.jit, static_argnames=("checked", "check_finite"))
 def _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, experts: LocalExperts,
-                       local_expert_offset, routed_scaling_factor, *, checked: Checked):
+                       local_expert_offset, routed_scaling_factor, *, checked: Checked, check_finite: bool = False):
   local_expert_offset = jnp.asarray(local_expert_offset, jnp.int32)
   routed_scaling_factor = jnp.asarray(routed_scaling_factor, jnp.float32)
+  if check_finite:
+    _check_finite(routing_logits, routing_bias, hidden_states, hidden_states_scale, experts, routed_scaling_factor)
   return _moe_layer_core(checked, routing_logits, routing_bias, hidden_states, hidden_states_scale, experts,
                          local_expert_offset, routed_scaling_factor)
 
@@ -149,7 +171,7 @@ def _moe_layer_core(checked: Checked, routing_logits, routing_bias, hidden_state
 def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
               gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, local_expert_offset,
               routed_scaling_factor, config: MoEConfig | None = None, implementation: str | None = None,
-              interpret: bool = False, intermediate_dtype=jnp.float8_e4m3fn):
+              interpret: bool = False, intermediate_dtype=jnp.float8_e4m3fn, check_finite: bool = False):
   """DeepSeek-V3 FP8 block-scale MoE layer, one expert-parallel rank (SPEC.md), as one jitted program.
 
   Args:
@@ -171,6 +193,10 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
     interpret: run the Pallas kernels in interpret mode (CPU).
     intermediate_dtype: float8_e4m3fn (default) or bfloat16: the SwiGLU output's precision before GEMM2
       on the kernel path.
+    check_finite: add `jax.experimental.checkify` checks that report a NaN in routing_logits or
+      hidden_states, or a non-finite routing_bias, scale or scaling factor, as an error (the weights' FP8
+      values are not read). The call must then run under `checkify.checkify` (README, "Non-finite
+      inputs"); without it JAX raises "Cannot abstractly evaluate a checkify.check ...".
 
   Returns:
     [T, H] bfloat16; a token with no local expert gets an all-zero row. Non-finite inputs (README, "Non-finite
@@ -195,5 +221,7 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
   experts = LocalExperts.from_arrays(gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale)
   # The scalars go in as they came and are converted inside the program: a conversion here would be a
   # device program of its own per call, launched ahead of the layer's.
+  if not isinstance(check_finite, bool):
+    raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
   return _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, experts,
-                            local_expert_offset, routed_scaling_factor, checked=checked)
+                            local_expert_offset, routed_scaling_factor, checked=checked, check_finite=check_finite)

@@ -180,3 +180,44 @@ def test_all_experts_and_sharded_layer_poison_like_moe_layer(seed):
                                               experts_per_call=experts_per_call, implementation="xla"), np.float32)
     np.testing.assert_array_equal(np.flatnonzero(np.isnan(out).any(axis=1)), [5])
     assert np.isnan(out[5]).all() and np.isfinite(np.delete(out, 5, axis=0)).all()
+
+
+# ---- the opt-in check ----------------------------------------------------------------------------------------------
+
+
+def _checked_layer(inputs, implementation):
+  from jax.experimental import checkify
+  layer = lambda *args: mp.moe_layer(*args, local_expert_offset=OFFSET, routed_scaling_factor=FACTOR, config=CONFIG,
+                                     implementation=implementation, interpret=testing.interpret_mode(),
+                                     check_finite=True)
+  err, out = checkify.checkify(layer)(*inputs)
+  return err.get(), np.asarray(out, np.float32)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_check_finite_reports_each_non_finite_input(implementation, seed):
+  inputs = testing.random_layer_inputs(CONFIG, NUM_TOKENS, seed=seed, local_expert_offset=OFFSET)
+  error, out = _checked_layer(inputs, implementation)
+  assert error is None
+  assert _same_bits(out, _layer(inputs, implementation))  # the checks change nothing else
+  for name, index, value, says in (("routing_logits", (3, 5), np.nan, "routing_logits holds a NaN"),
+                                   ("routing_bias", 7, np.inf, "routing_bias holds a non-finite value"),
+                                   ("hidden_states_scale", (1, 2), np.nan, "hidden_states_scale holds"),
+                                   ("hidden_states", (4, 9), np.nan, "hidden_states holds a NaN"),
+                                   ("gemm1_weights_scale", (2, 0, 1), -np.inf, "gemm1_weights_scale holds"),
+                                   ("gemm2_weights_scale", (0, 1, 0), np.nan, "gemm2_weights_scale holds")):
+    error, _ = _checked_layer(_with(inputs, name, index, value), implementation)
+    flat = int(np.ravel_multi_index(index, np.shape(getattr(inputs, name)))) if isinstance(index, tuple) else index
+    assert error is not None and says in error and f"first at flat index {flat}" in error, (name, error)
+  # +-inf logits are valid (the sigmoid saturates): not an error.
+  error, _ = _checked_layer(_with(inputs, "routing_logits", (0, 0), -np.inf), implementation)
+  assert error is None
+
+
+def test_check_finite_needs_checkify_and_a_bool(seed):
+  inputs = testing.random_layer_inputs(CONFIG, 4, seed=seed, local_expert_offset=OFFSET)
+  kwargs = dict(local_expert_offset=OFFSET, routed_scaling_factor=FACTOR, config=CONFIG, implementation="xla")
+  with pytest.raises(ValueError, match="checkify"):
+    mp.moe_layer(*inputs, check_finite=True, **kwargs)
+  with pytest.raises(TypeError, match="check_finite must be a bool"):
+    mp.moe_layer(*inputs, check_finite="yes", **kwargs)
