@@ -37,15 +37,16 @@ def _gemm(bm, bn, bk, warps, stages, group_m=8, split_k=1):
                     split_k=split_k)
 
 
-def _variant(bm, g1, g2, *, combine=(8, 256), bf16=False, fused=None, split_k=1):
+def _variant(bm, g1, g2, *, combine=(8, 256), bf16=False, fused=None, split_k=1, group_m=8):
   """g1 = (block_n, warps, stages); g2 = (block_n, block_k, warps, stages[, split_k]); combine = (block_t, block_h)."""
   from moe_pallas.kernels.tiling import CombineTiling, MoETiling
   split_k2 = g2[4] if len(g2) > 4 else 1
-  tiling = MoETiling(gemm1=_gemm(bm, g1[0], 128, g1[1], g1[2], split_k=split_k),
-                     gemm2=_gemm(bm, g2[0], g2[1], g2[2], g2[3], split_k=split_k2), combine=CombineTiling(*combine))
+  tiling = MoETiling(gemm1=_gemm(bm, g1[0], 128, g1[1], g1[2], group_m=group_m, split_k=split_k),
+                     gemm2=_gemm(bm, g2[0], g2[1], g2[2], g2[3], group_m=group_m, split_k=split_k2),
+                     combine=CombineTiling(*combine))
   name = (f"m{bm}_n{g1[0]}w{g1[1]}s{g1[2]}" + (f"sk{split_k}" if split_k > 1 else "")
           + f"_n{g2[0]}k{g2[1]}w{g2[2]}s{g2[3]}" + (f"sk{split_k2}" if split_k2 > 1 else "")
-          + f"_c{combine[0]}x{combine[1]}"
+          + f"_c{combine[0]}x{combine[1]}" + (f"_g{group_m}" if group_m != 8 else "")
           + ("_bf16" if bf16 else "") + {None: "", True: "_fused", False: "_xlaroute"}[fused])
   return name, tiling, bf16, fused
 
@@ -80,7 +81,10 @@ def small_t_variants(base):
 def large_t_variants(base, num_tokens):
   out = [_with_combine(base, "default_c16x512", 16, 512), _with_combine(base, "default_c16x256", 16, 256),
          _variant(64, (128, 4, 3), (64, 128, 4, 3)), _variant(32, (128, 4, 3), (64, 128, 4, 3)),
-         _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3))]
+         _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3)),
+         # L2 reuse of a weight tile across M-tiles (group_m) and a deeper pipeline, at the default tiles.
+         _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=16), _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=32),
+         _variant(64, (128, 8, 4), (128, 128, 4, 4))]
   if num_tokens * 8 <= 8192:
     out += [("default_xlaroute", base, False, False)]
   else:  # the fused routing kernels past their default range (layout in chunks of 256 blocks)
