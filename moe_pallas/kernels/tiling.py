@@ -130,6 +130,8 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
   combine = CombineTiling(block_t=8, block_h=256)
   gemm2 = GemmTiling(block_m=16, block_n=64, group_m=8, num_warps=4, num_stages=3)
   if rows_per_expert <= 2:
+    # Two experts touched at T=1 and T=7: GEMM1 in 4 K ranges (2026-11-30, tune2_tiles.jsonl): 48.3 -> 30.6
+    # us at T=7 (split 2: 40.6, split 8: 33.5).
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, split_k=4),
                      gemm2=gemm2, combine=combine)
   if rows_per_expert <= 32:
