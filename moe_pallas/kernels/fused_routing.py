@@ -132,7 +132,7 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref
     return blocks, in_range, counts
 
   if num_chunks == 1:  # every measured size (T <= 1024): the counts stay in registers
-    blocks, in_range, counts = chunk_counts(0)
+    _, _, counts = chunk_counts(0)
     totals = jnp.sum(counts, axis=0)
   else:  # more blocks than one tile holds: a first pass for the totals, a second for each block's start
     totals = jax.lax.fori_loop(0, num_chunks, lambda c, acc: acc + jnp.sum(chunk_counts(c)[2], axis=0),
