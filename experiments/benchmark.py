@@ -430,7 +430,11 @@ def _log_row(index: int, total: int, row: dict, t_run: float):
 
 def _write_markdown(path: pathlib.Path, rows, header: dict, machine: Machine) -> str:
   table = table_markdown(rows)
-  path.write_text(f"device: {header['device']}; jax {header['jax_version']}; commit {header['git_commit']}\n\n"
+  # On the device machine the tree is a copy whose git HEAD may be stale: then the commit is marked as
+  # differing, and source_sha1 (the hash of moe_pallas/ and experiments/ as run) names the code.
+  commit = header["git_commit"] + (" + changes" if header.get("git_dirty") else "")
+  path.write_text(f"device: {header['device']}; jax {header['jax_version']}; commit {commit}; source_sha1 "
+                  f"{header['source_sha1'][:12]}\n\n"
                   f"timing (span): {machine.timer.method}; XLA command buffers {header['command_buffers']}\n\n"
                   f"pipelined (headline): {header['pipelined_method']}\n\n"
                   f"floor: copy {machine.copy_bw / 1e12:.3f} TB/s, FP8 matrix {machine.matrix_flops / 1e12:.0f} "
