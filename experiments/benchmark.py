@@ -88,6 +88,9 @@ _COMMAND_BUFFERS = flags.DEFINE_bool("command_buffers", False, "Leave XLA comman
                                      "runs them thunk by thunk under the profiler anyway.")
 _PIPELINED = flags.DEFINE_bool("pipelined", True, "Also time each row pipelined (pipelined_us: calls "
                                "enqueued back to back under jit, L2 flushed before each; see the module doc).")
+_QUIET_HOST = flags.DEFINE_bool("quiet_host", True, "With --pipelined: finish the host (float64 oracle) "
+                                "references before timing any row, so that their threads do not slow the "
+                                "host's dispatch in the pipelined loops.")
 _PIPELINED_ROUNDS = flags.DEFINE_integer("pipelined_rounds", 5, "Rounds of --iters pipelined calls; "
                                          "pipelined_us is their median (pipelined_min_us the fastest).")
 _PIPELINED_ITERS = flags.DEFINE_integer("pipelined_iters", 0, "Calls per pipelined round (0: --iters). The "
@@ -483,6 +486,11 @@ def main(argv):
         oracle_subset_tokens=_ORACLE_SUBSET.value,
         workers=_ORACLE_WORKERS.value or max(1, (os.cpu_count() or 2) // 2))
     draws = _draw_all(config, workloads, references)
+    if _PIPELINED.value and _QUIET_HOST.value:
+      # The oracle's threads hold the GIL in parts: running beside the pipelined loops they slowed the
+      # host's dispatch below the device's pace and made T <= 14 rounds swing from -20 to 196 us (the H200
+      # run of 2026-11-30, T=1: 55 us of kernels). The pipelined number needs a quiet host.
+      log(f"host references done after {references.wait_all():.1f}s more (--quiet_host)")
     compiled = {}  # (implementation, T) -> seconds of the first call (compile + one run)
     rows = []
     total = len(draws) * len(_IMPLEMENTATIONS.value)

@@ -127,6 +127,12 @@ class References:
     self.submit(draw, kind)
     return self._futures[(draw.workload, draw.scenario, kind)].result()
 
+  def wait_all(self) -> float:
+    """Blocks until every submitted host reference is done; returns the seconds waited."""
+    t0 = time.perf_counter()
+    concurrent.futures.wait(list(self._futures.values()))
+    return time.perf_counter() - t0
+
   def release(self, draw):
     for key in [k for k in self._futures if k[:2] == (draw.workload, draw.scenario)]:
       del self._futures[key]
