@@ -58,21 +58,27 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BLOCK = 128  # scale block (and K step)
 
-_INTERPRET = flags.DEFINE_bool("interpret", False, "Run in Mosaic GPU interpret mode on CPU at --small_shape.")
-_LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Only trace and lower for cuda (works without a GPU).")
-_SMALL_SHAPE = flags.DEFINE_string("small_shape", "128,128,256", "M,N,K for --interpret / --lower_only.")
-_SHAPES = flags.DEFINE_string("shapes", "4096x4096x7168,8192x8192x7168,8192x4096x7168,4096x7168x2048",
-                              "MxNxK list (comma separated) for the GPU timing.")
-_TILE_M = flags.DEFINE_integer("tile_m", 64, "Rows per compute warpgroup (CTA tile is 2*tile_m rows).")
-_TILE_N = flags.DEFINE_integer("tile_n", 128, "Columns per CTA tile (64, 128, or a multiple of 128).")
-_STEPS = flags.DEFINE_integer("max_concurrent_steps", 4, "Pipeline stages.")
-_ITERS = flags.DEFINE_integer("iters", 20, "Timed calls per shape (GPU).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per shape (GPU).")
-_WS_SMEM = flags.DEFINE_bool("w_scale_in_smem", True,
-                             "Weight scales through the TMA pipeline (SMEM) instead of scalar GMEM loads.")
-_EPI_N = flags.DEFINE_integer("epi_n", 64, "Epilogue chunk width (float32 SMEM: 2 x tile_m x epi_n x 4 bytes); "
-                              "32 frees 16 KiB, e.g. for --tile_n=256 --max_concurrent_steps=4.")
-_CHECK = flags.DEFINE_bool("check", True, "Check every shape against the float64 reference.")
+
+def _define_flags() -> None:
+  """The script's flags, defined when it runs as a script only: tests import this module into a process
+  whose absl registry already holds benchmark.py's flags of the same names (iters, warmup)."""
+  global _INTERPRET, _LOWER_ONLY, _SMALL_SHAPE, _SHAPES, _TILE_M, _TILE_N, _STEPS, _ITERS, _WARMUP, _WS_SMEM
+  global _EPI_N, _CHECK
+  _INTERPRET = flags.DEFINE_bool("interpret", False, "Run in Mosaic GPU interpret mode on CPU at --small_shape.")
+  _LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Only trace and lower for cuda (works without a GPU).")
+  _SMALL_SHAPE = flags.DEFINE_string("small_shape", "128,128,256", "M,N,K for --interpret / --lower_only.")
+  _SHAPES = flags.DEFINE_string("shapes", "4096x4096x7168,8192x8192x7168,8192x4096x7168,4096x7168x2048",
+                                "MxNxK list (comma separated) for the GPU timing.")
+  _TILE_M = flags.DEFINE_integer("tile_m", 64, "Rows per compute warpgroup (CTA tile is 2*tile_m rows).")
+  _TILE_N = flags.DEFINE_integer("tile_n", 128, "Columns per CTA tile (64, 128, or a multiple of 128).")
+  _STEPS = flags.DEFINE_integer("max_concurrent_steps", 4, "Pipeline stages.")
+  _ITERS = flags.DEFINE_integer("iters", 20, "Timed calls per shape (GPU).")
+  _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per shape (GPU).")
+  _WS_SMEM = flags.DEFINE_bool("w_scale_in_smem", True,
+                               "Weight scales through the TMA pipeline (SMEM) instead of scalar GMEM loads.")
+  _EPI_N = flags.DEFINE_integer("epi_n", 64, "Epilogue chunk width (float32 SMEM: 2 x tile_m x epi_n x 4 bytes); "
+                                "32 frees 16 KiB, e.g. for --tile_n=256 --max_concurrent_steps=4.")
+  _CHECK = flags.DEFINE_bool("check", True, "Check every shape against the float64 reference.")
 
 
 def fp8_block_scaled_matmul(a, w, a_scale, w_scale, *, tile_m: int = 64, tile_n: int = 128,
@@ -290,4 +296,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
