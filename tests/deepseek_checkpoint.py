@@ -127,3 +127,11 @@ def write_checkpoint(path: str | os.PathLike, tensors: dict[str, np.ndarray], co
     json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_json, f, indent=2)
+
+
+def write_small_checkpoint(path: str | os.PathLike, config: MoEConfig, layer: int, *, seed: int,
+                           shared_intermediate: int) -> tuple[str | os.PathLike, dict[str, np.ndarray]]:
+  """One MoE layer (routed + shared experts) written at `path` with its config.json: (path, tensors)."""
+  tensors = moe_layer_tensors(config, layer, seed=seed, shared_intermediate=shared_intermediate)
+  write_checkpoint(path, tensors, deepseek_config_json(config))
+  return path, tensors

@@ -11,7 +11,8 @@ import safetensors
 
 from moe_pallas import SMALL, checkpoint
 from moe_pallas.checkpoint import CheckpointError
-from deepseek_checkpoint import BF16, deepseek_config_json, moe_layer_tensors, unrelated_tensors, write_checkpoint
+from deepseek_checkpoint import (BF16, deepseek_config_json, moe_layer_tensors, unrelated_tensors, write_checkpoint,
+                                 write_small_checkpoint)
 
 LAYER = 3
 SHARED_I = 128  # n_shared_experts = 1, so I_s = I
@@ -26,10 +27,8 @@ def _bits(a):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  path = tmp_path_factory.mktemp("deepseek_v3")
-  tensors = moe_layer_tensors(SMALL, LAYER, seed=1, shared_intermediate=SHARED_I)
-  write_checkpoint(path, tensors, deepseek_config_json(SMALL))
-  return path, tensors
+  return write_small_checkpoint(tmp_path_factory.mktemp("deepseek_v3"), SMALL, LAYER, seed=1,
+                                shared_intermediate=SHARED_I)
 
 
 def test_shards_are_real_safetensors_and_the_reader_agrees(ckpt):

@@ -17,7 +17,7 @@ from flax import nnx
 from moe_pallas import SMALL
 from moe_pallas.flax_module import DeepSeekMoE, ExpertWeights, RoutingBias, linen_variables, to_linen
 from moe_pallas.testing import acceptance_metrics
-from deepseek_checkpoint import deepseek_config_json, moe_layer_tensors, write_checkpoint
+from deepseek_checkpoint import write_small_checkpoint
 from moe_pallas.testing.oracle import oracle_moe, oracle_route
 
 LAYER = 3
@@ -35,10 +35,8 @@ def _activations(rng, num_tokens=48):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  path = tmp_path_factory.mktemp("deepseek_v3")
-  tensors = moe_layer_tensors(SMALL, LAYER, seed=11, shared_intermediate=SHARED_I)
-  write_checkpoint(path, tensors, deepseek_config_json(SMALL))
-  return path, tensors
+  return write_small_checkpoint(tmp_path_factory.mktemp("deepseek_v3"), SMALL, LAYER, seed=11,
+                                shared_intermediate=SHARED_I)
 
 
 @pytest.fixture(scope="module")
