@@ -35,6 +35,8 @@ import traceback
 
 from absl import app, flags
 
+from experiments.tables import markdown_table
+
 _SHAPES = flags.DEFINE_list("shapes", ["small", "deepseek_v3"], "Geometries: small (E=32), deepseek_v3 (E=256).")
 _SMALL_T = flags.DEFINE_list("small_T", ["16", "256"], "Token counts at the small shape.")
 _FULL_T = flags.DEFINE_list("full_T", ["16", "512"], "Token counts at the DeepSeek-V3 shape.")
@@ -175,9 +177,7 @@ def _format(row):
 
 
 def _table(rows):
-  lines = ["| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
-  lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-  return "\n".join(lines)
+  return markdown_table(_HEADER, (_cells(row) for row in rows))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ import traceback
 
 from absl import app, flags
 
+from experiments.tables import markdown_table
+
 _SHAPE = flags.DEFINE_enum("shape", "deepseek_v3", ["deepseek_v3", "small"],
                            "deepseek_v3: E=256, H=7168, I=2048, top-8; small: E=32, H=256, I=128, top-4.")
 _T = flags.DEFINE_list("T", ["1", "16", "80", "901", "4096"], "Tokens per device (P*T tokens in all).")
@@ -399,9 +401,7 @@ def _cells(row):
 
 
 def _table(rows):
-  lines = ["| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
-  lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-  return "\n".join(lines)
+  return markdown_table(_HEADER, (_cells(row) for row in rows))
 
 
 if __name__ == "__main__":
