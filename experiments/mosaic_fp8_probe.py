@@ -104,7 +104,10 @@ def fp8_block_scaled_matmul(a, w, a_scale, w_scale, *, tile_m: int = 64, tile_n:
     raise ValueError(f"{m=} {n=} {k=} not divisible by CTA tile ({cta_m}, {tile_n}, {BLOCK})")
   k_iters = k // BLOCK
   epi_n = min(epi_n, tile_n)
-  ws_cols = -(-(n // BLOCK) // 4) * 4
+  # Rows of the transposed weight scales, padded to a multiple of 32 float32 (128 bytes): each pipeline stage
+  # of that block is a TMA destination, and TMA needs 128-byte aligned SMEM. 4 columns (16 bytes, TMA's
+  # minimum row) put stage 1 at +16 bytes: CUDA_ERROR_MISALIGNED_ADDRESS on the H200 (2026-11-30).
+  ws_cols = -(-(n // BLOCK) // 32) * 32
 
   fp8_swizzle = plgpu.find_swizzle(BLOCK * 8)  # 128 fp8 = 128 bytes
   fp8_transforms = (plgpu.TilingTransform((8, fp8_swizzle)), plgpu.SwizzleTransform(fp8_swizzle))
@@ -176,7 +179,7 @@ def fp8_block_scaled_matmul(a, w, a_scale, w_scale, *, tile_m: int = 64, tile_n:
              *([ws_gmem] if w_scale_in_smem else []))
 
   if w_scale_in_smem:
-    # [K/B, N/B] (transposed), padded to >= 16 bytes a row for TMA: one row per K step goes through the
+    # [K/B, N/B] (transposed), padded to 128 bytes a row for TMA: one row per K step goes through the
     # pipeline with a and the activation scales, and each compute warpgroup reads its scalar from SMEM.
     w_scale = jnp.pad(w_scale.T, ((0, 0), (0, ws_cols - n // BLOCK)))
   f = plgpu.kernel(

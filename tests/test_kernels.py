@@ -5,6 +5,7 @@ bounds below hold for both (they come from SPEC.md's FP8/bf16 arithmetic, not fr
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -366,12 +367,17 @@ def test_experts_past_int32_offsets_are_read_where_they_are(seed):
   ids = jnp.broadcast_to(jnp.arange(num_local - top_k, num_local, dtype=jnp.int32), (num_tokens, top_k))
   weights = jnp.full((num_tokens, top_k), 1.0 / top_k, jnp.float32)
   tiles = tiling.default_tiling(num_tokens, top_k, top_k, hidden=h)
-  run = lambda first, count, offset: grouped_moe.apply_local_experts_triton(
-      acts, acts_scale, w13[first:first + count], w13_scale[first:first + count], w2[first:first + count],
-      w2_scale[first:first + count], mp.plan_local(ids, weights, local_expert_offset=offset, num_local_experts=count),
-      tiling=tiles)
-  whole = np.asarray(jax.jit(lambda: run(0, num_local, 0))())
-  last_eight = np.asarray(jax.jit(lambda: run(num_local - top_k, top_k, num_local - top_k))())
+  # The arrays are arguments, not closed-over constants: XLA would constant-fold the slices of a 3.8 GB
+  # constant (the first GPU test run of this case did not finish in 230 s).
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def run(first, count, acts, acts_scale, w13, w13_scale, w2, w2_scale):
+    sl = lambda x: x[first:first + count]
+    plan = mp.plan_local(ids, weights, local_expert_offset=first, num_local_experts=count)
+    return grouped_moe.apply_local_experts_triton(acts, acts_scale, sl(w13), sl(w13_scale), sl(w2), sl(w2_scale),
+                                                  plan, tiling=tiles)
+  arrays = (acts, acts_scale, w13, w13_scale, w2, w2_scale)
+  whole = np.asarray(run(0, num_local, *arrays))
+  last_eight = np.asarray(run(num_local - top_k, top_k, *arrays))
   assert np.isfinite(whole).all() and np.abs(whole).max() > 0
   np.testing.assert_array_equal(whole, last_eight)
 
