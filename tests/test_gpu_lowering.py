@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 import moe_pallas as mp
-from moe_pallas.kernels import grouped_moe, tiling, triton_internals
+from moe_pallas.kernels import fused_routing, grouped_moe, tiling, triton_internals
 
 CONFIG = mp.DEEPSEEK_V3
 ROUTING_KERNELS = ["moe_route", "moe_layout", "moe_place"]
@@ -96,7 +96,8 @@ def test_fused_routing_lowers_past_one_layout_tile():
 
 
 def test_large_calls_route_with_xla():
-  kernels = _lowered_kernels(2048, "NVIDIA H200")  # 16384 picks: above fused_routing.MAX_FUSED_PAIRS
+  num_tokens = fused_routing.MAX_FUSED_PAIRS // mp.DEEPSEEK_V3.top_k + 1  # the first T above the fused limit
+  kernels = _lowered_kernels(num_tokens, "NVIDIA H200")
   assert kernels == ["moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
 
 
