@@ -85,6 +85,9 @@ mkdir -p "$(dirname "$out")"
   echo "gpu: $(nvidia-smi -L 2>/dev/null | paste -sd ';' - | grep . || echo 'none (nvidia-smi -L found no GPU)')"
   echo "date: $started_at"
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- 2>/dev/null || echo ' (with uncommitted changes)')"
+  # The device machine's copy of the tree keeps a stale HEAD: this hash names the code that ran (rerun the
+  # same pipeline on a checkout to match it).
+  echo "source_sha1: $(find moe_pallas experiments tests -name '*.py' | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-12) (sha1sum of moe_pallas/, experiments/, tests/ .py files)"
   echo "env: $(tail -n 1 "$logdir/env.log")"
   echo "wall: ${total} s"
   echo
