@@ -220,24 +220,80 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
         kernel, out_shape=jax.ShapeDtypeStruct((num_rows, tiling.split_k * two_i), jnp.float32),
         grid=(*grid, tiling.split_k), interpret=interpret, name="moe_gemm1_split_k", compiler_params=params,
     )(*operands)
-    kernel = functools.partial(
-        _split_k_swiglu_kernel, num_n_tiles=num_n_tiles, intermediate=intermediate, num_local_experts=num_local,
-        tiling=tiling, quantize_output=quantize_output)
-    outs = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
-        name="moe_gemm1_split_k_swiglu_fp8" if quantize_output else "moe_gemm1_split_k_swiglu_bf16",
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-    )(tile_expert, partials)
-  else:
-    kernel = functools.partial(
-        _gemm1_swiglu_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
-        num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=num_local,
-        tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases))
-    outs = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=interpret, input_output_aliases=aliases,
-        name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16", compiler_params=params,
-    )(*operands, *extra)
+    return swiglu_of_partials(tile_expert, partials, num_local_experts=num_local, tiling=tiling,
+                              out_dtype=out_dtype, interpret=interpret, name="moe_gemm1_split_k_swiglu")
+  kernel = functools.partial(
+      _gemm1_swiglu_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
+      num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=num_local,
+      tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases))
+  outs = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, interpret=interpret, input_output_aliases=aliases,
+      name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16", compiler_params=params,
+  )(*operands, *extra)
   return (outs[0], outs[1]) if quantize_output else (outs[0], None)
+
+
+def swiglu_of_partials(tile_expert, partials, *, num_local_experts: int, tiling: GemmTiling, out_dtype=FP8_DTYPE,
+                       interpret=False, name: str = "moe_swiglu"):
+  """GEMM1's epilogue from float32 partial products: `partials` [rows, split_k * 2I] holds split s's
+  [up | gate] columns at s * 2I (split_k = tiling.split_k); their fixed-order sum, SwiGLU, and the FP8
+  quant in 1 x block_n blocks (or bf16), as `gemm1_swiglu` returns them. Tiles of no expert exit at once."""
+  num_rows, width = partials.shape
+  intermediate = width // (2 * tiling.split_k)
+  num_m_tiles = tile_expert.shape[0]
+  if num_rows != num_m_tiles * tiling.block_m or width != 2 * intermediate * tiling.split_k:
+    raise ValueError(f"partials must be [num_tiles * block_m, split_k * 2I], got {partials.shape} for "
+                     f"{num_m_tiles} tiles of {tiling.block_m} rows and split_k={tiling.split_k}")
+  num_n_tiles = intermediate // tiling.block_n
+  quantize_output = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
+  out_shape = [jax.ShapeDtypeStruct((num_rows, intermediate), out_dtype)]
+  if quantize_output:
+    out_shape.append(jax.ShapeDtypeStruct((num_n_tiles, num_rows), jnp.float32))
+  kernel = functools.partial(
+      _split_k_swiglu_kernel, num_n_tiles=num_n_tiles, intermediate=intermediate,
+      num_local_experts=num_local_experts, tiling=tiling, quantize_output=quantize_output)
+  outs = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
+      name=f"{name}_fp8" if quantize_output else f"{name}_bf16",
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+  )(tile_expert, partials)
+  return (outs[0], outs[1]) if quantize_output else (outs[0], None)
+
+
+def _gather_rows_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, out_ref, out_scale_ref, *, block_m,
+                        block_h, num_local_experts):
+  i, j = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(tile_expert_ref[i] < num_local_experts)
+  def _():
+    rows = pl.ds(pl.multiple_of(i * block_m, block_m), block_m)
+    tokens = row_token_ref[rows]
+    out_ref[rows, pl.ds(pl.multiple_of(j * block_h, block_h), block_h)] = (
+        a_ref[tokens, pl.ds(pl.multiple_of(j * block_h, block_h), block_h)])
+    for kb in range(block_h // _SCALE_BLOCK):  # this column chunk's scale rows
+      scale_row = j * (block_h // _SCALE_BLOCK) + kb
+      out_scale_ref[scale_row, rows] = a_scale_ref[scale_row, tokens]
+
+
+def gather_rows(tile_expert, row_token, a, a_scale, *, block_m: int, num_local_experts: int, interpret=False):
+  """The activations of each padded row, in row order: `a[row_token]` [rows, H] and
+  `a_scale[:, row_token]` [H/128, rows], written for tiles of an expert only (a TMA-fed GEMM cannot gather
+  rows in its loads; the schedule's rows are sized for the worst case, of which few are used at large T).
+  Rows of tiles of no expert are left unwritten."""
+  num_rows = row_token.shape[0]
+  num_tokens, hidden = a.shape
+  num_m_tiles = tile_expert.shape[0]
+  if num_rows != num_m_tiles * block_m:
+    raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = {num_m_tiles * block_m}")
+  block_h = next(b for b in (1024, 512, 256, 128) if hidden % b == 0)
+  kernel = functools.partial(_gather_rows_kernel, block_m=block_m, block_h=block_h,
+                             num_local_experts=num_local_experts)
+  return pl.pallas_call(
+      kernel, out_shape=(jax.ShapeDtypeStruct((num_rows, hidden), a.dtype),
+                         jax.ShapeDtypeStruct((hidden // _SCALE_BLOCK, num_rows), a_scale.dtype)),
+      grid=(num_m_tiles, hidden // block_h), interpret=interpret, name="moe_gather_rows",
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+  )(tile_expert, row_token, a, a_scale)
 
 
 def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref, *, num_m_tiles,
