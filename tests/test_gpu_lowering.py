@@ -19,6 +19,8 @@ from moe_pallas.kernels import fused_routing, grouped_moe, tiling, triton_intern
 
 CONFIG = mp.DEEPSEEK_V3
 ROUTING_KERNELS = ["moe_route", "moe_layout", "moe_place"]
+MOSAIC_CALL, MOSAIC_GEMM = "mosaic_gpu_v2", "mosaic_gemm"
+MOSAIC_EXPERTS = ["moe_gather_rows", MOSAIC_GEMM, "moe_swiglu_fp8", MOSAIC_GEMM, "moe_combine"]
 
 
 def _layer_shapes(num_tokens, config=CONFIG):
@@ -39,13 +41,16 @@ def _lowered_text(num_tokens, device_kind, tiles=None, **kwargs):
 
 
 def _lowered_kernels(num_tokens, device_kind, **kwargs):
+  """The program's kernels in call order: Pallas-Triton ones by name, Mosaic GPU ones as "mosaic_gemm"."""
   text = _lowered_text(num_tokens, device_kind, **kwargs)
   assert text.count("__gpu$xla.gpu.triton") == len(re.findall(r'name = "moe_', text))
   # One device program: the kernels are its only custom calls, and nothing waits on the host.
-  assert set(re.findall(r"custom_call @([\w$.]+)", text)) == {"__gpu$xla.gpu.triton"}
+  calls = re.findall(r"custom_call @([\w$.]+)", text)
+  assert set(calls) <= {"__gpu$xla.gpu.triton", MOSAIC_CALL}, set(calls)
   for marker in ("callback", "host_compute", "infeed", "outfeed", "send", "recv"):
     assert marker not in text.lower(), marker
-  return re.findall(r'name = "(moe_[a-z0-9_]+)"', text)
+  triton_names = iter(re.findall(r'name = "(moe_[a-z0-9_]+)"', text))
+  return [MOSAIC_GEMM if call == MOSAIC_CALL else next(triton_names) for call in calls]
 
 
 @pytest.mark.parametrize("device_kind", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
@@ -92,13 +97,26 @@ def test_128_local_experts_lower_without_copies(num_tokens):
 def test_fused_routing_lowers_past_one_layout_tile():
   """T=14107 asked for the fused routing: 3527 blocks, laid out in chunks of 256 (two loops in `layout`)."""
   kernels = _lowered_kernels(14107, "NVIDIA H200", fused_routing_kernels=True)
-  assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
+  assert kernels == ROUTING_KERNELS + MOSAIC_EXPERTS
+
+
+@pytest.mark.parametrize("num_tokens", [4096, 14107])
+def test_large_calls_on_the_h200_run_the_mosaic_gemms(num_tokens):
+  """Above 512 rows per expert the H200 table picks the Mosaic GPU GEMMs (wgmma + TMA): the rows gathered,
+  GEMM1, SwiGLU + quant, GEMM2, combine; lowered for cuda, the module holds FP8 wgmma."""
+  assert tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200").mosaic_gemms
+  assert _lowered_kernels(num_tokens, "NVIDIA H200") == ROUTING_KERNELS + MOSAIC_EXPERTS
+  assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in _lowered_text(num_tokens, "NVIDIA H200")
+  triton_tiles = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200",
+                                       mosaic_gemms=False)
+  assert _lowered_kernels(num_tokens, "NVIDIA H200", tiles=triton_tiles) == ROUTING_KERNELS + [
+      "moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
 
 
 def test_large_calls_route_with_xla():
   num_tokens = fused_routing.MAX_FUSED_PAIRS // mp.DEEPSEEK_V3.top_k + 1  # the first T above the fused limit
   kernels = _lowered_kernels(num_tokens, "NVIDIA H200")
-  assert kernels == ["moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
+  assert kernels == MOSAIC_EXPERTS
 
 
 def test_bf16_intermediate_lowers():

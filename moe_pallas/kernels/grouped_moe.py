@@ -2,7 +2,9 @@
 
 tile schedule -> GEMM1 (rows gathered in its loads) + SwiGLU + FP8 quant -> GEMM2 x routing weight ->
 combine (each token's rows summed in float32, rounded once). All of it traces into the caller's jitted
-program. Two entries:
+program. Where the tiling says `mosaic_gemms` (the H200's table at large T), both GEMMs are the Mosaic GPU
+kernel of `mosaic_gemm` instead: rows gathered -> GEMM1 [rows, 2I] float32 -> SwiGLU + FP8 quant ->
+GEMM2 (routing weight folded into its row scales) -> combine. Two entries:
 
 - `moe_layer_triton`: the whole layer from the router logits. Up to `fused_routing.MAX_FUSED_PAIRS`
   picks (T <= 1024 at DeepSeek-V3's top-8), routing + plan + schedule run as three small Pallas kernels
@@ -17,22 +19,61 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from moe_pallas.config import MoEConfig
-from moe_pallas.kernels import combine, fused_routing, grouped_gemm, triton_internals
+from moe_pallas.kernels import combine, fused_routing, grouped_gemm, mosaic_gemm, triton_internals
 from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule
 from moe_pallas.kernels.tiling import MoETiling, default_tiling
 from moe_pallas.routing import RoutingPlan, grouped_topk, nan_poison, sort_local_pairs
 
 
-def _tiling_for(tiling, num_tokens, top_k, num_local, hidden, intermediate_dtype) -> MoETiling:
+def _tiling_for(tiling, num_tokens, top_k, num_local, hidden, intermediate, intermediate_dtype) -> MoETiling:
+  quantized = jnp.dtype(intermediate_dtype) == jnp.dtype(jnp.float8_e4m3fn)
+  why_not_mosaic = _why_not_mosaic(hidden, intermediate, quantized)
   if tiling is None:
     tiling = default_tiling(num_tokens, top_k, num_local, hidden=hidden)
-  tiling.check_intermediate(jnp.dtype(intermediate_dtype) == jnp.dtype(jnp.float8_e4m3fn))
+    if tiling.mosaic_gemms and why_not_mosaic:  # the table's choice where the Mosaic kernels cannot run
+      tiling = default_tiling(num_tokens, top_k, num_local, hidden=hidden, mosaic_gemms=False)
+  elif tiling.mosaic_gemms and why_not_mosaic:
+    raise ValueError(f"tiling.mosaic_gemms: {why_not_mosaic}")
+  tiling.check_intermediate(quantized)
   return tiling
+
+
+def _why_not_mosaic(hidden: int, intermediate: int, quantized: bool) -> str | None:
+  if not quantized:
+    return "the Mosaic GEMM2 takes an FP8 intermediate only (intermediate_dtype=float8_e4m3fn)"
+  return (mosaic_gemm.supports(2 * intermediate, hidden, mosaic_gemm.BLOCK_M)
+          or mosaic_gemm.supports(hidden, intermediate, mosaic_gemm.BLOCK_M))
+
+
+def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+                    gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
+                    poison=None):
+  """`tiling.mosaic_gemms`: gather -> Mosaic GEMM1 [rows, 2I] float32 -> SwiGLU + quant -> Mosaic GEMM2 ->
+  combine. The TMA-fed GEMM reads whole row tiles, so the rows are gathered first (tiles in use only)."""
+  num_local = gemm1_weights.shape[0]
+  rows, rows_scale = grouped_gemm.gather_rows(schedule.tile_expert, schedule.row_token, hidden_states,
+                                              hidden_states_scale, block_m=tiling.block_m,
+                                              num_local_experts=num_local, interpret=interpret)
+  gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
+                                         interpret=interpret)
+  swiglu, swiglu_scale = grouped_gemm.swiglu_of_partials(schedule.tile_expert, gate_up, num_local_experts=num_local,
+                                                         tiling=tiling.gemm1, interpret=interpret)
+  # Each row's routing weight joins its activation scales: a per-row factor of every K step, so GEMM2's
+  # output rows come out weighted, as the Triton GEMM2's do. (Rows of unused tiles hold no values.)
+  row_scale = swiglu_scale * schedule.row_weight[None, :]
+  weighted_rows = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, swiglu, row_scale, gemm2_weights,
+                                               gemm2_weights_scale, interpret=interpret)
+  return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
+                              tiling=tiling.combine, interpret=interpret)
 
 
 def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
              gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
              intermediate_dtype, poison=None):
+  if tiling.mosaic_gemms:
+    return _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
+                           gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
+                           poison=poison)
   gemm1_args = (schedule.tile_expert, schedule.row_token, hidden_states, hidden_states_scale, gemm1_weights,
                 gemm1_weights_scale)
   if tiling.gemm1_busy is not None:
@@ -71,7 +112,7 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
   if num_tokens == 0:
     return jnp.zeros((0, hidden), out_dtype)
   tiling = _tiling_for(tiling, num_tokens, plan.pair_rows.shape[1], gemm1_weights.shape[0], hidden,
-                       intermediate_dtype)
+                       gemm2_weights.shape[2], intermediate_dtype)
   schedule = make_tile_schedule(plan, block_m=tiling.block_m)
   return _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                   gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
@@ -101,7 +142,8 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
   if num_tokens == 0:
     return jnp.zeros((0, hidden), out_dtype)
   num_local = gemm1_weights.shape[0]
-  tiling = _tiling_for(tiling, num_tokens, config.top_k, num_local, hidden, intermediate_dtype)
+  tiling = _tiling_for(tiling, num_tokens, config.top_k, num_local, hidden, gemm2_weights.shape[2],
+                       intermediate_dtype)
   if fused_routing_kernels is None:
     fused_routing_kernels = (num_tokens * config.top_k <= fused_routing.MAX_FUSED_PAIRS
                              and fused_routing.supports(config))

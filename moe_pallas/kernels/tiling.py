@@ -70,6 +70,10 @@ class MoETiling:
   `gemm1_busy`: GEMM1's launch parameters when `busy_min_tiles` or more M-tiles are in use, a count known
   only on the device (it depends on how many experts the tokens picked). Both GEMM1 variants are then
   launched; each program of the one not chosen exits at once (~2 us). None: `gemm1` always.
+
+  `mosaic_gemms`: both GEMMs as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the
+  rows gathered first and GEMM1's SwiGLU + quant as a kernel of its own; `gemm1`/`gemm2` then give only
+  block_m (`mosaic_gemm.BLOCK_M`) and GEMM1's quant block (block_n = 128), their launch fields unused.
   """
 
   gemm1: GemmTiling = GemmTiling()
@@ -77,8 +81,16 @@ class MoETiling:
   combine: CombineTiling = CombineTiling()
   gemm1_busy: GemmTiling | None = None
   busy_min_tiles: int = 0
+  mosaic_gemms: bool = False
 
   def __post_init__(self):
+    if self.mosaic_gemms:
+      from moe_pallas.kernels import mosaic_gemm  # Mosaic GPU imports: only where asked for
+      blocks = (self.gemm1.block_m, self.gemm1.block_n, self.gemm1.split_k, self.gemm2.split_k)
+      if blocks != (mosaic_gemm.BLOCK_M, SCALE_BLOCK, 1, 1) or self.gemm1_busy is not None:
+        raise ValueError(f"mosaic_gemms needs block_m={mosaic_gemm.BLOCK_M}, gemm1.block_n={SCALE_BLOCK}, no "
+                         f"split-K and no gemm1_busy; got (block_m, gemm1.block_n, split_k, gemm2 split_k) = "
+                         f"{blocks}, gemm1_busy={self.gemm1_busy}")
     if self.gemm1_busy is not None:
       blocks = lambda g: (g.block_m, g.block_n, g.block_k, g.split_k)
       if blocks(self.gemm1_busy) != blocks(self.gemm1) or self.gemm1.split_k != 1:
@@ -148,8 +160,15 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # M-tile groups of 32 (2026-11-30, h200_2026-11-30/tune3_tiles.jsonl): the sum of GEMM1 + GEMM2 +
     # combine at T=11948 1759 -> 1709 us, at T=14107 2307 -> 2256 (group_m 16: 1724, 2263).
     tiles = dataclasses.replace(tiles, gemm1=dataclasses.replace(tiles.gemm1, group_m=32),
-                                gemm2=dataclasses.replace(tiles.gemm2, group_m=32))
+                                gemm2=dataclasses.replace(tiles.gemm2, group_m=32),
+                                mosaic_gemms=_H200_MOSAIC_ABOVE_512_ROWS)
   return tiles
+
+
+# Both GEMMs as the Mosaic GPU kernel above 512 rows per expert (T > 2048 at DeepSeek-V3's shape), where
+# they are compute-bound: the kernel ran a dense 4096x4096x7168 block-scaled GEMM at 989 TFLOP/s on the
+# H200 against ~550-600 for the Triton GEMM1 in the layer (results/h200_2026-11-30_s4/mosaic.txt).
+_H200_MOSAIC_ABOVE_512_ROWS = True
 
 
 # device_kind substring -> tiles measured there. Other GPUs get the H100's (the first measured).
@@ -157,7 +176,7 @@ _TILINGS_BY_DEVICE = (("H200", _h200_tiling), ("H100", _h100_tiling))
 
 
 def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_kind: str | None = None,
-                   hidden: int | None = None) -> MoETiling:
+                   hidden: int | None = None, mosaic_gemms: bool | None = None) -> MoETiling:
   """Per-shape, per-device default (T is static under jit).
 
   Few rows per expert (memory-bound): short M-tiles and narrow GEMM2 N-tiles, so that the weights of a
@@ -167,12 +186,16 @@ def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_k
     device_kind: `jax.Device.device_kind` whose measured table applies; default: the first device's.
     hidden: H; GEMM1's split_k (measured at DeepSeek-V3's 56 K steps) becomes the largest divisor of
       H/128 that does not exceed it. None: as measured.
+    mosaic_gemms: False: the Pallas-Triton GEMMs even where the table picks the Mosaic GPU ones. None: the
+      table's choice.
   """
   if device_kind is None:
     device_kind = jax.devices()[0].device_kind
   rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
   tiling_for = next((table for name, table in _TILINGS_BY_DEVICE if name in device_kind), _h100_tiling)
   tiling = tiling_for(rows_per_expert)
+  if mosaic_gemms is False and tiling.mosaic_gemms:
+    tiling = dataclasses.replace(tiling, mosaic_gemms=False)
   split_k = tiling.gemm1.split_k
   if hidden is not None and (hidden // SCALE_BLOCK) % split_k:
     split_k = max(d for d in range(1, split_k + 1) if (hidden // SCALE_BLOCK) % d == 0)

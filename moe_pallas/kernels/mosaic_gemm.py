@@ -1,0 +1,162 @@
+"""FP8 block-scale grouped GEMM for Hopper as a Pallas Mosaic GPU kernel (wgmma + TMA + warp specialization).
+
+    out[r, n] (float32) = sum_kb (a[r, kb] @ w[e(r), n, kb]) * a_scale[kb, r] * w_scale[e(r), n // 128, kb]
+
+over rows already sorted by expert and padded to whole M-tiles of one expert (schedule.py): `e(r)` is
+`tile_expert[r // block_m]`, and a tile of no expert (`tile_expert >= E_local`) exits at once, writing
+nothing, so an expert no token picked costs no weight reads. Both operands are K-major (FP8 wgmma takes
+only K-major operands, which our [E, N, K] expert weights are).
+
+Why a second backend: Pallas-Triton's FP8 block-scaled loop tops out at ~550-600 TFLOP/s on the H200 at
+large T (PERF.md); this structure (DeepGEMM's) measured 989 TFLOP/s as a dense 4096x4096x7168 GEMM
+(`experiments/mosaic_fp8_probe.py`, results/h200_2026-11-30_s4/mosaic.txt).
+
+Structure, per CTA (block_m rows x 256 columns; grid (M-tiles, N/256)):
+- one TMA producer warpgroup and two compute warpgroups (`plgpu.emit_pipeline_warp_specialized`); compute
+  warpgroup g owns columns g*128 .. g*128+127 of the CTA tile, both read the same activation tile.
+- the pipeline moves, per 128-wide K step: the activation tile (block_m, 128) and the weight tile
+  (256, 128), both tiled + 128-byte swizzled; the tile's activation scales (1, block_m); and one row of the
+  expert's transposed weight scales, padded to 128 bytes (TMA writes SMEM at 128-byte alignment).
+- per K step and compute warpgroup: one wgmma (block_m, 128) x (128, 128)^T into a fresh accumulator, read
+  back, then promoted on a float32 register carry: carry += product * (a_scale rows * w_scale) (the
+  block scales applied once per K step, as DeepGEMM does: Hopper's FP8 wgmma accumulates a K step in
+  reduced precision, the carry in full float32).
+- epilogue: the carry goes out in (block_m, 64) float32 chunks through SMEM + TMA.
+
+Runs compiled on Hopper (sm_90a) and in Mosaic GPU's interpret mode on CPU (how CI tests it).
+"""
+
+from __future__ import annotations
+
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from moe_pallas.config import SCALE_BLOCK
+
+BLOCK_M = 64                 # rows per M-tile: one wgmma M of 64 per compute warpgroup
+CTA_N = 2 * SCALE_BLOCK      # two compute warpgroups of 128 columns (one weight-scale block each)
+_EPILOGUE_N = 64             # columns per epilogue store (float32 SMEM: 2 x 64 x 64 x 4 bytes)
+_PRODUCER_REGISTERS = 40     # the TMA warpgroup's registers; the compute warpgroups get the rest
+_MAX_CONCURRENT_STEPS = 4    # pipeline stages: 4 x ~40 KiB + the epilogue's 32 KiB fit the 227 KiB of SMEM
+
+
+def supports(n: int, k: int, block_m: int) -> str | None:
+  """None when the kernel covers an [*, K] x [E, N, K] product with M-tiles of block_m; else why not."""
+  if block_m != BLOCK_M:
+    return f"block_m must be {BLOCK_M}, got {block_m}"
+  if n % CTA_N:
+    return f"N must be a multiple of {CTA_N}, got {n}"
+  if k % SCALE_BLOCK:
+    return f"K must be a multiple of {SCALE_BLOCK}, got {k}"
+  return None
+
+
+def _interpret_params(interpret):
+  if interpret is True:
+    return plgpu.InterpretGPUParams()
+  return interpret or None
+
+
+def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, interpret=False):
+  """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 out.
+
+  Args:
+    tile_expert: [num_tiles] int32: each M-tile's local expert (E_local for tiles of no expert).
+    a: [num_tiles * BLOCK_M, K] float8_e4m3fn, rows sorted by expert (padding rows any finite value).
+    a_scale: [K/128, num_tiles * BLOCK_M] float32 (1 x 128 blocks, the public transposed layout).
+    w: [E_local, N, K] float8_e4m3fn; w_scale: [E_local, N/128, K/128] float32 (128 x 128 blocks).
+    interpret: True runs Mosaic GPU's interpret mode (CPU).
+
+  Returns:
+    [num_tiles * BLOCK_M, N] float32. Rows of tiles of no expert are left unwritten.
+  """
+  num_rows, k = a.shape
+  num_local, n, k_w = w.shape
+  num_tiles = tile_expert.shape[0]
+  if k != k_w:
+    raise ValueError(f"a has K={k} but w has K={k_w}")
+  if num_rows != num_tiles * BLOCK_M:
+    raise ValueError(f"a has {num_rows} rows, expected num_tiles * {BLOCK_M} = {num_tiles * BLOCK_M}")
+  if (why := supports(n, k, BLOCK_M)) is not None:
+    raise ValueError(why)
+  if a_scale.shape != (k // SCALE_BLOCK, num_rows) or w_scale.shape != (num_local, n // SCALE_BLOCK,
+                                                                         k // SCALE_BLOCK):
+    raise ValueError(f"scale shapes {a_scale.shape} and {w_scale.shape} do not match a {a.shape} and w {w.shape}")
+  k_steps = k // SCALE_BLOCK
+  # The weight scales as [E, K/128, N/128 padded to 32]: one 128-byte row per K step through the pipeline.
+  scale_cols = -(-(n // SCALE_BLOCK) // 32) * 32
+  w_scale_rows = jnp.pad(jnp.swapaxes(w_scale, 1, 2), ((0, 0), (0, 0), (0, scale_cols - n // SCALE_BLOCK)))
+
+  fp8_swizzle = plgpu.find_swizzle(SCALE_BLOCK * 8)  # 128 FP8 values a row: 128 bytes
+  fp8_transforms = (plgpu.TilingTransform((8, fp8_swizzle)), plgpu.SwizzleTransform(fp8_swizzle))
+  out_swizzle = plgpu.find_swizzle(_EPILOGUE_N * 32)
+  out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
+
+  def kernel(tile_expert_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem, out_smem):
+    mi = lax.axis_index("m")
+    ni = lax.axis_index("n")
+    wg = lax.axis_index("wg")
+    expert = tile_expert_gmem[mi]
+
+    def compute_context(eval_pipeline):
+      zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
+      acc = eval_pipeline(zero)
+      for e in range(SCALE_BLOCK // _EPILOGUE_N):
+        out_smem[wg] = acc[:, e * _EPILOGUE_N:(e + 1) * _EPILOGUE_N]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            out_smem.at[wg],
+            out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M),
+                        pl.ds(ni * CTA_N + wg * SCALE_BLOCK + e * _EPILOGUE_N, _EPILOGUE_N)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def step(_, a_smem, w_smem, a_scale_smem, w_scale_smem, carry):
+      # The scale loads first, so that their latency overlaps the wgmma.
+      row_scale = plgpu.load(a_scale_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
+      factor = lax.broadcast_in_dim(row_scale * w_scale_smem[0, ni * 2 + wg], (BLOCK_M, SCALE_BLOCK), [0])
+
+      def product(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)].transpose((1, 0)))
+        return acc_ref[...]
+
+      # A fresh accumulator every K step (zero-initialised: the wgmma runs with scale-d = 0).
+      return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
+
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=(k_steps,),
+        memory_registers=_PRODUCER_REGISTERS,
+        in_specs=[
+            plgpu.BlockSpec((BLOCK_M, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
+            plgpu.BlockSpec((CTA_N, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
+            plgpu.BlockSpec((1, BLOCK_M), lambda kb: (kb, 0)),
+            plgpu.BlockSpec((1, scale_cols), lambda kb: (kb, 0)),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=min(_MAX_CONCURRENT_STEPS, k_steps),
+        compute_context=compute_context,
+    )
+
+    @pl.when(expert < num_local)
+    def _():
+      pipeline(a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
+               w_gmem.at[expert, pl.ds(ni * CTA_N, CTA_N)],
+               a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
+               w_scale_gmem.at[expert])
+
+  call = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((num_rows, n), jnp.float32),
+      scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), jnp.float32, transforms=out_transforms)],
+      grid=(num_tiles, n // CTA_N),
+      grid_names=("m", "n"),
+      num_threads=3,
+      thread_name="wg",
+      interpret=_interpret_params(interpret),
+  )
+  return call(tile_expert, a, a_scale, w, w_scale_rows)

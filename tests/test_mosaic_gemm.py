@@ -1,0 +1,173 @@
+"""The Mosaic GPU grouped GEMM (kernels/mosaic_gemm.py) and the layer built on it (`MoETiling.mosaic_gemms`).
+
+On CPU the kernel runs in Mosaic GPU's interpret mode, on the H200 compiled (the `interpret` fixture); both
+against float64 references. Bounds: interpret mode multiplies FP8 values exactly in float32 (rel-L2 ~1e-7;
+1e-5 used); on the GPU the FP8 wgmma accumulates each 128-long K step in reduced precision (~2^-14 per
+addition, rel-L2 ~1e-4 measured by experiments/mosaic_fp8_probe.py; 1e-3 used).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_pallas as mp
+from moe_pallas import testing
+from moe_pallas.kernels import grouped_gemm, grouped_moe, tiling
+from moe_pallas.kernels import mosaic_gemm
+from moe_pallas.kernels.schedule import make_tile_schedule
+from moe_pallas.testing import oracle_moe
+
+FP8_BOUND = 3.5e-2  # SPEC.md: SwiGLU output re-quantized to FP8 before GEMM2
+MOSAIC_TILES = tiling.MoETiling(tiling.GemmTiling(block_m=64, block_n=128), tiling.GemmTiling(block_m=64, block_n=128),
+                                mosaic_gemms=True)
+
+
+def _fp8(rng, shape):
+  return jnp.asarray(np.clip(rng.standard_normal(shape), -2, 2), jnp.float8_e4m3fn)
+
+
+def _reference(tile_expert, a, a_scale, w, w_scale) -> np.ndarray:
+  """float64: each used M-tile's block-scaled product with its expert's weights; NaN rows for unused tiles."""
+  a64, w64 = np.asarray(a, np.float64), np.asarray(w, np.float64)
+  sa, sw = np.asarray(a_scale, np.float64), np.asarray(w_scale, np.float64)
+  num_local, n, k = w64.shape
+  out = np.full((a64.shape[0], n), np.nan)
+  for tile, expert in enumerate(np.asarray(tile_expert)):
+    if expert >= num_local:
+      continue
+    rows = slice(tile * mosaic_gemm.BLOCK_M, (tile + 1) * mosaic_gemm.BLOCK_M)
+    acc = np.zeros((mosaic_gemm.BLOCK_M, n))
+    for kb in range(k // 128):
+      ks = slice(kb * 128, (kb + 1) * 128)
+      acc += (a64[rows, ks] @ w64[expert, :, ks].T) * sa[kb, rows][:, None] * np.repeat(sw[expert, :, kb], 128)
+    out[rows] = acc
+  return out
+
+
+@pytest.mark.parametrize("n,k,tile_expert", [
+    (256, 256, [2, 0, 2, 3]),        # experts out of order, one repeated, one tile of no expert (3 = E)
+    (512, 384, [1, 3, 3]),           # two CTA columns, three K steps, trailing unused tiles
+    (256, 128, [0]),                 # one K step
+])
+def test_grouped_gemm_matches_float64(rng, n, k, tile_expert, interpret):
+  num_local, tile_expert = 3, jnp.asarray(tile_expert, jnp.int32)
+  rows = tile_expert.shape[0] * mosaic_gemm.BLOCK_M
+  a, w = _fp8(rng, (rows, k)), _fp8(rng, (num_local, n, k))
+  a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, rows)), jnp.float32)
+  w_scale = jnp.asarray(rng.standard_normal((num_local, n // 128, k // 128)), jnp.float32)  # signed, as SPEC allows
+  got = np.asarray(jax.jit(lambda *x: mosaic_gemm.grouped_fp8_gemm(*x, interpret=interpret))(
+      tile_expert, a, a_scale, w, w_scale), np.float64)
+  want = _reference(tile_expert, a.astype(jnp.float32), a_scale, w.astype(jnp.float32), w_scale)
+  used = ~np.isnan(want[:, 0])
+  err = np.linalg.norm(got[used] - want[used]) / np.linalg.norm(want[used])
+  print(f"n={n} k={k} tiles={list(np.asarray(tile_expert))}: rel-L2 {err:.2e}")
+  assert err < (1e-5 if interpret else 1e-3)
+
+
+def test_unused_experts_are_never_read(rng, interpret):
+  """NaN weights and scales in every expert no tile uses leave the used tiles' products finite."""
+  num_local, n, k = 4, 256, 256
+  tile_expert = jnp.asarray([1, 1, 4], jnp.int32)
+  rows = 3 * mosaic_gemm.BLOCK_M
+  a = _fp8(rng, (rows, k))
+  a_scale = jnp.ones((k // 128, rows), jnp.float32)
+  unused = (jnp.arange(num_local) != 1)[:, None, None]
+  w = jnp.where(unused, jnp.asarray(jnp.nan, jnp.float8_e4m3fn), _fp8(rng, (num_local, n, k)))
+  w_scale = jnp.where(unused, jnp.nan, jnp.ones((num_local, n // 128, k // 128), jnp.float32))
+  got = np.asarray(mosaic_gemm.grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, interpret=interpret))
+  assert np.isfinite(got[:2 * mosaic_gemm.BLOCK_M]).all()
+
+
+def test_rejects_shapes_it_does_not_cover():
+  a = jnp.zeros((64, 256), jnp.float8_e4m3fn)
+  scales = lambda n: (jnp.ones((2, 64)), jnp.ones((1, n // 128, 2)))
+  with pytest.raises(ValueError, match="N must be a multiple of 256"):
+    mosaic_gemm.grouped_fp8_gemm(jnp.zeros((1,), jnp.int32), a, scales(128)[0], jnp.zeros((1, 128, 256), a.dtype),
+                                 scales(128)[1])
+  with pytest.raises(ValueError, match="expected num_tiles"):
+    mosaic_gemm.grouped_fp8_gemm(jnp.zeros((2,), jnp.int32), a, scales(256)[0], jnp.zeros((1, 256, 256), a.dtype),
+                                 scales(256)[1])
+  with pytest.raises(ValueError, match="mosaic_gemms needs block_m=64"):
+    tiling.MoETiling(tiling.GemmTiling(block_m=16), tiling.GemmTiling(block_m=16), mosaic_gemms=True)
+
+
+def test_gather_rows_copies_the_rows_of_used_tiles(rng, interpret):
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 40, seed=int(rng.integers(2**31)), local_expert_offset=8)
+  ids, weights = mp.route(inputs.routing_logits, inputs.routing_bias, config=config, routed_scaling_factor=2.5)
+  plan = mp.plan_local(ids, weights, local_expert_offset=8, num_local_experts=config.num_local_experts)
+  sched = make_tile_schedule(plan, block_m=mosaic_gemm.BLOCK_M)
+  rows, rows_scale = grouped_gemm.gather_rows(sched.tile_expert, sched.row_token, inputs.hidden_states,
+                                              inputs.hidden_states_scale, block_m=mosaic_gemm.BLOCK_M,
+                                              num_local_experts=config.num_local_experts, interpret=interpret)
+  used = np.repeat(np.asarray(sched.tile_expert) < config.num_local_experts, mosaic_gemm.BLOCK_M)
+  assert used.any()
+  tokens = np.asarray(sched.row_token)[used]
+  np.testing.assert_array_equal(np.asarray(rows.astype(jnp.float32))[used],
+                                np.asarray(inputs.hidden_states.astype(jnp.float32))[tokens])
+  np.testing.assert_array_equal(np.asarray(rows_scale)[:, used], np.asarray(inputs.hidden_states_scale)[:, tokens])
+
+
+@pytest.mark.parametrize("num_tokens,scenario,offset", [(3, "uniform", 8), (50, "skewed", 8), (300, "all_local", 16),
+                                                        (64, "no_local", 8)])
+def test_layer_with_mosaic_gemms_matches_oracle(seed, num_tokens, scenario, offset, interpret):
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, num_tokens, seed=seed, scenario=scenario, local_expert_offset=offset)
+  out = jax.jit(lambda *x: grouped_moe.moe_layer_triton(*x, config=config, interpret=interpret, tiling=MOSAIC_TILES))(
+      *inputs, offset, 2.5)
+  ref = oracle_moe(*inputs, local_expert_offset=offset, routed_scaling_factor=2.5, top_k=config.top_k,
+                   n_group=config.n_group, topk_group=config.topk_group)
+  assert out.shape == (num_tokens, config.hidden) and out.dtype == jnp.bfloat16
+  metrics = testing.acceptance_metrics(out, ref)
+  print(f"T={num_tokens} {scenario}: matched {metrics['matched_ratio']:.4f}, rel_l2 {metrics['rel_l2']:.2e}")
+  no_local = ~np.asarray(ref).any(axis=1)
+  assert (np.asarray(out, np.float32)[no_local] == 0).all()  # tokens with no local expert: exact zeros
+  if no_local.all():
+    return
+  assert metrics["passed"], metrics
+  assert metrics["rel_l2"] < FP8_BOUND, metrics
+
+
+def test_mosaic_and_triton_gemms_agree(seed, interpret):
+  """Same schedule, same FP8 quant of the SwiGLU output: the two backends differ only in float32 summation
+  order (and, compiled, the wgmma's reduced-precision accumulation within a K step)."""
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 120, seed=seed, scenario="skewed", local_expert_offset=8)
+  run = lambda tiles: np.asarray(grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, interpret=interpret,
+                                                              tiling=tiles, out_dtype=jnp.float32))
+  triton = run(TRITON_TILES)
+  mosaic = run(MOSAIC_TILES)
+  # A row whose SwiGLU output lands near an FP8 rounding boundary can round the other way: compare in L2.
+  assert np.linalg.norm(mosaic - triton) / np.linalg.norm(triton) < 1e-2
+
+
+def test_default_tiling_picks_mosaic_where_it_runs():
+  h200 = lambda t, **kw: tiling.default_tiling(t, 8, 32, device_kind="NVIDIA H200", hidden=7168, **kw)
+  assert h200(14107).mosaic_gemms and h200(4096).mosaic_gemms
+  assert not h200(901).mosaic_gemms and not h200(1).mosaic_gemms
+  assert not h200(14107, mosaic_gemms=False).mosaic_gemms
+  assert not tiling.default_tiling(14107, 8, 32, device_kind="NVIDIA H100 80GB HBM3").mosaic_gemms
+
+
+TRITON_TILES = tiling.MoETiling(tiling.GemmTiling(block_m=64, block_n=128), tiling.GemmTiling(block_m=64, block_n=128))
+
+
+def _table_picking_mosaic(*args, mosaic_gemms=None, **kwargs):
+  """A tiling table that picks the Mosaic GEMMs (as the H200's does at large T)."""
+  return TRITON_TILES if mosaic_gemms is False else MOSAIC_TILES
+
+
+def test_bf16_intermediate_uses_the_triton_gemms(seed, monkeypatch, interpret):
+  """The Mosaic GEMM2 takes FP8 rows only: with a bf16 intermediate the default falls back to the table's
+  Triton GEMMs, and an explicit Mosaic tiling is refused with the reason."""
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 8, seed=seed, local_expert_offset=8)
+  run = lambda **kw: np.asarray(grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, interpret=interpret,
+                                                             intermediate_dtype=jnp.bfloat16, **kw), np.float32)
+  monkeypatch.setattr(grouped_moe, "default_tiling", _table_picking_mosaic)
+  np.testing.assert_array_equal(run(), run(tiling=TRITON_TILES))
+  with pytest.raises(ValueError, match="FP8 intermediate only"):
+    run(tiling=MOSAIC_TILES)
