@@ -66,8 +66,16 @@ def split_k_variants():
       _variant(16, (128, 8, 4), (128, 128, 4, 3, 4), split_k=4)]
 
 
+def mosaic_variant():
+  """Both GEMMs as the Mosaic GPU kernel (64-row tiles; GEMM1's quant block 128), the H200 combine."""
+  from moe_pallas.kernels.tiling import CombineTiling, MoETiling
+  return ("mosaic", MoETiling(gemm1=_gemm(64, 128, 128, 8, 3), gemm2=_gemm(64, 128, 128, 4, 3),
+                              combine=CombineTiling(8, 256), mosaic_gemms=True), False, None)
+
+
 def small_t_variants(base):
   return [
+      mosaic_variant(),
       ("default_xlaroute", base, False, False),
       _variant(16, (128, 8, 3), (64, 128, 4, 3)),
       _variant(16, (128, 4, 4), (64, 128, 4, 4)),
@@ -79,7 +87,7 @@ def small_t_variants(base):
 
 
 def large_t_variants(base, num_tokens):
-  out = [_with_combine(base, "default_c16x512", 16, 512), _with_combine(base, "default_c16x256", 16, 256),
+  out = [mosaic_variant(), _with_combine(base, "default_c16x512", 16, 512), _with_combine(base, "default_c16x256", 16, 256),
          _variant(64, (128, 4, 3), (64, 128, 4, 3)), _variant(32, (128, 4, 3), (64, 128, 4, 3)),
          _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3)),
          # L2 reuse of a weight tile across M-tiles (group_m) and a deeper pipeline, at the default tiles.

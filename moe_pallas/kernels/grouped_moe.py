@@ -55,14 +55,14 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
                                               hidden_states_scale, block_m=tiling.block_m,
                                               num_local_experts=num_local, interpret=interpret)
   gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
-                                         interpret=interpret)
+                                         name="moe_gemm1_mosaic", interpret=interpret)
   swiglu, swiglu_scale = grouped_gemm.swiglu_of_partials(schedule.tile_expert, gate_up, num_local_experts=num_local,
                                                          tiling=tiling.gemm1, interpret=interpret)
   # Each row's routing weight joins its activation scales: a per-row factor of every K step, so GEMM2's
   # output rows come out weighted, as the Triton GEMM2's do. (Rows of unused tiles hold no values.)
   row_scale = swiglu_scale * schedule.row_weight[None, :]
   weighted_rows = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, swiglu, row_scale, gemm2_weights,
-                                               gemm2_weights_scale, interpret=interpret)
+                                               gemm2_weights_scale, name="moe_gemm2_mosaic", interpret=interpret)
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, interpret=interpret)
 

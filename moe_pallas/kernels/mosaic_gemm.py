@@ -61,7 +61,7 @@ def _interpret_params(interpret):
   return interpret or None
 
 
-def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, interpret=False):
+def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, name: str = "moe_gemm_mosaic", interpret=False):
   """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 out.
 
   Args:
@@ -69,6 +69,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, interpret=False):
     a: [num_tiles * BLOCK_M, K] float8_e4m3fn, rows sorted by expert (padding rows any finite value).
     a_scale: [K/128, num_tiles * BLOCK_M] float32 (1 x 128 blocks, the public transposed layout).
     w: [E_local, N, K] float8_e4m3fn; w_scale: [E_local, N/128, K/128] float32 (128 x 128 blocks).
+    name: the kernel's name (what profiles show).
     interpret: True runs Mosaic GPU's interpret mode (CPU).
 
   Returns:
@@ -149,6 +150,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, interpret=False):
                a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
                w_scale_gmem.at[expert])
 
+  kernel.__name__ = name  # plgpu.kernel names the kernel after its body
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((num_rows, n), jnp.float32),
