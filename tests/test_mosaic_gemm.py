@@ -146,8 +146,8 @@ def test_mosaic_and_triton_gemms_agree(seed, interpret):
 
 def test_default_tiling_picks_mosaic_where_it_runs():
   h200 = lambda t, **kw: tiling.default_tiling(t, 8, 32, device_kind="NVIDIA H200", hidden=7168, **kw)
-  assert h200(14107).mosaic_gemms and h200(4096).mosaic_gemms
-  assert not h200(901).mosaic_gemms and not h200(1).mosaic_gemms
+  assert h200(14107).mosaic_gemms and h200(4096).mosaic_gemms and h200(901).mosaic_gemms
+  assert not h200(80).mosaic_gemms and not h200(1).mosaic_gemms and not h200(512).mosaic_gemms
   assert not h200(14107, mosaic_gemms=False).mosaic_gemms
   assert not tiling.default_tiling(14107, 8, 32, device_kind="NVIDIA H100 80GB HBM3").mosaic_gemms
 

@@ -160,15 +160,17 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # M-tile groups of 32 (2026-11-30, h200_2026-11-30/tune3_tiles.jsonl): the sum of GEMM1 + GEMM2 +
     # combine at T=11948 1759 -> 1709 us, at T=14107 2307 -> 2256 (group_m 16: 1724, 2263).
     tiles = dataclasses.replace(tiles, gemm1=dataclasses.replace(tiles.gemm1, group_m=32),
-                                gemm2=dataclasses.replace(tiles.gemm2, group_m=32),
-                                mosaic_gemms=_H200_MOSAIC_ABOVE_512_ROWS)
+                                gemm2=dataclasses.replace(tiles.gemm2, group_m=32))
+  if rows_per_expert > _H200_MOSAIC_ABOVE_ROWS:
+    # Both GEMMs as the Mosaic GPU kernel (2026-11-30, h200_2026-11-30_s4/tune4_tiles.jsonl, kernel sums
+    # against the Triton tiles): T=901 480.5 -> 401.1 us, T=901 all_local 1330.0 -> 1019.3, T=11948
+    # 1798.1 -> 1688.4, T=14107 2357.1 -> 2188.8 (GEMM1 1436 -> 1029). At T=80 (20 rows per expert by
+    # this count) the Triton GEMMs stay: 164.8 against 191.9. The boundary between (T=512) is not measured.
+    tiles = dataclasses.replace(tiles, mosaic_gemms=True)
   return tiles
 
 
-# Both GEMMs as the Mosaic GPU kernel above 512 rows per expert (T > 2048 at DeepSeek-V3's shape), where
-# they are compute-bound: the kernel ran a dense 4096x4096x7168 block-scaled GEMM at 989 TFLOP/s on the
-# H200 against ~550-600 for the Triton GEMM1 in the layer (results/h200_2026-11-30_s4/mosaic.txt).
-_H200_MOSAIC_ABOVE_512_ROWS = True
+_H200_MOSAIC_ABOVE_ROWS = 128  # rows per expert (T * top_k / E_local): T > 512 at DeepSeek-V3's shape
 
 
 # device_kind substring -> tiles measured there. Other GPUs get the H100's (the first measured).
