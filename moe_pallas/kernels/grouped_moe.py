@@ -7,8 +7,8 @@ kernel of `mosaic_gemm` instead: rows gathered -> GEMM1 [rows, 2I] float32 -> Sw
 GEMM2 (routing weight folded into its row scales) -> combine. Two entries:
 
 - `moe_layer_triton`: the whole layer from the router logits. Up to `fused_routing.MAX_FUSED_PAIRS`
-  picks (T <= 1024 at DeepSeek-V3's top-8), routing + plan + schedule run as three small Pallas kernels
-  (six Pallas kernels per call in all); above, as XLA's routing and sort-based plan (~40 small kernels,
+  picks (T <= 16384 at DeepSeek-V3's top-8), routing + plan + schedule run as three small Pallas kernels
+  (six to eight kernels per call in all); above, as XLA's routing and sort-based plan (~40 small kernels,
   a small share of a large call).
 - `apply_local_experts_triton`: from a RoutingPlan (the public `apply_local_experts`, used by sharded
   callers that route once for all ranks).
