@@ -73,6 +73,13 @@ def mosaic_variant():
                               combine=CombineTiling(8, 256), mosaic_gemms=True), False, None)
 
 
+def mosaic_fused_variant():
+  """The Mosaic GEMMs with SwiGLU + quant in GEMM1's epilogue (`MoETiling.mosaic_fused_swiglu`)."""
+  import dataclasses
+  name, tiles, bf16, fused = mosaic_variant()
+  return "mosaic_fused", dataclasses.replace(tiles, mosaic_fused_swiglu=True), bf16, fused
+
+
 def small_t_variants(base):
   return [
       mosaic_variant(),
@@ -87,7 +94,8 @@ def small_t_variants(base):
 
 
 def large_t_variants(base, num_tokens):
-  out = [mosaic_variant(), _with_combine(base, "default_c16x512", 16, 512), _with_combine(base, "default_c16x256", 16, 256),
+  out = [mosaic_variant(), mosaic_fused_variant(), _with_combine(base, "default_c16x512", 16, 512),
+         _with_combine(base, "default_c16x256", 16, 256),
          _variant(64, (128, 4, 3), (64, 128, 4, 3)), _variant(32, (128, 4, 3), (64, 128, 4, 3)),
          _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3)),
          # L2 reuse of a weight tile across M-tiles (group_m) and a deeper pipeline, at the default tiles.

@@ -116,6 +116,14 @@ def test_large_calls_on_the_h200_run_the_mosaic_gemms(num_tokens):
       "moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
 
 
+def test_fused_swiglu_epilogue_lowers():
+  """`mosaic_fused_swiglu`: no SwiGLU kernel of its own, GEMM1's epilogue does it (lowered for cuda)."""
+  tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,
+                                                    device_kind="NVIDIA H200"), mosaic_fused_swiglu=True)
+  kernels = _lowered_kernels(14107, "NVIDIA H200", tiles=tiles)
+  assert kernels == ROUTING_KERNELS + ["moe_gather_rows", MOSAIC_GEMM, MOSAIC_GEMM, "moe_combine"]
+
+
 def test_large_calls_route_with_xla():
   num_tokens = fused_routing.MAX_FUSED_PAIRS // mp.DEEPSEEK_V3.top_k + 1  # the first T above the fused limit
   kernels = _lowered_kernels(num_tokens, "NVIDIA H200")

@@ -8,6 +8,8 @@ addition, rel-L2 ~1e-4 measured by experiments/mosaic_fp8_probe.py; 1e-3 used).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,7 @@ from moe_pallas.testing import oracle_moe
 FP8_BOUND = 3.5e-2  # SPEC.md: SwiGLU output re-quantized to FP8 before GEMM2
 MOSAIC_TILES = tiling.MoETiling(tiling.GemmTiling(block_m=64, block_n=128), tiling.GemmTiling(block_m=64, block_n=128),
                                 mosaic_gemms=True)
+TRITON_TILES = tiling.MoETiling(tiling.GemmTiling(block_m=64, block_n=128), tiling.GemmTiling(block_m=64, block_n=128))
 
 
 def _fp8(rng, shape):
@@ -92,6 +95,34 @@ def test_rejects_shapes_it_does_not_cover():
                                  scales(256)[1])
   with pytest.raises(ValueError, match="mosaic_gemms needs block_m=64"):
     tiling.MoETiling(tiling.GemmTiling(block_m=16), tiling.GemmTiling(block_m=16), mosaic_gemms=True)
+  with pytest.raises(ValueError, match="mosaic_fused_swiglu is an option of mosaic_gemms=True"):
+    tiling.MoETiling(mosaic_fused_swiglu=True)
+
+
+def test_fused_swiglu_epilogue_equals_the_separate_kernels(rng, interpret):
+  """GEMM1 with SwiGLU + quant in its epilogue against GEMM1 to float32 then `swiglu_of_partials`: the same
+  products and promotion, so in interpret mode the same bits; compiled, the two SwiGLUs' exp may differ in
+  the last bit, which can flip an FP8 rounding."""
+  num_local, intermediate, k = 3, 256, 384
+  tile_expert = jnp.asarray([2, 0, 3, 2], jnp.int32)
+  rows = tile_expert.shape[0] * mosaic_gemm.BLOCK_M
+  a, w13 = _fp8(rng, (rows, k)), _fp8(rng, (num_local, 2 * intermediate, k))
+  a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, rows)), jnp.float32)
+  w13_scale = jnp.asarray(rng.standard_normal((num_local, 2 * intermediate // 128, k // 128)), jnp.float32)
+  fused, fused_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale,
+                                                           interpret=interpret)
+  gate_up = mosaic_gemm.grouped_fp8_gemm(tile_expert, a, a_scale, w13, w13_scale, interpret=interpret)
+  split, split_scale = grouped_gemm.swiglu_of_partials(tile_expert, gate_up, num_local_experts=num_local,
+                                                       tiling=TRITON_TILES.gemm1, interpret=interpret)
+  used = np.repeat(np.asarray(tile_expert) < num_local, mosaic_gemm.BLOCK_M)
+  values = lambda v, s: (np.asarray(v.astype(jnp.float32))[used].reshape(used.sum(), -1, 128)
+                         * np.asarray(s)[:, used].T[:, :, None])
+  got, want = values(fused, fused_scale), values(split, split_scale)
+  assert np.isfinite(want).all() and np.abs(want).max() > 0
+  if interpret:
+    np.testing.assert_array_equal(got, want)
+  else:
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 
 
 def test_gather_rows_copies_the_rows_of_used_tiles(rng, interpret):
@@ -131,6 +162,19 @@ def test_layer_with_mosaic_gemms_matches_oracle(seed, num_tokens, scenario, offs
   assert metrics["rel_l2"] < FP8_BOUND, metrics
 
 
+@pytest.mark.parametrize("num_tokens,scenario", [(50, "skewed"), (300, "all_local")])
+def test_layer_with_the_fused_swiglu_epilogue_matches_oracle(seed, num_tokens, scenario, interpret):
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, num_tokens, seed=seed, scenario=scenario, local_expert_offset=8)
+  tiles = dataclasses.replace(MOSAIC_TILES, mosaic_fused_swiglu=True)
+  out = grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, interpret=interpret, tiling=tiles)
+  ref = oracle_moe(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, top_k=config.top_k,
+                   n_group=config.n_group, topk_group=config.topk_group)
+  metrics = testing.acceptance_metrics(out, ref)
+  print(f"T={num_tokens} {scenario}: matched {metrics['matched_ratio']:.4f}, rel_l2 {metrics['rel_l2']:.2e}")
+  assert metrics["passed"] and metrics["rel_l2"] < FP8_BOUND, metrics
+
+
 def test_mosaic_and_triton_gemms_agree(seed, interpret):
   """Same schedule, same FP8 quant of the SwiGLU output: the two backends differ only in float32 summation
   order (and, compiled, the wgmma's reduced-precision accumulation within a K step)."""
@@ -150,9 +194,6 @@ def test_default_tiling_picks_mosaic_where_it_runs():
   assert not h200(80).mosaic_gemms and not h200(1).mosaic_gemms and not h200(512).mosaic_gemms
   assert not h200(14107, mosaic_gemms=False).mosaic_gemms
   assert not tiling.default_tiling(14107, 8, 32, device_kind="NVIDIA H100 80GB HBM3").mosaic_gemms
-
-
-TRITON_TILES = tiling.MoETiling(tiling.GemmTiling(block_m=64, block_n=128), tiling.GemmTiling(block_m=64, block_n=128))
 
 
 def _table_picking_mosaic(*args, mosaic_gemms=None, **kwargs):

@@ -49,15 +49,21 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
                     gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
                     poison=None):
   """`tiling.mosaic_gemms`: gather -> Mosaic GEMM1 [rows, 2I] float32 -> SwiGLU + quant -> Mosaic GEMM2 ->
-  combine. The TMA-fed GEMM reads whole row tiles, so the rows are gathered first (tiles in use only)."""
+  combine (with `mosaic_fused_swiglu`: GEMM1 with SwiGLU + quant in its epilogue). The TMA-fed GEMM reads
+  whole row tiles, so the rows are gathered first (tiles in use only)."""
   num_local = gemm1_weights.shape[0]
   rows, rows_scale = grouped_gemm.gather_rows(schedule.tile_expert, schedule.row_token, hidden_states,
                                               hidden_states_scale, block_m=tiling.block_m,
                                               num_local_experts=num_local, interpret=interpret)
-  gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
-                                         name="moe_gemm1_mosaic", interpret=interpret)
-  swiglu, swiglu_scale = grouped_gemm.swiglu_of_partials(schedule.tile_expert, gate_up, num_local_experts=num_local,
-                                                         tiling=tiling.gemm1, interpret=interpret)
+  if tiling.mosaic_fused_swiglu:
+    swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(schedule.tile_expert, rows, rows_scale, gemm1_weights,
+                                                               gemm1_weights_scale, interpret=interpret)
+  else:
+    gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
+                                           name="moe_gemm1_mosaic", interpret=interpret)
+    swiglu, swiglu_scale = grouped_gemm.swiglu_of_partials(schedule.tile_expert, gate_up,
+                                                           num_local_experts=num_local, tiling=tiling.gemm1,
+                                                           interpret=interpret)
   # Each row's routing weight joins its activation scales: a per-row factor of every K step, so GEMM2's
   # output rows come out weighted, as the Triton GEMM2's do. (Rows of unused tiles hold no values.)
   row_scale = swiglu_scale * schedule.row_weight[None, :]

@@ -36,6 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from moe_pallas.config import SCALE_BLOCK
+# The fused epilogue quantizes as quant.quantize_blockwise does (amax / 448, amax floor), so both agree.
+from moe_pallas.quant import AMAX_FLOOR as _AMAX_FLOOR, FP8_MAX as _FP8_MAX
 
 BLOCK_M = 64                 # rows per M-tile: one wgmma M of 64 per compute warpgroup
 CTA_N = 2 * SCALE_BLOCK      # two compute warpgroups of 128 columns (one weight-scale block each)
@@ -162,3 +164,127 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, name: str = "moe_ge
       interpret=_interpret_params(interpret),
   )
   return call(tile_expert, a, a_scale, w, w_scale_rows)
+
+
+def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, name: str = "moe_gemm1_swiglu_mosaic",
+                            interpret=False):
+  """GEMM1 with SwiGLU and the FP8 quant in its epilogue (prepared; the H200 table does not pick it yet).
+
+  The CTA of M-tile i and column block j computes the up columns j*128.. (compute warpgroup 0) and the gate
+  columns I + j*128.. (warpgroup 1) of `a @ w13[e].T` with the same promotion as `grouped_fp8_gemm`; the
+  gate warpgroup passes silu(gate) to the up warpgroup through SMEM, which forms silu(gate) * up, its
+  per-row amax over the 128 columns, and writes the FP8 values and their 1 x 128 scales, as
+  `grouped_gemm.swiglu_of_partials` does from float32 partials (no [rows, 2I] float32 round trip).
+
+  Args:
+    tile_expert, a, a_scale: as `grouped_fp8_gemm`.
+    w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
+
+  Returns:
+    (values [rows, I] float8_e4m3fn, scales [I/128, rows] float32). Rows of tiles of no expert unwritten.
+  """
+  num_rows, k = a.shape
+  num_local, two_i, k_w = w13.shape
+  intermediate = two_i // 2
+  num_tiles = tile_expert.shape[0]
+  if k != k_w or num_rows != num_tiles * BLOCK_M or intermediate % SCALE_BLOCK or k % SCALE_BLOCK:
+    raise ValueError(f"grouped_fp8_gemm_swiglu: a {a.shape} ({num_tiles} tiles of {BLOCK_M} rows) and w13 "
+                     f"{w13.shape} need equal K, rows = tiles * {BLOCK_M} and I, K multiples of {SCALE_BLOCK}")
+  if a_scale.shape != (k // SCALE_BLOCK, num_rows) or w13_scale.shape != (num_local, two_i // SCALE_BLOCK,
+                                                                           k // SCALE_BLOCK):
+    raise ValueError(f"scale shapes {a_scale.shape} and {w13_scale.shape} do not match a {a.shape} and w13 "
+                     f"{w13.shape}")
+  k_steps = k // SCALE_BLOCK
+  i_blocks = intermediate // SCALE_BLOCK
+  scale_cols = -(-(two_i // SCALE_BLOCK) // 32) * 32
+  w_scale_rows = jnp.pad(jnp.swapaxes(w13_scale, 1, 2), ((0, 0), (0, 0), (0, scale_cols - two_i // SCALE_BLOCK)))
+
+  fp8_swizzle = plgpu.find_swizzle(SCALE_BLOCK * 8)
+  fp8_transforms = (plgpu.TilingTransform((8, fp8_swizzle)), plgpu.SwizzleTransform(fp8_swizzle))
+
+  def kernel(tile_expert_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem, out_scale_gmem,
+             gate_smem, out_smem, scale_smem, exchange):
+    mi = lax.axis_index("m")
+    ni = lax.axis_index("n")
+    wg = lax.axis_index("wg")  # 0: up columns, 1: gate columns
+    expert = tile_expert_gmem[mi]
+
+    def compute_context(eval_pipeline):
+      zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
+      acc = eval_pipeline(zero)
+
+      @pl.when(wg == 1)
+      def _():
+        # x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, never inf * 0 = NaN.
+        gate_smem[...] = acc / (1.0 + jnp.exp(-acc))
+
+      plgpu.barrier_arrive(exchange)
+      plgpu.barrier_wait(exchange)
+
+      @pl.when(wg == 0)
+      def _():
+        swiglu = plgpu.load(gate_smem, layout=plgpu.Layout.WGMMA) * acc  # silu on the SECOND half
+        scale = jnp.maximum(jnp.max(jnp.abs(swiglu), axis=1), _AMAX_FLOOR) / _FP8_MAX
+        clipped = jnp.clip(swiglu / lax.broadcast_in_dim(scale, swiglu.shape, [0]), -_FP8_MAX, _FP8_MAX)
+        clipped = jnp.where(swiglu != swiglu, swiglu, clipped)  # a NaN product stays NaN (min/max drop it)
+        out_smem[...] = clipped.astype(out_smem.dtype)
+        scale_smem[...] = scale
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * SCALE_BLOCK, SCALE_BLOCK)])
+        plgpu.copy_smem_to_gmem(scale_smem, out_scale_gmem.at[ni, pl.ds(mi * BLOCK_M, BLOCK_M)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def step(_, a_smem, up_smem, gate_w_smem, a_scale_smem, w_scale_smem, carry):
+      row_scale = plgpu.load(a_scale_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
+      factor = lax.broadcast_in_dim(row_scale * w_scale_smem[0, wg * i_blocks + ni], (BLOCK_M, SCALE_BLOCK), [0])
+
+      def product(acc_ref):
+        # Each warpgroup multiplies by its own half's tile (one TMA box of up and gate together would need
+        # more than the 5 strided dimensions an async copy allows).
+        for half, w_smem in enumerate((up_smem, gate_w_smem)):
+          pl.when(wg == half)(lambda w_smem=w_smem: plgpu.wgmma(acc_ref, a_smem, w_smem.transpose((1, 0))))
+        return acc_ref[...]
+
+      return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
+
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=(k_steps,),
+        memory_registers=_PRODUCER_REGISTERS,
+        in_specs=[
+            plgpu.BlockSpec((BLOCK_M, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
+            plgpu.BlockSpec((SCALE_BLOCK, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
+            plgpu.BlockSpec((SCALE_BLOCK, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
+            plgpu.BlockSpec((1, BLOCK_M), lambda kb: (kb, 0)),
+            plgpu.BlockSpec((1, scale_cols), lambda kb: (kb, 0)),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=min(_MAX_CONCURRENT_STEPS, k_steps),
+        compute_context=compute_context,
+    )
+
+    @pl.when(expert < num_local)
+    def _():
+      pipeline(a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
+               w_gmem.at[expert, pl.ds(ni * SCALE_BLOCK, SCALE_BLOCK)],
+               w_gmem.at[expert, pl.ds(intermediate + ni * SCALE_BLOCK, SCALE_BLOCK)],
+               a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
+               w_scale_gmem.at[expert])
+
+  kernel.__name__ = name
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((num_rows, intermediate), jnp.float8_e4m3fn),
+                jax.ShapeDtypeStruct((i_blocks, num_rows), jnp.float32)),
+      scratch_types=[plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float32),
+                     plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float8_e4m3fn, transforms=fp8_transforms),
+                     plgpu.SMEM((BLOCK_M,), jnp.float32),
+                     plgpu.Barrier(num_arrivals=2)],
+      grid=(num_tiles, i_blocks),
+      grid_names=("m", "n"),
+      num_threads=3,
+      thread_name="wg",
+      interpret=_interpret_params(interpret),
+  )
+  return call(tile_expert, a, a_scale, w13, w_scale_rows)

@@ -74,6 +74,8 @@ class MoETiling:
   `mosaic_gemms`: both GEMMs as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the
   rows gathered first and GEMM1's SwiGLU + quant as a kernel of its own; `gemm1`/`gemm2` then give only
   block_m (`mosaic_gemm.BLOCK_M`) and GEMM1's quant block (block_n = 128), their launch fields unused.
+  `mosaic_fused_swiglu` (with `mosaic_gemms`): SwiGLU + quant in the Mosaic GEMM1's epilogue instead
+  (`mosaic_gemm.grouped_fp8_gemm_swiglu`; prepared, not yet measured on a GPU, so no table picks it).
   """
 
   gemm1: GemmTiling = GemmTiling()
@@ -82,8 +84,11 @@ class MoETiling:
   gemm1_busy: GemmTiling | None = None
   busy_min_tiles: int = 0
   mosaic_gemms: bool = False
+  mosaic_fused_swiglu: bool = False
 
   def __post_init__(self):
+    if self.mosaic_fused_swiglu and not self.mosaic_gemms:
+      raise ValueError("mosaic_fused_swiglu is an option of mosaic_gemms=True")
     if self.mosaic_gemms:
       from moe_pallas.kernels import mosaic_gemm  # Mosaic GPU imports: only where asked for
       blocks = (self.gemm1.block_m, self.gemm1.block_n, self.gemm1.split_k, self.gemm2.split_k)
