@@ -63,6 +63,57 @@ def _interpret_params(interpret):
   return interpret or None
 
 
+def _fp8_transforms():
+  swizzle = plgpu.find_swizzle(SCALE_BLOCK * 8)  # 128 FP8 values a row: 128 bytes
+  return plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle)
+
+
+def _weight_scale_rows(w_scale):
+  """[E, N/128, K/128] -> [E, K/128, C] with C = N/128 padded to 32 float32: one 128-byte row per K step
+  through the pipeline (TMA writes SMEM at 128-byte alignment; a 16-byte row put the second stage off)."""
+  scale_cols = -(-w_scale.shape[1] // 32) * 32
+  return jnp.pad(jnp.swapaxes(w_scale, 1, 2), ((0, 0), (0, 0), (0, scale_cols - w_scale.shape[1])))
+
+
+def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma):
+  """One K step of a compute warpgroup: `issue_wgmma(acc_ref)` into a fresh accumulator (zero-initialised:
+  the wgmma runs with scale-d = 0), read back, and added to the float32 carry times the step's scales."""
+  # The scale loads first, so that their latency overlaps the wgmma.
+  row_scale = plgpu.load(a_scale_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
+  factor = lax.broadcast_in_dim(row_scale * weight_scale, (BLOCK_M, SCALE_BLOCK), [0])
+
+  def product(acc_ref):
+    issue_wgmma(acc_ref)
+    return acc_ref[...]
+
+  return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
+
+
+def _run_tile_pipeline(step, compute_context, *, runs, k_steps, a_tile, weight_tiles, a_scale_tile,
+                       weight_scale_rows):
+  """The warp-specialized K pipeline of one CTA, if `runs` (a tile of an expert): per K step the activation
+  tile, each weight tile (rows x 128), the activation scales and the weight-scale row go to SMEM by TMA,
+  and `step(_, a, *weights, a_scale, weight_scale_row, carry)` runs on each compute warpgroup."""
+  fp8 = _fp8_transforms()
+  pipeline = plgpu.emit_pipeline_warp_specialized(
+      step,
+      grid=(k_steps,),
+      memory_registers=_PRODUCER_REGISTERS,
+      in_specs=[
+          plgpu.BlockSpec((BLOCK_M, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8),
+          *[plgpu.BlockSpec((tile.shape[0], SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8)
+            for tile in weight_tiles],
+          plgpu.BlockSpec((1, BLOCK_M), lambda kb: (kb, 0)),
+          plgpu.BlockSpec((1, weight_scale_rows.shape[1]), lambda kb: (kb, 0)),
+      ],
+      wg_axis="wg",
+      num_compute_wgs=2,
+      max_concurrent_steps=min(_MAX_CONCURRENT_STEPS, k_steps),
+      compute_context=compute_context,
+  )
+  pl.when(runs)(lambda: pipeline(a_tile, *weight_tiles, a_scale_tile, weight_scale_rows))
+
+
 def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, name: str = "moe_gemm_mosaic", interpret=False):
   """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 out.
 
@@ -90,19 +141,14 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, name: str = "moe_ge
                                                                          k // SCALE_BLOCK):
     raise ValueError(f"scale shapes {a_scale.shape} and {w_scale.shape} do not match a {a.shape} and w {w.shape}")
   k_steps = k // SCALE_BLOCK
-  # The weight scales as [E, K/128, N/128 padded to 32]: one 128-byte row per K step through the pipeline.
-  scale_cols = -(-(n // SCALE_BLOCK) // 32) * 32
-  w_scale_rows = jnp.pad(jnp.swapaxes(w_scale, 1, 2), ((0, 0), (0, 0), (0, scale_cols - n // SCALE_BLOCK)))
-
-  fp8_swizzle = plgpu.find_swizzle(SCALE_BLOCK * 8)  # 128 FP8 values a row: 128 bytes
-  fp8_transforms = (plgpu.TilingTransform((8, fp8_swizzle)), plgpu.SwizzleTransform(fp8_swizzle))
+  w_scale_rows = _weight_scale_rows(w_scale)
   out_swizzle = plgpu.find_swizzle(_EPILOGUE_N * 32)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
 
   def kernel(tile_expert_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem, out_smem):
     mi = lax.axis_index("m")
     ni = lax.axis_index("n")
-    wg = lax.axis_index("wg")
+    wg = lax.axis_index("wg")  # compute warpgroup g: columns g*128 .. of the CTA's 256
     expert = tile_expert_gmem[mi]
 
     def compute_context(eval_pipeline):
@@ -118,39 +164,15 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, name: str = "moe_ge
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def step(_, a_smem, w_smem, a_scale_smem, w_scale_smem, carry):
-      # The scale loads first, so that their latency overlaps the wgmma.
-      row_scale = plgpu.load(a_scale_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
-      factor = lax.broadcast_in_dim(row_scale * w_scale_smem[0, ni * 2 + wg], (BLOCK_M, SCALE_BLOCK), [0])
+      w_tile = w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)].transpose((1, 0))
+      return _promoted_k_step(carry, a_scale_smem, w_scale_smem[0, ni * 2 + wg],
+                              lambda acc_ref: plgpu.wgmma(acc_ref, a_smem, w_tile))
 
-      def product(acc_ref):
-        plgpu.wgmma(acc_ref, a_smem, w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)].transpose((1, 0)))
-        return acc_ref[...]
-
-      # A fresh accumulator every K step (zero-initialised: the wgmma runs with scale-d = 0).
-      return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
-
-    pipeline = plgpu.emit_pipeline_warp_specialized(
-        step,
-        grid=(k_steps,),
-        memory_registers=_PRODUCER_REGISTERS,
-        in_specs=[
-            plgpu.BlockSpec((BLOCK_M, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
-            plgpu.BlockSpec((CTA_N, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
-            plgpu.BlockSpec((1, BLOCK_M), lambda kb: (kb, 0)),
-            plgpu.BlockSpec((1, scale_cols), lambda kb: (kb, 0)),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=2,
-        max_concurrent_steps=min(_MAX_CONCURRENT_STEPS, k_steps),
-        compute_context=compute_context,
-    )
-
-    @pl.when(expert < num_local)
-    def _():
-      pipeline(a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
-               w_gmem.at[expert, pl.ds(ni * CTA_N, CTA_N)],
-               a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
-               w_scale_gmem.at[expert])
+    _run_tile_pipeline(step, compute_context, runs=expert < num_local, k_steps=k_steps,
+                       a_tile=a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
+                       weight_tiles=[w_gmem.at[expert, pl.ds(ni * CTA_N, CTA_N)]],
+                       a_scale_tile=a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
+                       weight_scale_rows=w_scale_gmem.at[expert])
 
   kernel.__name__ = name  # plgpu.kernel names the kernel after its body
   call = plgpu.kernel(
@@ -196,11 +218,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, name: st
                      f"{w13.shape}")
   k_steps = k // SCALE_BLOCK
   i_blocks = intermediate // SCALE_BLOCK
-  scale_cols = -(-(two_i // SCALE_BLOCK) // 32) * 32
-  w_scale_rows = jnp.pad(jnp.swapaxes(w13_scale, 1, 2), ((0, 0), (0, 0), (0, scale_cols - two_i // SCALE_BLOCK)))
-
-  fp8_swizzle = plgpu.find_swizzle(SCALE_BLOCK * 8)
-  fp8_transforms = (plgpu.TilingTransform((8, fp8_swizzle)), plgpu.SwizzleTransform(fp8_swizzle))
+  w_scale_rows = _weight_scale_rows(w13_scale)
 
   def kernel(tile_expert_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem, out_scale_gmem,
              gate_smem, out_smem, scale_smem, exchange):
@@ -230,47 +248,26 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, name: st
         out_smem[...] = clipped.astype(out_smem.dtype)
         scale_smem[...] = scale
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * SCALE_BLOCK, SCALE_BLOCK)])
+        plgpu.copy_smem_to_gmem(out_smem,
+                                out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * SCALE_BLOCK, SCALE_BLOCK)])
         plgpu.copy_smem_to_gmem(scale_smem, out_scale_gmem.at[ni, pl.ds(mi * BLOCK_M, BLOCK_M)])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def step(_, a_smem, up_smem, gate_w_smem, a_scale_smem, w_scale_smem, carry):
-      row_scale = plgpu.load(a_scale_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
-      factor = lax.broadcast_in_dim(row_scale * w_scale_smem[0, wg * i_blocks + ni], (BLOCK_M, SCALE_BLOCK), [0])
-
-      def product(acc_ref):
+      def issue_wgmma(acc_ref):
         # Each warpgroup multiplies by its own half's tile (one TMA box of up and gate together would need
         # more than the 5 strided dimensions an async copy allows).
         for half, w_smem in enumerate((up_smem, gate_w_smem)):
           pl.when(wg == half)(lambda w_smem=w_smem: plgpu.wgmma(acc_ref, a_smem, w_smem.transpose((1, 0))))
-        return acc_ref[...]
 
-      return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
+      return _promoted_k_step(carry, a_scale_smem, w_scale_smem[0, wg * i_blocks + ni], issue_wgmma)
 
-    pipeline = plgpu.emit_pipeline_warp_specialized(
-        step,
-        grid=(k_steps,),
-        memory_registers=_PRODUCER_REGISTERS,
-        in_specs=[
-            plgpu.BlockSpec((BLOCK_M, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
-            plgpu.BlockSpec((SCALE_BLOCK, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
-            plgpu.BlockSpec((SCALE_BLOCK, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8_transforms),
-            plgpu.BlockSpec((1, BLOCK_M), lambda kb: (kb, 0)),
-            plgpu.BlockSpec((1, scale_cols), lambda kb: (kb, 0)),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=2,
-        max_concurrent_steps=min(_MAX_CONCURRENT_STEPS, k_steps),
-        compute_context=compute_context,
-    )
-
-    @pl.when(expert < num_local)
-    def _():
-      pipeline(a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
-               w_gmem.at[expert, pl.ds(ni * SCALE_BLOCK, SCALE_BLOCK)],
-               w_gmem.at[expert, pl.ds(intermediate + ni * SCALE_BLOCK, SCALE_BLOCK)],
-               a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
-               w_scale_gmem.at[expert])
+    _run_tile_pipeline(step, compute_context, runs=expert < num_local, k_steps=k_steps,
+                       a_tile=a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
+                       weight_tiles=[w_gmem.at[expert, pl.ds(half * intermediate + ni * SCALE_BLOCK, SCALE_BLOCK)]
+                                     for half in (0, 1)],
+                       a_scale_tile=a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
+                       weight_scale_rows=w_scale_gmem.at[expert])
 
   kernel.__name__ = name
   call = plgpu.kernel(
@@ -278,7 +275,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, name: st
       out_type=(jax.ShapeDtypeStruct((num_rows, intermediate), jnp.float8_e4m3fn),
                 jax.ShapeDtypeStruct((i_blocks, num_rows), jnp.float32)),
       scratch_types=[plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float32),
-                     plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float8_e4m3fn, transforms=fp8_transforms),
+                     plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float8_e4m3fn, transforms=_fp8_transforms()),
                      plgpu.SMEM((BLOCK_M,), jnp.float32),
                      plgpu.Barrier(num_arrivals=2)],
       grid=(num_tiles, i_blocks),
