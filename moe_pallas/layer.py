@@ -215,14 +215,12 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
       routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale,
       gemm2_weights, gemm2_weights_scale, local_expert_offset=local_expert_offset,
       routed_scaling_factor=routed_scaling_factor, config=config, implementation=implementation,
-      interpret=interpret, intermediate_dtype=intermediate_dtype)
+      interpret=interpret, intermediate_dtype=intermediate_dtype, check_finite=check_finite)
   num_tokens = routing_logits.shape[0]
   if num_tokens == 0:
     return jnp.zeros((0, checked.config.hidden), jnp.bfloat16)
   experts = LocalExperts.from_arrays(gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale)
   # The scalars go in as they came and are converted inside the program: a conversion here would be a
   # device program of its own per call, launched ahead of the layer's.
-  if not isinstance(check_finite, bool):
-    raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
   return _moe_layer_program(routing_logits, routing_bias, hidden_states, hidden_states_scale, experts,
                             local_expert_offset, routed_scaling_factor, checked=checked, check_finite=check_finite)

@@ -171,8 +171,10 @@ def resolve_config(config, *, num_experts, hidden, intermediate, num_local_exper
 def check_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
                 gemm1_weights_scale, gemm2_weights, gemm2_weights_scale, *, local_expert_offset,
                 routed_scaling_factor, config, implementation, interpret, intermediate_dtype,
-                out_dtype=jnp.bfloat16) -> Checked:
-  """`moe_layer`'s gate: ranks, shapes, dtypes, (when concrete) scalar values, implementation."""
+                out_dtype=jnp.bfloat16, check_finite: bool = False) -> Checked:
+  """`moe_layer`'s gate: ranks, shapes, dtypes, (when concrete) scalar values, implementation, flags."""
+  if not isinstance(check_finite, bool):
+    raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
   _check_config_type(config, optional=True)
   _check_config_block(config)
   _expect_rank("routing_logits", routing_logits, 2, "[T, E]")
