@@ -98,6 +98,15 @@ def _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, *, i, j, tiling, qu
     out_ref[rows, cols] = swiglu.astype(out_ref.dtype)
 
 
+def _swiglu_out_shape(num_rows: int, intermediate: int, block_n: int, out_dtype) -> list[jax.ShapeDtypeStruct]:
+  """The SwiGLU output: values [rows, I], and with an FP8 out_dtype one scale per (row, block_n columns)
+  as [I/block_n, rows] (GEMM2 reads it with K steps of block_n)."""
+  out_shape = [jax.ShapeDtypeStruct((num_rows, intermediate), out_dtype)]
+  if jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE):
+    out_shape.append(jax.ShapeDtypeStruct((intermediate // block_n, num_rows), jnp.float32))
+  return out_shape
+
+
 def _gemm1_swiglu_kernel(*refs, num_m_tiles, num_n_tiles, num_k_steps, intermediate, num_local_experts, tiling,
                          quantize_output, used_tiles_range, num_aliased):
   tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *rest = refs
@@ -139,8 +148,8 @@ def _gemm1_partial_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_
     partial_ref[rows, pl.ds(pl.multiple_of(base + intermediate + j * bn, bn), bn)] = acc_gate
 
 
-def _split_k_swiglu_kernel(tile_expert_ref, partial_ref, out_ref, *out_scale_refs, num_n_tiles, intermediate,
-                           num_local_experts, tiling, quantize_output):
+def _swiglu_of_partials_kernel(tile_expert_ref, partial_ref, out_ref, *out_scale_refs, num_n_tiles, intermediate,
+                               num_local_experts, tiling, quantize_output):
   # Sums the split-K partials in a fixed order (split 0, 1, ...: bit-identical repeats, no atomics),
   # then the same SwiGLU + quant epilogue as the unsplit kernel.
   pid = pl.program_id(0)
@@ -194,10 +203,6 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
                      f"{tiling.block_k}")
   num_n_tiles = intermediate // tiling.block_n
   quantize_output = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
-  out_shape = [jax.ShapeDtypeStruct((num_rows, intermediate), out_dtype)]
-  if quantize_output:
-    # One scale per (row, block_n columns): GEMM2 reads it with K steps of block_n.
-    out_shape.append(jax.ShapeDtypeStruct((intermediate // tiling.block_n, num_rows), jnp.float32))
   num_k_steps = hidden // tiling.block_k
   if num_k_steps % tiling.split_k:
     raise ValueError(f"tiling.split_k must divide the {num_k_steps} K steps of H={hidden}, got {tiling.split_k}")
@@ -227,7 +232,8 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
       num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=num_local,
       tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases))
   outs = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, interpret=interpret, input_output_aliases=aliases,
+      kernel, out_shape=_swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype), grid=grid,
+      interpret=interpret, input_output_aliases=aliases,
       name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16", compiler_params=params,
   )(*operands, *extra)
   return (outs[0], outs[1]) if quantize_output else (outs[0], None)
@@ -246,15 +252,12 @@ def swiglu_of_partials(tile_expert, partials, *, num_local_experts: int, tiling:
                      f"{num_m_tiles} tiles of {tiling.block_m} rows and split_k={tiling.split_k}")
   num_n_tiles = intermediate // tiling.block_n
   quantize_output = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
-  out_shape = [jax.ShapeDtypeStruct((num_rows, intermediate), out_dtype)]
-  if quantize_output:
-    out_shape.append(jax.ShapeDtypeStruct((num_n_tiles, num_rows), jnp.float32))
   kernel = functools.partial(
-      _split_k_swiglu_kernel, num_n_tiles=num_n_tiles, intermediate=intermediate,
+      _swiglu_of_partials_kernel, num_n_tiles=num_n_tiles, intermediate=intermediate,
       num_local_experts=num_local_experts, tiling=tiling, quantize_output=quantize_output)
   outs = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
-      name=f"{name}_fp8" if quantize_output else f"{name}_bf16",
+      kernel, out_shape=_swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype),
+      grid=(num_m_tiles * num_n_tiles,), interpret=interpret, name=f"{name}_fp8" if quantize_output else f"{name}_bf16",
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
   )(tile_expert, partials)
   return (outs[0], outs[1]) if quantize_output else (outs[0], None)
@@ -281,7 +284,7 @@ def gather_rows(tile_expert, row_token, a, a_scale, *, block_m: int, num_local_e
   rows in its loads; the schedule's rows are sized for the worst case, of which few are used at large T).
   Rows of tiles of no expert are left unwritten."""
   num_rows = row_token.shape[0]
-  num_tokens, hidden = a.shape
+  hidden = a.shape[1]
   num_m_tiles = tile_expert.shape[0]
   if num_rows != num_m_tiles * block_m:
     raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = {num_m_tiles * block_m}")
