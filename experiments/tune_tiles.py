@@ -70,14 +70,14 @@ def mosaic_variant():
   """Both GEMMs as the Mosaic GPU kernel (64-row tiles; GEMM1's quant block 128), the H200 combine."""
   from moe_pallas.kernels.tiling import CombineTiling, MoETiling
   return ("mosaic", MoETiling(gemm1=_gemm(64, 128, 128, 8, 3), gemm2=_gemm(64, 128, 128, 4, 3),
-                              combine=CombineTiling(8, 256), mosaic_gemms=True), False, None)
+                              combine=CombineTiling(8, 256), gemm_kernels="mosaic"), False, None)
 
 
 def mosaic_fused_variant():
-  """The Mosaic GEMMs with SwiGLU + quant in GEMM1's epilogue (`MoETiling.mosaic_fused_swiglu`)."""
+  """The Mosaic GEMMs with SwiGLU + quant in GEMM1's epilogue (`gemm_kernels="mosaic_fused_swiglu"`)."""
   import dataclasses
   name, tiles, bf16, fused = mosaic_variant()
-  return "mosaic_fused", dataclasses.replace(tiles, mosaic_fused_swiglu=True), bf16, fused
+  return "mosaic_fused", dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu"), bf16, fused
 
 
 def small_t_variants(base):

@@ -58,7 +58,7 @@ def _lowered_kernels(num_tokens, device_kind, **kwargs):
 def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
   kernels = _lowered_kernels(num_tokens, device_kind)
   tiles = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind=device_kind)
-  if tiles.mosaic_gemms:  # the H200 at T=901
+  if tiles.mosaic:  # the H200 at T=901
     assert kernels == ROUTING_KERNELS + MOSAIC_EXPERTS
     return
   gemm1 = (["moe_gemm1_split_k", "moe_gemm1_split_k_swiglu_fp8"] if tiles.gemm1.split_k > 1 else
@@ -107,19 +107,19 @@ def test_fused_routing_lowers_past_one_layout_tile():
 def test_large_calls_on_the_h200_run_the_mosaic_gemms(num_tokens):
   """Above 128 rows per expert (T > 512) the H200 table picks the Mosaic GPU GEMMs (wgmma + TMA): the rows gathered,
   GEMM1, SwiGLU + quant, GEMM2, combine; lowered for cuda, the module holds FP8 wgmma."""
-  assert tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200").mosaic_gemms
+  assert tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200").mosaic
   assert _lowered_kernels(num_tokens, "NVIDIA H200") == ROUTING_KERNELS + MOSAIC_EXPERTS
   assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in _lowered_text(num_tokens, "NVIDIA H200")
-  triton_tiles = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200",
-                                       mosaic_gemms=False)
+  triton_tiles = dataclasses.replace(tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts,
+                                                          device_kind="NVIDIA H200"), gemm_kernels="triton")
   assert _lowered_kernels(num_tokens, "NVIDIA H200", tiles=triton_tiles) == ROUTING_KERNELS + [
       "moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
 
 
 def test_fused_swiglu_epilogue_lowers():
-  """`mosaic_fused_swiglu`: no SwiGLU kernel of its own, GEMM1's epilogue does it (lowered for cuda)."""
+  """gemm_kernels="mosaic_fused_swiglu": no SwiGLU kernel of its own, GEMM1's epilogue does it (lowered for cuda)."""
   tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,
-                                                    device_kind="NVIDIA H200"), mosaic_fused_swiglu=True)
+                                                    device_kind="NVIDIA H200"), gemm_kernels="mosaic_fused_swiglu")
   kernels = _lowered_kernels(14107, "NVIDIA H200", tiles=tiles)
   assert kernels == ROUTING_KERNELS + ["moe_gather_rows", MOSAIC_GEMM, MOSAIC_GEMM, "moe_combine"]
 

@@ -1,4 +1,4 @@
-"""The Mosaic GPU grouped GEMM (kernels/mosaic_gemm.py) and the layer built on it (`MoETiling.mosaic_gemms`).
+"""The Mosaic GPU grouped GEMM (kernels/mosaic_gemm.py) and the layer built on it (`MoETiling.gemm_kernels`).
 
 On CPU the kernel runs in Mosaic GPU's interpret mode, on the H200 compiled (the `interpret` fixture); both
 against float64 references. Bounds: interpret mode multiplies FP8 values exactly in float32 (rel-L2 ~1e-7;
@@ -24,7 +24,7 @@ from moe_pallas.testing import oracle_moe
 
 FP8_BOUND = 3.5e-2  # SPEC.md: SwiGLU output re-quantized to FP8 before GEMM2
 MOSAIC_TILES = tiling.MoETiling(tiling.GemmTiling(block_m=64, block_n=128), tiling.GemmTiling(block_m=64, block_n=128),
-                                mosaic_gemms=True)
+                                gemm_kernels="mosaic")
 TRITON_TILES = tiling.MoETiling(tiling.GemmTiling(block_m=64, block_n=128), tiling.GemmTiling(block_m=64, block_n=128))
 
 
@@ -93,10 +93,10 @@ def test_rejects_shapes_it_does_not_cover():
   with pytest.raises(ValueError, match="expected num_tiles"):
     mosaic_gemm.grouped_fp8_gemm(jnp.zeros((2,), jnp.int32), a, scales(256)[0], jnp.zeros((1, 256, 256), a.dtype),
                                  scales(256)[1])
-  with pytest.raises(ValueError, match="mosaic_gemms needs block_m=64"):
-    tiling.MoETiling(tiling.GemmTiling(block_m=16), tiling.GemmTiling(block_m=16), mosaic_gemms=True)
-  with pytest.raises(ValueError, match="mosaic_fused_swiglu is an option of mosaic_gemms=True"):
-    tiling.MoETiling(mosaic_fused_swiglu=True)
+  with pytest.raises(ValueError, match="gemm_kernels='mosaic' needs block_m=64"):
+    tiling.MoETiling(tiling.GemmTiling(block_m=16), tiling.GemmTiling(block_m=16), gemm_kernels="mosaic")
+  with pytest.raises(ValueError, match="gemm_kernels must be one of"):
+    tiling.MoETiling(gemm_kernels="cutlass")
 
 
 def test_fused_swiglu_epilogue_equals_the_separate_kernels(rng, interpret):
@@ -166,7 +166,7 @@ def test_layer_with_mosaic_gemms_matches_oracle(seed, num_tokens, scenario, offs
 def test_layer_with_the_fused_swiglu_epilogue_matches_oracle(seed, num_tokens, scenario, interpret):
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, num_tokens, seed=seed, scenario=scenario, local_expert_offset=8)
-  tiles = dataclasses.replace(MOSAIC_TILES, mosaic_fused_swiglu=True)
+  tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels="mosaic_fused_swiglu")
   out = grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, interpret=interpret, tiling=tiles)
   ref = oracle_moe(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, top_k=config.top_k,
                    n_group=config.n_group, topk_group=config.topk_group)
@@ -190,15 +190,14 @@ def test_mosaic_and_triton_gemms_agree(seed, interpret):
 
 def test_default_tiling_picks_mosaic_where_it_runs():
   h200 = lambda t, **kw: tiling.default_tiling(t, 8, 32, device_kind="NVIDIA H200", hidden=7168, **kw)
-  assert h200(14107).mosaic_gemms and h200(4096).mosaic_gemms and h200(901).mosaic_gemms
-  assert not h200(80).mosaic_gemms and not h200(1).mosaic_gemms and not h200(512).mosaic_gemms
-  assert not h200(14107, mosaic_gemms=False).mosaic_gemms
-  assert not tiling.default_tiling(14107, 8, 32, device_kind="NVIDIA H100 80GB HBM3").mosaic_gemms
+  assert h200(14107).mosaic and h200(4096).mosaic and h200(901).mosaic
+  assert not h200(80).mosaic and not h200(1).mosaic and not h200(512).mosaic
+  assert not tiling.default_tiling(14107, 8, 32, device_kind="NVIDIA H100 80GB HBM3").mosaic
 
 
-def _table_picking_mosaic(*args, mosaic_gemms=None, **kwargs):
+def _table_picking_mosaic(*args, **kwargs):
   """A tiling table that picks the Mosaic GEMMs (as the H200's does at large T)."""
-  return TRITON_TILES if mosaic_gemms is False else MOSAIC_TILES
+  return MOSAIC_TILES
 
 
 def test_bf16_intermediate_uses_the_triton_gemms(seed, monkeypatch, interpret):

@@ -2,7 +2,7 @@
 
 tile schedule -> GEMM1 (rows gathered in its loads) + SwiGLU + FP8 quant -> GEMM2 x routing weight ->
 combine (each token's rows summed in float32, rounded once). All of it traces into the caller's jitted
-program. Where the tiling says `mosaic_gemms` (the H200's table at large T), both GEMMs are the Mosaic GPU
+program. Where the tiling's `gemm_kernels` says Mosaic (the H200's table at large T), both GEMMs are the Mosaic GPU
 kernel of `mosaic_gemm` instead: rows gathered -> GEMM1 [rows, 2I] float32 -> SwiGLU + FP8 quant ->
 GEMM2 (routing weight folded into its row scales) -> combine. Two entries:
 
@@ -15,6 +15,8 @@ GEMM2 (routing weight folded into its row scales) -> combine. Two entries:
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 
@@ -30,10 +32,10 @@ def _tiling_for(tiling, num_tokens, top_k, num_local, hidden, intermediate, inte
   why_not_mosaic = _why_not_mosaic(hidden, intermediate, quantized)
   if tiling is None:
     tiling = default_tiling(num_tokens, top_k, num_local, hidden=hidden)
-    if tiling.mosaic_gemms and why_not_mosaic:  # the table's choice where the Mosaic kernels cannot run
-      tiling = default_tiling(num_tokens, top_k, num_local, hidden=hidden, mosaic_gemms=False)
-  elif tiling.mosaic_gemms and why_not_mosaic:
-    raise ValueError(f"tiling.mosaic_gemms: {why_not_mosaic}")
+    if tiling.mosaic and why_not_mosaic:  # the table's choice where the Mosaic kernels cannot run
+      tiling = dataclasses.replace(tiling, gemm_kernels="triton")
+  elif tiling.mosaic and why_not_mosaic:
+    raise ValueError(f"tiling.gemm_kernels={tiling.gemm_kernels!r}: {why_not_mosaic}")
   tiling.check_intermediate(quantized)
   return tiling
 
@@ -48,14 +50,14 @@ def _why_not_mosaic(hidden: int, intermediate: int, quantized: bool) -> str | No
 def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                     gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
                     poison=None):
-  """`tiling.mosaic_gemms`: gather -> Mosaic GEMM1 [rows, 2I] float32 -> SwiGLU + quant -> Mosaic GEMM2 ->
-  combine (with `mosaic_fused_swiglu`: GEMM1 with SwiGLU + quant in its epilogue). The TMA-fed GEMM reads
+  """`tiling.mosaic`: gather -> Mosaic GEMM1 [rows, 2I] float32 -> SwiGLU + quant -> Mosaic GEMM2 ->
+  combine ("mosaic_fused_swiglu": GEMM1 with SwiGLU + quant in its epilogue). The TMA-fed GEMM reads
   whole row tiles, so the rows are gathered first (tiles in use only)."""
   num_local = gemm1_weights.shape[0]
   rows, rows_scale = grouped_gemm.gather_rows(schedule.tile_expert, schedule.row_token, hidden_states,
                                               hidden_states_scale, block_m=tiling.block_m,
                                               num_local_experts=num_local, interpret=interpret)
-  if tiling.mosaic_fused_swiglu:
+  if tiling.gemm_kernels == "mosaic_fused_swiglu":
     swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(schedule.tile_expert, rows, rows_scale, gemm1_weights,
                                                                gemm1_weights_scale, interpret=interpret)
   else:
@@ -76,7 +78,7 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
 def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
              gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
              intermediate_dtype, poison=None):
-  if tiling.mosaic_gemms:
+  if tiling.mosaic:
     return _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                            gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
                            poison=poison)

@@ -63,6 +63,9 @@ class CombineTiling:
   num_warps: int = 4
 
 
+GEMM_KERNELS = ("triton", "mosaic", "mosaic_fused_swiglu")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoETiling:
   """Tiles of GEMM1 (+ fused SwiGLU-quant), GEMM2 and the combine; the GEMMs share block_m (one schedule).
@@ -71,11 +74,13 @@ class MoETiling:
   only on the device (it depends on how many experts the tokens picked). Both GEMM1 variants are then
   launched; each program of the one not chosen exits at once (~2 us). None: `gemm1` always.
 
-  `mosaic_gemms`: both GEMMs as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the
-  rows gathered first and GEMM1's SwiGLU + quant as a kernel of its own; `gemm1`/`gemm2` then give only
-  block_m (`mosaic_gemm.BLOCK_M`) and GEMM1's quant block (block_n = 128), their launch fields unused.
-  `mosaic_fused_swiglu` (with `mosaic_gemms`): SwiGLU + quant in the Mosaic GEMM1's epilogue instead
-  (`mosaic_gemm.grouped_fp8_gemm_swiglu`; prepared, not yet measured on a GPU, so no table picks it).
+  `gemm_kernels`: which kernels run the two GEMMs (`GEMM_KERNELS`):
+  - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
+  - "mosaic": both as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the rows gathered
+    first and GEMM1's SwiGLU + quant as a kernel of its own; `gemm1`/`gemm2` then give only block_m
+    (`mosaic_gemm.BLOCK_M`) and GEMM1's quant block (block_n = 128), their launch fields unused.
+  - "mosaic_fused_swiglu": as "mosaic", with SwiGLU + quant in the Mosaic GEMM1's epilogue
+    (`mosaic_gemm.grouped_fp8_gemm_swiglu`; prepared, not yet measured on a GPU, so no table picks it).
   """
 
   gemm1: GemmTiling = GemmTiling()
@@ -83,18 +88,17 @@ class MoETiling:
   combine: CombineTiling = CombineTiling()
   gemm1_busy: GemmTiling | None = None
   busy_min_tiles: int = 0
-  mosaic_gemms: bool = False
-  mosaic_fused_swiglu: bool = False
+  gemm_kernels: str = "triton"
 
   def __post_init__(self):
-    if self.mosaic_fused_swiglu and not self.mosaic_gemms:
-      raise ValueError("mosaic_fused_swiglu is an option of mosaic_gemms=True")
-    if self.mosaic_gemms:
+    if self.gemm_kernels not in GEMM_KERNELS:
+      raise ValueError(f"gemm_kernels must be one of {GEMM_KERNELS}, got {self.gemm_kernels!r}")
+    if self.mosaic:
       from moe_pallas.kernels import mosaic_gemm  # Mosaic GPU imports: only where asked for
       blocks = (self.gemm1.block_m, self.gemm1.block_n, self.gemm1.split_k, self.gemm2.split_k)
       if blocks != (mosaic_gemm.BLOCK_M, SCALE_BLOCK, 1, 1) or self.gemm1_busy is not None:
-        raise ValueError(f"mosaic_gemms needs block_m={mosaic_gemm.BLOCK_M}, gemm1.block_n={SCALE_BLOCK}, no "
-                         f"split-K and no gemm1_busy; got (block_m, gemm1.block_n, split_k, gemm2 split_k) = "
+        raise ValueError(f"gemm_kernels={self.gemm_kernels!r} needs block_m={mosaic_gemm.BLOCK_M}, "
+                         f"gemm1.block_n={SCALE_BLOCK}, no split-K and no gemm1_busy; got (block_m, gemm1.block_n, split_k, gemm2 split_k) = "
                          f"{blocks}, gemm1_busy={self.gemm1_busy}")
     if self.gemm1_busy is not None:
       blocks = lambda g: (g.block_m, g.block_n, g.block_k, g.split_k)
@@ -109,6 +113,11 @@ class MoETiling:
     if self.gemm1.block_k != SCALE_BLOCK:
       raise ValueError(f"gemm1.block_k must be {SCALE_BLOCK} (the activations' scale block), got "
                        f"{self.gemm1.block_k}")
+
+  @property
+  def mosaic(self) -> bool:
+    """Whether the GEMMs are the Mosaic GPU kernels."""
+    return self.gemm_kernels != "triton"
 
   @property
   def block_m(self) -> int:
@@ -171,7 +180,7 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # against the Triton tiles): T=901 480.5 -> 401.1 us, T=901 all_local 1330.0 -> 1019.3, T=11948
     # 1798.1 -> 1688.4, T=14107 2357.1 -> 2188.8 (GEMM1 1436 -> 1029). At T=80 (20 rows per expert by
     # this count) the Triton GEMMs stay: 164.8 against 191.9. The boundary between (T=512) is not measured.
-    tiles = dataclasses.replace(tiles, mosaic_gemms=True)
+    tiles = dataclasses.replace(tiles, gemm_kernels="mosaic")
   return tiles
 
 
@@ -183,7 +192,7 @@ _TILINGS_BY_DEVICE = (("H200", _h200_tiling), ("H100", _h100_tiling))
 
 
 def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_kind: str | None = None,
-                   hidden: int | None = None, mosaic_gemms: bool | None = None) -> MoETiling:
+                   hidden: int | None = None) -> MoETiling:
   """Per-shape, per-device default (T is static under jit).
 
   Few rows per expert (memory-bound): short M-tiles and narrow GEMM2 N-tiles, so that the weights of a
@@ -193,16 +202,12 @@ def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_k
     device_kind: `jax.Device.device_kind` whose measured table applies; default: the first device's.
     hidden: H; GEMM1's split_k (measured at DeepSeek-V3's 56 K steps) becomes the largest divisor of
       H/128 that does not exceed it. None: as measured.
-    mosaic_gemms: False: the Pallas-Triton GEMMs even where the table picks the Mosaic GPU ones. None: the
-      table's choice.
   """
   if device_kind is None:
     device_kind = jax.devices()[0].device_kind
   rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
   tiling_for = next((table for name, table in _TILINGS_BY_DEVICE if name in device_kind), _h100_tiling)
   tiling = tiling_for(rows_per_expert)
-  if mosaic_gemms is False and tiling.mosaic_gemms:
-    tiling = dataclasses.replace(tiling, mosaic_gemms=False)
   split_k = tiling.gemm1.split_k
   if hidden is not None and (hidden // SCALE_BLOCK) % split_k:
     split_k = max(d for d in range(1, split_k + 1) if (hidden // SCALE_BLOCK) % d == 0)
