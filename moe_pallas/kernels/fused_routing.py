@@ -11,7 +11,7 @@ sort:
    NaN poison (`routing.nan_poison`).
 2. `layout` (one program): from the blocks' counts, each expert's range of padded rows (whole block_m
    tiles), where each block's picks of each expert start in it, and tile -> expert. Up to 256 blocks in
-   one tile; more (T > 1024, only when asked for) in chunks, two passes over them.
+   one tile; more (T > 1024 at 4 tokens a block) in chunks, two passes over them.
 3. `place` (grid over blocks of tokens): each local pick's padded row = its block's start for that expert
    + its rank among the block's picks of that expert (picks in flat (token, j) order, the order of
    `plan_local`'s stable sort); writes row -> token, row -> weight and pick -> row; and the padding rows
@@ -49,7 +49,7 @@ from moe_pallas.kernels.schedule import TileSchedule, max_tiles
 # was not measured, and XLA's plan stays there.
 MAX_FUSED_PAIRS = 16384 * 8
 # `layout` sums the blocks' counts as one [blocks, E_local] tile up to this many blocks (256 at T=1024 with
-# 4 tokens a block), in chunks of it above (calls past MAX_FUSED_PAIRS that ask for the fused kernels).
+# 4 tokens a block), in chunks of it above.
 _BLOCKS_PER_CHUNK = 256
 
 _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
