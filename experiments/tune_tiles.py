@@ -82,7 +82,12 @@ def mosaic_fused_variant():
 
 def small_t_variants(base):
   return [
-      mosaic_variant(),
+      mosaic_variant(), mosaic_fused_variant(),
+      # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one
+      # program beside SMs with two; more, shorter programs even that out, for a float32 partials
+      # round trip and a SwiGLU kernel.
+      _variant(16, (128, 8, 3), (64, 128, 4, 3), split_k=2), _variant(16, (128, 4, 3), (64, 128, 4, 3), split_k=2),
+      _variant(16, (128, 4, 4), (64, 128, 4, 3), split_k=4), _variant(16, (128, 4, 4), (64, 128, 4, 3), split_k=7),
       ("default_xlaroute", base, False, False),
       _variant(16, (128, 8, 3), (64, 128, 4, 3)),
       _variant(16, (128, 4, 4), (64, 128, 4, 4)),

@@ -20,7 +20,8 @@ from moe_pallas.kernels import fused_routing, grouped_moe, tiling, triton_intern
 CONFIG = mp.DEEPSEEK_V3
 ROUTING_KERNELS = ["moe_route", "moe_layout", "moe_place"]
 MOSAIC_CALL, MOSAIC_GEMM = "mosaic_gpu_v2", "mosaic_gemm"
-MOSAIC_EXPERTS = ["moe_gather_rows", MOSAIC_GEMM, "moe_swiglu_fp8", MOSAIC_GEMM, "moe_combine"]
+# The H200 table's Mosaic path: SwiGLU + quant in GEMM1's epilogue ("mosaic_fused_swiglu"), no kernel of its own.
+MOSAIC_EXPERTS = ["moe_gather_rows", MOSAIC_GEMM, MOSAIC_GEMM, "moe_combine"]
 
 
 def _layer_shapes(num_tokens, config=CONFIG):
@@ -106,7 +107,7 @@ def test_fused_routing_lowers_past_one_layout_tile():
 @pytest.mark.parametrize("num_tokens", [901, 14107])
 def test_large_calls_on_the_h200_run_the_mosaic_gemms(num_tokens):
   """Above 128 rows per expert (T > 512) the H200 table picks the Mosaic GPU GEMMs (wgmma + TMA): the rows gathered,
-  GEMM1, SwiGLU + quant, GEMM2, combine; lowered for cuda, the module holds FP8 wgmma."""
+  GEMM1 with SwiGLU + quant in its epilogue, GEMM2, combine; lowered for cuda, the module holds FP8 wgmma."""
   assert tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200").mosaic
   assert _lowered_kernels(num_tokens, "NVIDIA H200") == ROUTING_KERNELS + MOSAIC_EXPERTS
   assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in _lowered_text(num_tokens, "NVIDIA H200")
@@ -116,12 +117,12 @@ def test_large_calls_on_the_h200_run_the_mosaic_gemms(num_tokens):
       "moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
 
 
-def test_fused_swiglu_epilogue_lowers():
-  """gemm_kernels="mosaic_fused_swiglu": no SwiGLU kernel of its own, GEMM1's epilogue does it (lowered for cuda)."""
+def test_unfused_mosaic_gemms_lower():
+  """gemm_kernels="mosaic": GEMM1's float32 output, then SwiGLU + quant as a kernel of its own (lowered for cuda)."""
   tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,
-                                                    device_kind="NVIDIA H200"), gemm_kernels="mosaic_fused_swiglu")
+                                                    device_kind="NVIDIA H200"), gemm_kernels="mosaic")
   kernels = _lowered_kernels(14107, "NVIDIA H200", tiles=tiles)
-  assert kernels == ROUTING_KERNELS + ["moe_gather_rows", MOSAIC_GEMM, MOSAIC_GEMM, "moe_combine"]
+  assert kernels == ROUTING_KERNELS + ["moe_gather_rows", MOSAIC_GEMM, "moe_swiglu_fp8", MOSAIC_GEMM, "moe_combine"]
 
 
 def test_large_calls_route_with_xla():

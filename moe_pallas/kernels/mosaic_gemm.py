@@ -190,7 +190,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, name: str = "moe_ge
 
 def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, name: str = "moe_gemm1_swiglu_mosaic",
                             interpret=False):
-  """GEMM1 with SwiGLU and the FP8 quant in its epilogue (prepared; the H200 table does not pick it yet).
+  """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
 
   The CTA of M-tile i and column block j computes the up columns j*128.. (compute warpgroup 0) and the gate
   columns I + j*128.. (warpgroup 1) of `a @ w13[e].T` with the same promotion as `grouped_fp8_gemm`; the

@@ -80,7 +80,7 @@ class MoETiling:
     first and GEMM1's SwiGLU + quant as a kernel of its own; `gemm1`/`gemm2` then give only block_m
     (`mosaic_gemm.BLOCK_M`) and GEMM1's quant block (block_n = 128), their launch fields unused.
   - "mosaic_fused_swiglu": as "mosaic", with SwiGLU + quant in the Mosaic GEMM1's epilogue
-    (`mosaic_gemm.grouped_fp8_gemm_swiglu`; prepared, not yet measured on a GPU, so no table picks it).
+    (`mosaic_gemm.grouped_fp8_gemm_swiglu`); the H200 table's choice above 128 rows per expert.
   """
 
   gemm1: GemmTiling = GemmTiling()
@@ -180,7 +180,10 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # against the Triton tiles): T=901 480.5 -> 401.1 us, T=901 all_local 1330.0 -> 1019.3, T=11948
     # 1798.1 -> 1688.4, T=14107 2357.1 -> 2188.8 (GEMM1 1436 -> 1029). At T=80 (20 rows per expert by
     # this count) the Triton GEMMs stay: 164.8 against 191.9. The boundary between (T=512) is not measured.
-    tiles = dataclasses.replace(tiles, gemm_kernels="mosaic")
+    # With SwiGLU + quant in the Mosaic GEMM1's epilogue (2026-11-30, h200_2026-11-30_s5/tune5_tiles.jsonl,
+    # kernel sums): T=901 406.8 -> 384.6 us, T=11948 1694.7 -> 1648.9, T=14107 2198.2 -> 2127.9, T=901
+    # all_local 1025.5 -> 990.1 (GEMM1 3-4 % slower, the 17-103 us SwiGLU kernel gone).
+    tiles = dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu")
   return tiles
 
 
