@@ -1,0 +1,113 @@
+"""How fast a Pallas-Triton program grid streams expert weights, by tile shape: the memory-bound GEMM's ceiling.
+
+Our GEMM1 reads the touched experts' weights at 3.4-3.7 TB/s at T=14-901 where a contiguous XLA read runs
+at 4.51 (`read_bandwidth.py`). Each K step of the GEMM loads a (block_n x 128) weight tile: 128 bytes a
+row at a 7168-byte stride. This probe streams the same [E, N, K] FP8 weights with the same loop and
+grid shape (one program per (expert, N-tile), K in steps of block_k, Triton's software pipeline of
+`num_stages`) and varies the tile, to see whether longer row segments, more warps or deeper pipelines
+read faster, with (mode "dot": a 16-row FP8 activation tile times the weight tile, as GEMM1 at small T)
+or without (mode "max": a running elementwise max, next to no arithmetic) the tensor-core work.
+
+    PYTHONPATH=. python3 experiments/stream_probe.py --experts=14 --out=stream.jsonl
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import statistics
+
+from absl import app, flags
+
+_EXPERTS = flags.DEFINE_integer("experts", 14, "Experts streamed (T=14 touches 14, T=16 8).")
+_N = flags.DEFINE_integer("n", 4096, "Weight rows per expert (GEMM1: 2I = 4096).")
+_K = flags.DEFINE_integer("k", 7168, "Weight columns (GEMM1: H = 7168).")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
+_OUT = flags.DEFINE_string("out", "", "JSONL output (optional).")
+
+
+def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, interpret=False):
+  """Reads all of w [E, N, K] in (block_n x block_k) tiles; returns a small per-program result."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as pltriton
+
+  from moe_pallas.kernels.triton_internals import dot_nt
+
+  num_experts, n, k = w.shape
+  n_tiles, k_steps = n // block_n, k // block_k
+  rows = a.shape[0]
+
+  def kernel(w_ref, a_ref, out_ref):
+    pid = pl.program_id(0)
+    expert, j = pid // n_tiles, pid % n_tiles
+    cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+
+    def step(s, carry):
+      ks = pl.ds(pl.multiple_of(s * block_k, block_k), block_k)
+      tile = w_ref[expert, cols, ks]
+      if mode == "max":
+        return jnp.maximum(carry, tile.view(jnp.uint8))
+      return carry + dot_nt(a_ref[:, ks], tile)
+
+    init = (jnp.zeros((block_n, block_k), jnp.uint8) if mode == "max"
+            else jnp.zeros((rows, block_n), jnp.float32))
+    result = jax.lax.fori_loop(0, k_steps, step, init)
+    if mode == "max":
+      out_ref[pid] = jnp.max(result.astype(jnp.float32), axis=1)
+    else:
+      out_ref[pid] = jnp.sum(result, axis=0)
+
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((num_experts * n_tiles, block_n), jnp.float32),
+      grid=(num_experts * n_tiles,), interpret=interpret, name=f"stream_{mode}",
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))(w, a)
+
+
+def variants():
+  out = []
+  for mode in ("max", "dot"):
+    for block_n, block_k in ((256, 128), (128, 128), (128, 256), (64, 512), (128, 512), (256, 256)):
+      for num_warps, num_stages in ((4, 3), (4, 4), (8, 3), (8, 5)):
+        if mode == "max" and block_n * block_k > 256 * 256:
+          continue
+        out.append(dict(mode=mode, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages))
+  return out
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+
+  from experiments.timing import GpuTimer
+
+  key = jax.random.key(0)
+  w = jax.random.bits(key, (_EXPERTS.value, _N.value, _K.value), jnp.uint8)
+  w = jax.lax.bitcast_convert_type(w & jnp.uint8(0x77), jnp.float8_e4m3fn)  # finite values only
+  a = jax.random.normal(key, (16, _K.value), jnp.float32).astype(jnp.float8_e4m3fn)
+  nbytes = w.size
+  timer = GpuTimer()
+  device = jax.devices()[0].device_kind
+  out = open(_OUT.value, "w") if _OUT.value else None
+  for v in variants():
+    try:
+      fn = jax.jit(functools.partial(stream, **v))
+      jax.block_until_ready(fn(w, a))
+      times = timer.time_calls(fn, (w, a), iters=_ITERS.value, warmup=2)
+    except Exception as err:  # one variant that does not compile must not hide the others
+      print(f"{v}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
+      continue
+    span = statistics.median(times.span_us)
+    row = dict(**v, experts=_EXPERTS.value, bytes=nbytes, span_us=round(span, 2),
+               tb_per_s=round(nbytes / span / 1e6, 3), device=device)
+    print(json.dumps(row), flush=True)
+    if out:
+      out.write(json.dumps(row) + "\n")
+      out.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
