@@ -61,10 +61,12 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
                                               num_local_experts=num_local, interpret=interpret)
   if tiling.gemm_kernels in ("mosaic_fused_swiglu", "mosaic_gemm1"):
     swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(schedule.tile_expert, rows, rows_scale, gemm1_weights,
-                                                               gemm1_weights_scale, interpret=interpret)
+                                                               gemm1_weights_scale, used_tiles=schedule.num_used_tiles,
+                                                               interpret=interpret)
   else:
     gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
-                                           name="moe_gemm1_mosaic", interpret=interpret)
+                                           used_tiles=schedule.num_used_tiles, name="moe_gemm1_mosaic",
+                                           interpret=interpret)
     swiglu, swiglu_scale = grouped_gemm.swiglu_of_partials(schedule.tile_expert, gate_up,
                                                            num_local_experts=num_local, tiling=tiling.gemm1,
                                                            interpret=interpret)
@@ -77,7 +79,8 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
     # output rows come out weighted, as the Triton GEMM2's do. (Rows of unused tiles hold no values.)
     row_scale = swiglu_scale * schedule.row_weight[None, :]
     weighted_rows = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, swiglu, row_scale, gemm2_weights,
-                                                 gemm2_weights_scale, name="moe_gemm2_mosaic", interpret=interpret)
+                                                 gemm2_weights_scale, used_tiles=schedule.num_used_tiles,
+                                                 name="moe_gemm2_mosaic", interpret=interpret)
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, interpret=interpret)
 

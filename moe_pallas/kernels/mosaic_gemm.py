@@ -11,7 +11,10 @@ Why a second backend: Pallas-Triton's FP8 block-scaled loop tops out at ~550-600
 large T (PERF.md); this structure (DeepGEMM's) measured 989 TFLOP/s as a dense 4096x4096x7168 GEMM
 (`experiments/mosaic_fp8_probe.py`, results/h200_2026-11-30_s4/mosaic.txt).
 
-Structure, per CTA (block_m rows x 256 columns; grid (M-tiles, N/256)):
+Structure: a persistent grid, one CTA per SM, each looping over work items (M-tile, 256 columns) of the
+tiles in use only (`used_tiles`, a device-side count: with uniform routing 87 % of the worst-case tiles
+are unused at T=14107, and a CTA of ~200 KB of SMEM that exits at once still held an SM for a launch),
+in groups of `_GROUP_M` M-tiles per column sweep (weight tiles shared while in L2). Per work item:
 - one TMA producer warpgroup and two compute warpgroups (`plgpu.emit_pipeline_warp_specialized`); compute
   warpgroup g owns columns g*128 .. g*128+127 of the CTA tile, both read the same activation tile.
 - the pipeline moves, per 128-wide K step: the activation tile (block_m, 128) and the weight tile
@@ -29,6 +32,8 @@ Runs compiled on Hopper (sm_90a) and in Mosaic GPU's interpret mode on CPU (how 
 from __future__ import annotations
 
 
+import functools
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -44,6 +49,9 @@ CTA_N = 2 * SCALE_BLOCK      # two compute warpgroups of 128 columns (one weight
 _EPILOGUE_N = 64             # columns per epilogue store (float32 SMEM: 2 x 64 x 64 x 4 bytes)
 _PRODUCER_REGISTERS = 40     # the TMA warpgroup's registers; the compute warpgroups get the rest
 _MAX_CONCURRENT_STEPS = 4    # pipeline stages: 4 x ~40 KiB + the epilogue's 32 KiB fit the 227 KiB of SMEM
+_GROUP_M = 8                 # M-tiles visited together per column sweep (as the Triton kernels' group_m)
+_DEFAULT_NUM_CTAS = 132      # the H100/H200 SM count, where the device does not say (lowering on a CPU host)
+_INTERPRET_NUM_CTAS = 3
 
 
 def supports(n: int, k: int, block_m: int) -> str | None:
@@ -89,32 +97,71 @@ def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma):
   return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
 
 
-def _run_tile_pipeline(step, compute_context, *, runs, k_steps, a_tile, weight_tiles, a_scale_tile,
-                       weight_scale_rows):
-  """The warp-specialized K pipeline of one CTA, if `runs` (a tile of an expert): per K step the activation
-  tile, each weight tile (rows x 128), the activation scales and the weight-scale row go to SMEM by TMA,
-  and `step(_, a, *weights, a_scale, weight_scale_row, carry)` runs on each compute warpgroup."""
+def _num_ctas(interpret) -> int:
+  """One CTA per SM of the device the kernel is traced for; in interpret mode 3, so that every CTA loops
+  over several work items (the SMEM and barrier reuse between items) at test shapes."""
+  if interpret:
+    return _INTERPRET_NUM_CTAS
+  return getattr(jax.devices()[0], "core_count", None) or _DEFAULT_NUM_CTAS
+
+
+def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_cols):
+  """The warp-specialized K pipeline of one work item: per K step the activation tile, each weight tile
+  (rows x 128), the activation scales and the weight-scale row go to SMEM by TMA, and
+  `step(_, a, *weights, a_scale, weight_scale_row, carry)` runs on each compute warpgroup."""
   fp8 = _fp8_transforms()
-  pipeline = plgpu.emit_pipeline_warp_specialized(
+  return plgpu.emit_pipeline_warp_specialized(
       step,
       grid=(k_steps,),
       memory_registers=_PRODUCER_REGISTERS,
       in_specs=[
           plgpu.BlockSpec((BLOCK_M, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8),
-          *[plgpu.BlockSpec((tile.shape[0], SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8)
-            for tile in weight_tiles],
+          *[plgpu.BlockSpec((rows, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8) for rows in weight_rows],
           plgpu.BlockSpec((1, BLOCK_M), lambda kb: (kb, 0)),
-          plgpu.BlockSpec((1, weight_scale_rows.shape[1]), lambda kb: (kb, 0)),
+          plgpu.BlockSpec((1, weight_scale_cols), lambda kb: (kb, 0)),
       ],
       wg_axis="wg",
       num_compute_wgs=2,
       max_concurrent_steps=min(_MAX_CONCURRENT_STEPS, k_steps),
       compute_context=compute_context,
   )
-  pl.when(runs)(lambda: pipeline(a_tile, *weight_tiles, a_scale_tile, weight_scale_rows))
 
 
-def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, name: str = "moe_gemm_mosaic", interpret=False):
+def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_steps, weight_rows):
+  """Decorator: runs `item(mi, ni, run_pipeline)` for every work item (M-tile mi < the device-side count of
+  used tiles, column block ni < n_blocks), spread over the persistent grid's CTAs ("sm"), in groups of
+  _GROUP_M M-tiles per column sweep. `run_pipeline(step, compute_context, runs, *tile_operands)` runs the
+  item's K pipeline (if `runs`) in SMEM allocated once for all items; `tile_operands` are one item's
+  operand views, which fix those allocations' shapes."""
+  weight_scale_cols = tile_operands[-1].shape[1]
+  ignore = lambda *_, **__: None  # the allocations do not depend on the step or the context
+  allocations = _tile_pipeline(ignore, ignore, k_steps=k_steps, weight_rows=weight_rows,
+                               weight_scale_cols=weight_scale_cols).get_allocations(*tile_operands)
+
+  def decorate(item):
+    @functools.partial(pl.run_scoped, allocations=allocations, collective_axes="wg")
+    def _(allocations):
+      used = jnp.minimum(used_tiles_gmem[0], num_tiles)
+
+      def run_pipeline(step, compute_context, runs, *operands):
+        pipeline = _tile_pipeline(step, compute_context, k_steps=k_steps, weight_rows=weight_rows,
+                                  weight_scale_cols=weight_scale_cols)
+        pl.when(runs)(lambda: pipeline(*operands, allocations=allocations))
+
+      @plgpu.nd_loop((used * n_blocks,), collective_axes="sm")
+      def _(loop_info):
+        (index,) = loop_info.index
+        per_group = _GROUP_M * n_blocks
+        first_m = index // per_group * _GROUP_M
+        group_size = jnp.minimum(used - first_m, _GROUP_M)
+        within = index % per_group
+        item(first_m + within % group_size, within // group_size, run_pipeline)
+    return item
+  return decorate
+
+
+def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, name: str = "moe_gemm_mosaic",
+                     interpret=False):
   """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 out.
 
   Args:
@@ -122,6 +169,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, name: str = "moe_ge
     a: [num_tiles * BLOCK_M, K] float8_e4m3fn, rows sorted by expert (padding rows any finite value).
     a_scale: [K/128, num_tiles * BLOCK_M] float32 (1 x 128 blocks, the public transposed layout).
     w: [E_local, N, K] float8_e4m3fn; w_scale: [E_local, N/128, K/128] float32 (128 x 128 blocks).
+    used_tiles: [] int32, the number of leading tiles that belong to an expert (the schedule's
+      `num_used_tiles`: the used tiles come first); the CTAs visit only those. None: all tiles.
     name: the kernel's name (what profiles show).
     interpret: True runs Mosaic GPU's interpret mode (CPU).
 
@@ -145,51 +194,59 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, name: str = "moe_ge
   out_swizzle = plgpu.find_swizzle(_EPILOGUE_N * 32)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
 
-  def kernel(tile_expert_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem, out_smem):
-    mi = lax.axis_index("m")
-    ni = lax.axis_index("n")
+  def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem, out_smem):
     wg = lax.axis_index("wg")  # compute warpgroup g: columns g*128 .. of the CTA's 256
-    expert = tile_expert_gmem[mi]
+    operands = lambda mi, ni, expert: (
+        a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)], w_gmem.at[expert, pl.ds(ni * CTA_N, CTA_N)],
+        a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)], w_scale_gmem.at[expert])
 
-    def compute_context(eval_pipeline):
-      zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
-      acc = eval_pipeline(zero)
-      for e in range(SCALE_BLOCK // _EPILOGUE_N):
-        out_smem[wg] = acc[:, e * _EPILOGUE_N:(e + 1) * _EPILOGUE_N]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            out_smem.at[wg],
-            out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M),
-                        pl.ds(ni * CTA_N + wg * SCALE_BLOCK + e * _EPILOGUE_N, _EPILOGUE_N)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    @_over_used_items(used_tiles_gmem, num_tiles, n // CTA_N, operands(0, 0, 0), k_steps=k_steps,
+                      weight_rows=[CTA_N])
+    def _(mi, ni, run_pipeline):
+      expert = tile_expert_gmem[mi]
 
-    def step(_, a_smem, w_smem, a_scale_smem, w_scale_smem, carry):
-      w_tile = w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)].transpose((1, 0))
-      return _promoted_k_step(carry, a_scale_smem, w_scale_smem[0, ni * 2 + wg],
-                              lambda acc_ref: plgpu.wgmma(acc_ref, a_smem, w_tile))
+      def compute_context(eval_pipeline):
+        zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
+        acc = eval_pipeline(zero)
+        for e in range(SCALE_BLOCK // _EPILOGUE_N):
+          out_smem[wg] = acc[:, e * _EPILOGUE_N:(e + 1) * _EPILOGUE_N]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(
+              out_smem.at[wg],
+              out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M),
+                          pl.ds(ni * CTA_N + wg * SCALE_BLOCK + e * _EPILOGUE_N, _EPILOGUE_N)])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    _run_tile_pipeline(step, compute_context, runs=expert < num_local, k_steps=k_steps,
-                       a_tile=a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
-                       weight_tiles=[w_gmem.at[expert, pl.ds(ni * CTA_N, CTA_N)]],
-                       a_scale_tile=a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
-                       weight_scale_rows=w_scale_gmem.at[expert])
+      def step(_, a_smem, w_smem, a_scale_smem, w_scale_smem, carry):
+        w_tile = w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)].transpose((1, 0))
+        return _promoted_k_step(carry, a_scale_smem, w_scale_smem[0, ni * 2 + wg],
+                                lambda acc_ref: plgpu.wgmma(acc_ref, a_smem, w_tile))
+
+      run_pipeline(step, compute_context, expert < num_local, *operands(mi, ni, expert))
 
   kernel.__name__ = name  # plgpu.kernel names the kernel after its body
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((num_rows, n), jnp.float32),
       scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), jnp.float32, transforms=out_transforms)],
-      grid=(num_tiles, n // CTA_N),
-      grid_names=("m", "n"),
+      grid=(_num_ctas(interpret),),
+      grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
       interpret=_interpret_params(interpret),
   )
-  return call(tile_expert, a, a_scale, w, w_scale_rows)
+  return call(tile_expert, _used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows)
 
 
-def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, name: str = "moe_gemm1_swiglu_mosaic",
-                            interpret=False):
+def _used_tiles_operand(used_tiles, num_tiles):
+  """[1] int32 count of leading tiles to visit (all of them when the caller gives none)."""
+  if used_tiles is None:
+    return jnp.full((1,), num_tiles, jnp.int32)
+  return jnp.reshape(jnp.asarray(used_tiles, jnp.int32), (1,))
+
+
+def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None,
+                            name: str = "moe_gemm1_swiglu_mosaic", interpret=False):
   """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
 
   The CTA of M-tile i and column block j computes the up columns j*128.. (compute warpgroup 0) and the gate
@@ -199,7 +256,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, name: st
   `grouped_gemm.swiglu_of_partials` does from float32 partials (no [rows, 2I] float32 round trip).
 
   Args:
-    tile_expert, a, a_scale: as `grouped_fp8_gemm`.
+    tile_expert, a, a_scale, used_tiles: as `grouped_fp8_gemm`.
     w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
 
   Returns:
@@ -220,54 +277,60 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, name: st
   i_blocks = intermediate // SCALE_BLOCK
   w_scale_rows = _weight_scale_rows(w13_scale)
 
-  def kernel(tile_expert_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem, out_scale_gmem,
-             gate_smem, out_smem, scale_smem, exchange):
-    mi = lax.axis_index("m")
-    ni = lax.axis_index("n")
+  def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem,
+             out_scale_gmem, gate_smem, out_smem, scale_smem, exchange):
     wg = lax.axis_index("wg")  # 0: up columns, 1: gate columns
-    expert = tile_expert_gmem[mi]
+    operands = lambda mi, ni, expert: (
+        a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
+        *[w_gmem.at[expert, pl.ds(half * intermediate + ni * SCALE_BLOCK, SCALE_BLOCK)] for half in (0, 1)],
+        a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)], w_scale_gmem.at[expert])
 
-    def compute_context(eval_pipeline):
-      zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
-      acc = eval_pipeline(zero)
+    @_over_used_items(used_tiles_gmem, num_tiles, i_blocks, operands(0, 0, 0), k_steps=k_steps,
+                      weight_rows=[SCALE_BLOCK, SCALE_BLOCK])
+    def _(mi, ni, run_pipeline):
+      expert = tile_expert_gmem[mi]
 
-      @pl.when(wg == 1)
-      def _():
-        # x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, never inf * 0 = NaN.
-        gate_smem[...] = acc / (1.0 + jnp.exp(-acc))
+      def compute_context(eval_pipeline):
+        zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
+        acc = eval_pipeline(zero)
 
-      plgpu.barrier_arrive(exchange)
-      plgpu.barrier_wait(exchange)
+        @pl.when(wg == 1)
+        def _():
+          # x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, never inf * 0 = NaN.
+          gate_smem[...] = acc / (1.0 + jnp.exp(-acc))
 
-      @pl.when(wg == 0)
-      def _():
-        swiglu = plgpu.load(gate_smem, layout=plgpu.Layout.WGMMA) * acc  # silu on the SECOND half
-        scale = jnp.maximum(jnp.max(jnp.abs(swiglu), axis=1), _AMAX_FLOOR) / _FP8_MAX
-        clipped = jnp.clip(swiglu / lax.broadcast_in_dim(scale, swiglu.shape, [0]), -_FP8_MAX, _FP8_MAX)
-        clipped = jnp.where(swiglu != swiglu, swiglu, clipped)  # a NaN product stays NaN (min/max drop it)
-        out_smem[...] = clipped.astype(out_smem.dtype)
-        scale_smem[...] = scale
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem,
-                                out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * SCALE_BLOCK, SCALE_BLOCK)])
-        plgpu.copy_smem_to_gmem(scale_smem, out_scale_gmem.at[ni, pl.ds(mi * BLOCK_M, BLOCK_M)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(exchange)  # silu(gate) is in SMEM
+        plgpu.barrier_wait(exchange)
 
-    def step(_, a_smem, up_smem, gate_w_smem, a_scale_smem, w_scale_smem, carry):
-      def issue_wgmma(acc_ref):
-        # Each warpgroup multiplies by its own half's tile (one TMA box of up and gate together would need
-        # more than the 5 strided dimensions an async copy allows).
-        for half, w_smem in enumerate((up_smem, gate_w_smem)):
-          pl.when(wg == half)(lambda w_smem=w_smem: plgpu.wgmma(acc_ref, a_smem, w_smem.transpose((1, 0))))
+        @pl.when(wg == 0)
+        def _():
+          swiglu = plgpu.load(gate_smem, layout=plgpu.Layout.WGMMA) * acc  # silu on the SECOND half
+          scale = jnp.maximum(jnp.max(jnp.abs(swiglu), axis=1), _AMAX_FLOOR) / _FP8_MAX
+          clipped = jnp.clip(swiglu / lax.broadcast_in_dim(scale, swiglu.shape, [0]), -_FP8_MAX, _FP8_MAX)
+          clipped = jnp.where(swiglu != swiglu, swiglu, clipped)  # a NaN product stays NaN (min/max drop it)
+          out_smem[...] = clipped.astype(out_smem.dtype)
+          scale_smem[...] = scale
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem,
+                                  out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * SCALE_BLOCK, SCALE_BLOCK)])
+          plgpu.copy_smem_to_gmem(scale_smem, out_scale_gmem.at[ni, pl.ds(mi * BLOCK_M, BLOCK_M)])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-      return _promoted_k_step(carry, a_scale_smem, w_scale_smem[0, wg * i_blocks + ni], issue_wgmma)
+        # The up warpgroup is done with gate_smem before the gate warpgroup writes the next item's: with
+        # few K steps the gate warpgroup could run through a whole item while the up one is in this epilogue.
+        plgpu.barrier_arrive(exchange)
+        plgpu.barrier_wait(exchange)
 
-    _run_tile_pipeline(step, compute_context, runs=expert < num_local, k_steps=k_steps,
-                       a_tile=a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
-                       weight_tiles=[w_gmem.at[expert, pl.ds(half * intermediate + ni * SCALE_BLOCK, SCALE_BLOCK)]
-                                     for half in (0, 1)],
-                       a_scale_tile=a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
-                       weight_scale_rows=w_scale_gmem.at[expert])
+      def step(_, a_smem, up_smem, gate_w_smem, a_scale_smem, w_scale_smem, carry):
+        def issue_wgmma(acc_ref):
+          # Each warpgroup multiplies by its own half's tile (one TMA box of up and gate together would need
+          # more than the 5 strided dimensions an async copy allows).
+          for half, w_smem in enumerate((up_smem, gate_w_smem)):
+            pl.when(wg == half)(lambda w_smem=w_smem: plgpu.wgmma(acc_ref, a_smem, w_smem.transpose((1, 0))))
+
+        return _promoted_k_step(carry, a_scale_smem, w_scale_smem[0, wg * i_blocks + ni], issue_wgmma)
+
+      run_pipeline(step, compute_context, expert < num_local, *operands(mi, ni, expert))
 
   kernel.__name__ = name
   call = plgpu.kernel(
@@ -278,10 +341,10 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, name: st
                      plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float8_e4m3fn, transforms=_fp8_transforms()),
                      plgpu.SMEM((BLOCK_M,), jnp.float32),
                      plgpu.Barrier(num_arrivals=2)],
-      grid=(num_tiles, i_blocks),
-      grid_names=("m", "n"),
+      grid=(_num_ctas(interpret),),
+      grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
       interpret=_interpret_params(interpret),
   )
-  return call(tile_expert, a, a_scale, w13, w_scale_rows)
+  return call(tile_expert, _used_tiles_operand(used_tiles, num_tiles), a, a_scale, w13, w_scale_rows)
