@@ -80,17 +80,6 @@ def mosaic_fused_variant():
   return "mosaic_fused", dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu"), bf16, fused
 
 
-def mosaic_gemm1_variants(base):
-  """The Mosaic GEMM1 with SwiGLU + quant in its epilogue, then the Triton GEMM2 (`gemm_kernels="mosaic_gemm1"`):
-  with the table's large-T GEMM2 tiles, and with 128-wide N-tiles in M-groups of 32."""
-  import dataclasses
-  mosaic = mosaic_variant()[1]
-  triton_gemm2 = lambda g2: dataclasses.replace(mosaic, gemm2=g2, gemm_kernels="mosaic_gemm1")
-  wide = dataclasses.replace(base.gemm2, block_m=64, block_n=128, group_m=32, num_warps=4, num_stages=3)
-  return [("mosaic_gemm1", triton_gemm2(dataclasses.replace(base.gemm2, block_m=64)), False, None),
-          ("mosaic_gemm1_n128g32", triton_gemm2(wide), False, None)]
-
-
 def small_t_variants(base):
   return [
       mosaic_variant(), mosaic_fused_variant(),
@@ -110,8 +99,7 @@ def small_t_variants(base):
 
 
 def large_t_variants(base, num_tokens):
-  out = [mosaic_variant(), mosaic_fused_variant(), *mosaic_gemm1_variants(base),
-         _with_combine(base, "default_c16x512", 16, 512),
+  out = [mosaic_variant(), mosaic_fused_variant(), _with_combine(base, "default_c16x512", 16, 512),
          _with_combine(base, "default_c16x256", 16, 256),
          _variant(64, (128, 4, 3), (64, 128, 4, 3)), _variant(32, (128, 4, 3), (64, 128, 4, 3)),
          _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3)),

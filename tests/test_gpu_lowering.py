@@ -125,14 +125,6 @@ def test_unfused_mosaic_gemms_lower():
   assert kernels == ROUTING_KERNELS + ["moe_gather_rows", MOSAIC_GEMM, "moe_swiglu_fp8", MOSAIC_GEMM, "moe_combine"]
 
 
-def test_mosaic_gemm1_with_the_triton_gemm2_lowers():
-  """gemm_kernels="mosaic_gemm1": the Mosaic GEMM1 with SwiGLU + quant in its epilogue, then the Triton GEMM2."""
-  tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,
-                                                    device_kind="NVIDIA H200"), gemm_kernels="mosaic_gemm1")
-  kernels = _lowered_kernels(14107, "NVIDIA H200", tiles=tiles)
-  assert kernels == ROUTING_KERNELS + ["moe_gather_rows", MOSAIC_GEMM, "moe_gemm2_fp8", "moe_combine"]
-
-
 def test_large_calls_route_with_xla():
   num_tokens = fused_routing.MAX_FUSED_PAIRS // mp.DEEPSEEK_V3.top_k + 1  # the first T above the fused limit
   kernels = _lowered_kernels(num_tokens, "NVIDIA H200")

@@ -2,10 +2,10 @@
 
 tile schedule -> GEMM1 (rows gathered in its loads) + SwiGLU + FP8 quant -> GEMM2 x routing weight ->
 combine (each token's rows summed in float32, rounded once). All of it traces into the caller's jitted
-program. Where the tiling's `gemm_kernels` says Mosaic (the H200's table at large T), GEMM1 (and for
-"mosaic"/"mosaic_fused_swiglu" GEMM2) is the Mosaic GPU kernel of `mosaic_gemm` instead: rows gathered ->
-GEMM1 with SwiGLU + FP8 quant (in its epilogue, or as a kernel after a [rows, 2I] float32 GEMM1) -> GEMM2
-(Mosaic: the routing weight folded into its row scales; or the Triton GEMM2 above) -> combine. Two entries:
+program. Where the tiling's `gemm_kernels` says Mosaic (the H200's table at large T), both GEMMs are the
+Mosaic GPU kernels of `mosaic_gemm` instead: rows gathered -> GEMM1 with SwiGLU + FP8 quant (in its
+epilogue, or as a kernel after a [rows, 2I] float32 GEMM1) -> GEMM2 (the routing weight folded into its row
+scales) -> combine. Two entries:
 
 - `moe_layer_triton`: the whole layer from the router logits. Up to `fused_routing.MAX_FUSED_PAIRS`
   picks (T <= 16384 at DeepSeek-V3's top-8), routing + plan + schedule run as three small Pallas kernels
@@ -52,14 +52,13 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
                     gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
                     poison=None):
   """`tiling.mosaic`: gather -> Mosaic GEMM1 [rows, 2I] float32 -> SwiGLU + quant -> Mosaic GEMM2 ->
-  combine ("mosaic_fused_swiglu": GEMM1 with SwiGLU + quant in its epilogue; "mosaic_gemm1": that GEMM1,
-  then the Triton GEMM2 with `tiling.gemm2`). The TMA-fed GEMM reads whole row tiles, so the rows are
-  gathered first (tiles in use only)."""
+  combine ("mosaic_fused_swiglu": GEMM1 with SwiGLU + quant in its epilogue). The TMA-fed GEMM reads
+  whole row tiles, so the rows are gathered first (tiles in use only)."""
   num_local = gemm1_weights.shape[0]
   rows, rows_scale = grouped_gemm.gather_rows(schedule.tile_expert, schedule.row_token, hidden_states,
                                               hidden_states_scale, block_m=tiling.block_m,
                                               num_local_experts=num_local, interpret=interpret)
-  if tiling.gemm_kernels in ("mosaic_fused_swiglu", "mosaic_gemm1"):
+  if tiling.gemm_kernels == "mosaic_fused_swiglu":
     swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(schedule.tile_expert, rows, rows_scale, gemm1_weights,
                                                                gemm1_weights_scale, used_tiles=schedule.num_used_tiles,
                                                                interpret=interpret)
@@ -70,17 +69,12 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
     swiglu, swiglu_scale = grouped_gemm.swiglu_of_partials(schedule.tile_expert, gate_up,
                                                            num_local_experts=num_local, tiling=tiling.gemm1,
                                                            interpret=interpret)
-  if tiling.gemm_kernels == "mosaic_gemm1":
-    weighted_rows = grouped_gemm.gemm2_weighted(schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights,
-                                                gemm2_weights_scale, schedule.row_weight, tiling=tiling.gemm2,
-                                                interpret=interpret)
-  else:
-    # Each row's routing weight joins its activation scales: a per-row factor of every K step, so GEMM2's
-    # output rows come out weighted, as the Triton GEMM2's do. (Rows of unused tiles hold no values.)
-    row_scale = swiglu_scale * schedule.row_weight[None, :]
-    weighted_rows = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, swiglu, row_scale, gemm2_weights,
-                                                 gemm2_weights_scale, used_tiles=schedule.num_used_tiles,
-                                                 name="moe_gemm2_mosaic", interpret=interpret)
+  # Each row's routing weight joins its activation scales: a per-row factor of every K step, so GEMM2's
+  # output rows come out weighted, as the Triton GEMM2's do. (Rows of unused tiles hold no values.)
+  row_scale = swiglu_scale * schedule.row_weight[None, :]
+  weighted_rows = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, swiglu, row_scale, gemm2_weights,
+                                               gemm2_weights_scale, used_tiles=schedule.num_used_tiles,
+                                               name="moe_gemm2_mosaic", interpret=interpret)
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, interpret=interpret)
 

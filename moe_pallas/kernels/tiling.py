@@ -63,7 +63,7 @@ class CombineTiling:
   num_warps: int = 4
 
 
-GEMM_KERNELS = ("triton", "mosaic", "mosaic_fused_swiglu", "mosaic_gemm1")
+GEMM_KERNELS = ("triton", "mosaic", "mosaic_fused_swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +81,6 @@ class MoETiling:
     (`mosaic_gemm.BLOCK_M`) and GEMM1's quant block (block_n = 128), their launch fields unused.
   - "mosaic_fused_swiglu": as "mosaic", with SwiGLU + quant in the Mosaic GEMM1's epilogue
     (`mosaic_gemm.grouped_fp8_gemm_swiglu`); the H200 table's choice above 128 rows per expert.
-  - "mosaic_gemm1": GEMM1 as "mosaic_fused_swiglu", GEMM2 as the Triton kernel with `gemm2`'s launch
-    fields (its block_m the Mosaic one).
   """
 
   gemm1: GemmTiling = GemmTiling()
@@ -184,7 +182,9 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # this count) the Triton GEMMs stay: 164.8 against 191.9. The boundary between (T=512) is not measured.
     # With SwiGLU + quant in the Mosaic GEMM1's epilogue (2026-11-30, h200_2026-11-30_s5/tune5_tiles.jsonl,
     # kernel sums): T=901 406.8 -> 384.6 us, T=11948 1694.7 -> 1648.9, T=14107 2198.2 -> 2127.9, T=901
-    # all_local 1025.5 -> 990.1 (GEMM1 3-4 % slower, the 17-103 us SwiGLU kernel gone).
+    # all_local 1025.5 -> 990.1 (GEMM1 3-4 % slower, the 17-103 us SwiGLU kernel gone). With the persistent
+    # grid (h200_2026-11-30_s5/tune8_persistent.jsonl): 370.5, 1228.3, 1624.3 and 898.7 us; the unfused
+    # Mosaic GEMM1 wins only at all_local T=14107 (11334 vs 11593).
     tiles = dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu")
   return tiles
 
