@@ -120,6 +120,23 @@ def _route_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights
   counts_ref[pl.program_id(0), :] = jnp.sum(one_hot.astype(jnp.int32), axis=0)
 
 
+def _expert_ranges(totals, *, block_m, lanes):
+  """Each expert's padded rows (whole block_m tiles, experts in order): (padded, start, end) [lanes]."""
+  experts = jnp.arange(lanes, dtype=jnp.int32)
+  padded = (totals + block_m - 1) // block_m * block_m
+  earlier = experts[None, :] < experts[:, None]  # [e, e']: e' comes before e
+  padded_start = jnp.sum(jnp.where(earlier, padded[None, :], 0), axis=1)
+  return padded, padded_start, padded_start + padded
+
+
+def _tile_experts(tiles, padded_end, *, block_m, num_local, lanes):
+  """Tile -> expert: the number of experts whose padded range ends at or before the tile's first row
+  (num_local for the unused tiles at the end)."""
+  experts = jnp.arange(lanes, dtype=jnp.int32)
+  ended = (padded_end[None, :] <= (tiles * block_m)[:, None]) & (experts[None, :] < num_local)
+  return jnp.sum(ended.astype(jnp.int32), axis=1)
+
+
 def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref, used_tiles_ref, *, num_blocks,
                    num_local, lanes, block_m, num_tiles, tiles_per_step, blocks_per_chunk):
   experts = jnp.arange(lanes, dtype=jnp.int32)
@@ -138,10 +155,7 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref
   else:  # more blocks than one tile holds: a first pass for the totals, a second for each block's start
     totals = jax.lax.fori_loop(0, num_chunks, lambda c, acc: acc + jnp.sum(chunk_counts(c)[2], axis=0),
                                jnp.zeros((lanes,), jnp.int32))
-  padded = (totals + block_m - 1) // block_m * block_m
-  earlier = experts[None, :] < experts[:, None]  # [e, e']: e' comes before e
-  padded_start = jnp.sum(jnp.where(earlier, padded[None, :], 0), axis=1)
-  padded_end = padded_start + padded
+  padded, padded_start, padded_end = _expert_ranges(totals, block_m=block_m, lanes=lanes)
   # Where each block's picks of each expert start: the expert's start + the earlier blocks' picks.
   if num_chunks == 1:
     block_start_ref[...] = padded_start[None, :] + jnp.cumsum(counts, axis=0) - counts
@@ -157,50 +171,65 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref
   expert_rows_ref[1, :] = totals
   used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
 
-  # Tile -> expert: the number of experts whose padded range ends at or before the tile's first row
-  # (num_local for the unused tiles at the end).
   def tiles_step(step, carry):
     tiles = step * tiles_per_step + jnp.arange(tiles_per_step, dtype=jnp.int32)
-    ended = (padded_end[None, :] <= (tiles * block_m)[:, None]) & (experts[None, :] < num_local)
-    pltriton.store(tile_expert_ref.at[tiles], jnp.sum(ended.astype(jnp.int32), axis=1), mask=tiles < num_tiles)
+    pltriton.store(tile_expert_ref.at[tiles],
+                   _tile_experts(tiles, padded_end, block_m=block_m, num_local=num_local, lanes=lanes),
+                   mask=tiles < num_tiles)
     return carry
   jax.lax.fori_loop(0, pl.cdiv(num_tiles, tiles_per_step), tiles_step, 0)
 
 
-def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, tile_expert_ref, expert_rows_ref,
-                  row_token_ref, row_weight_ref, pair_row_ref, *, num_pairs, top_k, num_local, lanes, block_m,
-                  num_tiles, tokens_per_block, tiles_per_program):
-  num_rows = num_tiles * block_m
+def _place_picks(ids_ref, weights_ref, offset_ref, row_token_ref, row_weight_ref, pair_row_ref, start, *, num_pairs,
+                 top_k, num_local, lanes, num_rows, tokens_per_block):
+  """This block's picks: each local pick's padded row = `start` (the block's first row of each expert) + its
+  rank among the block's picks of that expert (picks in flat (token, j) order, the order of `plan_local`'s
+  stable sort); writes row -> token, row -> weight and pick -> row."""
   experts = jnp.arange(lanes, dtype=jnp.int32)
   block_pairs = tokens_per_block * top_k
-  block = pl.program_id(0)
-  pairs = block * block_pairs + jnp.arange(block_pairs, dtype=jnp.int32)
+  pairs = pl.program_id(0) * block_pairs + jnp.arange(block_pairs, dtype=jnp.int32)
   pair_ok = pairs < num_pairs
   safe_pairs = jnp.minimum(pairs, num_pairs - 1)
   local = pltriton.load(ids_ref.at[safe_pairs]) - offset_ref[0]
   is_local = pair_ok & (local >= 0) & (local < num_local)
   one_hot = ((local[:, None] == experts[None, :]) & is_local[:, None]).astype(jnp.int32)
   before = jnp.cumsum(one_hot, axis=0) - one_hot  # earlier picks of the same expert in this block
-  start = block_start_ref[block, :]
   row = jnp.where(is_local, jnp.sum(one_hot * (before + start[None, :]), axis=1), num_rows)
   pltriton.store(pair_row_ref.at[pairs], row, mask=pair_ok)
   # Masked-off lanes keep their out-of-range rows: Triton stores nothing there, and interpret mode drops them.
   pltriton.store(row_token_ref.at[row], pairs // top_k, mask=is_local)
   pltriton.store(row_weight_ref.at[row], pltriton.load(weights_ref.at[safe_pairs]), mask=is_local)
 
-  # Padding rows (past an expert's picks, or in unused tiles) read token 0 with weight 0. This program
-  # writes those of tiles block, block + num_blocks, ...; the real rows are the picks' (above).
-  tiles = block + jnp.arange(tiles_per_program, dtype=jnp.int32) * pl.num_programs(0)
-  tile_ok = tiles < num_tiles
-  expert = pltriton.load(tile_expert_ref.at[jnp.minimum(tiles, num_tiles - 1)], mask=tile_ok, other=num_local)
-  mine = experts[None, :] == expert[:, None]
-  expert_start = jnp.sum(jnp.where(mine, expert_rows_ref[0, :][None, :], 0), axis=1)
-  expert_total = jnp.sum(jnp.where(mine, expert_rows_ref[1, :][None, :], 0), axis=1)
+
+def _pad_rows(row_token_ref, row_weight_ref, tiles, tile_ok, expert, expert_start, expert_total, *, block_m,
+              num_local):
+  """Padding rows (past an expert's picks, or in unused tiles) of `tiles` read token 0 with weight 0."""
   rows = tiles[:, None] * block_m + jnp.arange(block_m, dtype=jnp.int32)[None, :]
   past_picks = rows - expert_start[:, None] >= expert_total[:, None]
   padding = tile_ok[:, None] & ((expert >= num_local)[:, None] | past_picks)
   pltriton.store(row_token_ref.at[rows], jnp.zeros_like(rows), mask=padding)
   pltriton.store(row_weight_ref.at[rows], jnp.zeros(rows.shape, jnp.float32), mask=padding)
+
+
+def _select(expert, values, lanes):
+  """values[expert] per tile, from a [lanes] vector in registers."""
+  mine = jnp.arange(lanes, dtype=jnp.int32)[None, :] == expert[:, None]
+  return jnp.sum(jnp.where(mine, values[None, :], 0), axis=1)
+
+
+def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, tile_expert_ref, expert_rows_ref,
+                  row_token_ref, row_weight_ref, pair_row_ref, *, num_pairs, top_k, num_local, lanes, block_m,
+                  num_tiles, tokens_per_block, tiles_per_program):
+  block = pl.program_id(0)
+  _place_picks(ids_ref, weights_ref, offset_ref, row_token_ref, row_weight_ref, pair_row_ref,
+               block_start_ref[block, :], num_pairs=num_pairs, top_k=top_k, num_local=num_local, lanes=lanes,
+               num_rows=num_tiles * block_m, tokens_per_block=tokens_per_block)
+  # The padding rows of tiles block, block + num_blocks, ...; the real rows are the picks' (above).
+  tiles = block + jnp.arange(tiles_per_program, dtype=jnp.int32) * pl.num_programs(0)
+  tile_ok = tiles < num_tiles
+  expert = pltriton.load(tile_expert_ref.at[jnp.minimum(tiles, num_tiles - 1)], mask=tile_ok, other=num_local)
+  _pad_rows(row_token_ref, row_weight_ref, tiles, tile_ok, expert, _select(expert, expert_rows_ref[0, :], lanes),
+            _select(expert, expert_rows_ref[1, :], lanes), block_m=block_m, num_local=num_local)
 
 
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
@@ -250,6 +279,9 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   )(routing_logits.astype(jnp.float32), routing_bias,
     jnp.reshape(jnp.asarray(routed_scaling_factor, jnp.float32), (1,)), offset)
 
+  pick_outputs = (jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32),
+                  jax.ShapeDtypeStruct((num_pairs,), jnp.int32))
+  tiles_per_program = _next_pow2(pl.cdiv(num_tiles, num_blocks))
   tile_expert, block_start, expert_rows, used_tiles = pl.pallas_call(
       functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
                         block_m=block_m, num_tiles=num_tiles, tiles_per_step=tiles_per_step,
@@ -262,12 +294,9 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   row_token, row_weight, pair_row = pl.pallas_call(
       functools.partial(_place_kernel, num_pairs=num_pairs, top_k=top_k, num_local=num_local_experts, lanes=lanes,
                         block_m=block_m, num_tiles=num_tiles, tokens_per_block=tokens_per_block,
-                        tiles_per_program=_next_pow2(pl.cdiv(num_tiles, num_blocks))),
-      grid=(num_blocks,), interpret=interpret, name="moe_place", compiler_params=params,
-      out_shape=(jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32),
-                 jax.ShapeDtypeStruct((num_pairs,), jnp.int32)),
+                        tiles_per_program=tiles_per_program),
+      grid=(num_blocks,), interpret=interpret, name="moe_place", compiler_params=params, out_shape=pick_outputs,
   )(ids, weights, offset, block_start, tile_expert, expert_rows)
-
   schedule = TileSchedule(tile_expert=tile_expert, row_token=row_token, row_weight=row_weight,
                           pair_padded_row=pair_row.reshape(num_tokens, top_k),
                           num_used_tiles=used_tiles.reshape(()))
