@@ -3,22 +3,24 @@
   PYTHONPATH=. python3 experiments/tune_routing.py --out=$OUT/tune_routing.jsonl
 
 For each T (the benchmark's uniform draws) it times XLA's route -> plan_local -> make_tile_schedule and
-`route_and_schedule` with each (tokens_per_block, num_warps, tiles_per_step) variant, per kernel (GpuTimer:
-L2 flushed before every call, median), and checks that every variant's schedule equals XLA's (the
-routing weights to 1e-6 relative: their sum's order differs).
+`route_and_schedule` with each (tokens_per_block, num_warps, tiles_per_step, layout_in_place) variant, per
+kernel and as the call's span (GpuTimer: L2 flushed before every call, median), and checks that every
+variant's schedule equals XLA's (the routing weights to 1e-6 relative: their sum's order differs).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 from absl import app, flags
 
 _WORKLOADS = flags.DEFINE_string("workloads", "1,16,80,901", "Workloads (benchmark.py --workloads syntax).")
-_VARIANTS = flags.DEFINE_list("variants", ["16/4/256", "16/1/256", "4/1/256", "4/4/256", "16/8/256",
+_VARIANTS = flags.DEFINE_list("variants", ["2/4/256", "2/4/256/in_place", "4/4/256", "4/4/256/in_place",
                                            "16/4/1024", "1/1/256", "8/2/256"],
-                              "tokens_per_block/num_warps/tiles_per_step variants.")
+                              "tokens_per_block/num_warps/tiles_per_step[/in_place] variants (in_place: "
+                              "`layout_in_place=True`, layout folded into place).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
 _OUT = flags.DEFINE_string("out", "tune_routing.jsonl", "JSONL output.")
 
@@ -44,12 +46,15 @@ def main(argv):
     plan = mp.plan_local(ids, w, local_expert_offset=offset, num_local_experts=num_local)
     return make_tile_schedule(plan, block_m=block_m)
 
-  def fused(tokens_per_block, num_warps, tiles_per_step):
+  def fused(variant):
+    tokens_per_block, num_warps, tiles_per_step, *in_place = variant.split("/")
+
     def run(logits, bias, offset):
       return fused_routing.route_and_schedule(logits, bias, jnp.float32(2.5), offset, config=config,
                                               num_local_experts=num_local, block_m=block_m,
-                                              tokens_per_block=tokens_per_block, num_warps=num_warps,
-                                              tiles_per_step=tiles_per_step)[0]
+                                              tokens_per_block=int(tokens_per_block), num_warps=int(num_warps),
+                                              tiles_per_step=int(tiles_per_step),
+                                              layout_in_place=in_place == ["in_place"])[0]
     return run
 
   out = open(_OUT.value, "w")
@@ -58,7 +63,7 @@ def main(argv):
     d = wl.draw(config, workload, "uniform")
     args = (d.routing_logits, d.routing_bias, jnp.int32(workload.local_expert_offset))
     want = jax.jit(xla)(*args)
-    variants = [("xla", xla)] + [(v, fused(*map(int, v.split("/")))) for v in _VARIANTS.value]
+    variants = [("xla", xla)] + [(v, fused(v)) for v in _VARIANTS.value]
     for name, fn in variants:
       try:
         jitted = jax.jit(fn)
@@ -73,13 +78,15 @@ def main(argv):
         print(f"T={workload.num_tokens} {name}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
         continue
       total = sum(us for _, us in times.kernels)
-      row = dict(T=workload.num_tokens, variant=name, total_us=round(total, 2), num_kernels=times.num_kernels,
+      row = dict(T=workload.num_tokens, variant=name, total_us=round(total, 2),
+                 span_us=round(statistics.median(times.span_us), 2), num_kernels=times.num_kernels,
                  kernels=[(k, round(us, 2)) for k, us in times.kernels], same_schedule=same,
                  device=jax.devices()[0].device_kind)
       out.write(json.dumps(row) + "\n")
       out.flush()
       detail = " ".join(f"{k.replace('moe_', '')} {us:.1f}" for k, us in times.kernels if k.startswith("moe_"))
-      lines.append(f"T={workload.num_tokens:>5} {name:<10} sum {total:7.1f} us in {times.num_kernels:>2} kernels "
+      lines.append(f"T={workload.num_tokens:>5} {name:<16} sum {total:7.1f} us span {row['span_us']:7.1f} in "
+                   f"{times.num_kernels:>2} kernels "
                    f"{'same' if same else 'DIFFERENT'}  {detail}")
       print(lines[-1], flush=True)
   print("\n".join(lines))

@@ -32,13 +32,15 @@ def _assert_same_schedule(got, want, interpret):
     (mp.DEEPSEEK_V3, 5, 32, "all_local"),
 ])
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_fused_schedule_equals_xla_schedule(config, num_tokens, offset, scenario, block_m, interpret):
+@pytest.mark.parametrize("layout_in_place", [False, True], ids=["three_kernels", "layout_in_place"])
+def test_fused_schedule_equals_xla_schedule(config, num_tokens, offset, scenario, block_m, layout_in_place,
+                                            interpret):
   logits, bias, _, _ = testing.random_activations(config, num_tokens, seed=1000 + num_tokens + block_m,
                                                   local_expert_offset=offset, scenario=scenario)
   ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
   got, fused_ids, fused_weights, _ = fused_routing.route_and_schedule(
       logits, bias, 2.5, offset, config=config, num_local_experts=config.num_local_experts, block_m=block_m,
-      interpret=interpret)
+      layout_in_place=layout_in_place, interpret=interpret)
   np.testing.assert_array_equal(np.asarray(fused_ids), np.asarray(ids))
   # The same float32 operations; the normalizing sum may add in another order (1-2 ulp).
   np.testing.assert_allclose(np.asarray(fused_weights), np.asarray(weights),
@@ -87,8 +89,10 @@ def test_fused_schedule_tuning_variants_agree(tokens_per_block, tiles_per_step, 
 
 
 @pytest.mark.parametrize("blocks_per_chunk", [4, 16])
-def test_layout_in_chunks_equals_xla_schedule(blocks_per_chunk, monkeypatch, interpret):
-  """More blocks than `layout` holds as one tile (T > 1024 at DeepSeek-V3's shape) are laid out in chunks."""
+@pytest.mark.parametrize("layout_in_place", [False, True], ids=["three_kernels", "layout_in_place"])
+def test_layout_in_chunks_equals_xla_schedule(blocks_per_chunk, layout_in_place, monkeypatch, interpret):
+  """More blocks than `layout` holds as one tile (T > 1024 at DeepSeek-V3's shape) are laid out in chunks
+  (`layout_in_place` then falls back to the three kernels)."""
   monkeypatch.setattr(fused_routing, "_BLOCKS_PER_CHUNK", blocks_per_chunk)
   config = mp.SMALL
   logits, bias, _, _ = testing.random_activations(config, 150, seed=11, local_expert_offset=8, scenario="skewed")
@@ -96,7 +100,8 @@ def test_layout_in_chunks_equals_xla_schedule(blocks_per_chunk, monkeypatch, int
   plan = mp.plan_local(ids, weights, local_expert_offset=8, num_local_experts=config.num_local_experts)
   got, _, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 8, config=config,
                                                num_local_experts=config.num_local_experts, block_m=16,
-                                               tokens_per_block=4, interpret=interpret)  # 38 blocks
+                                               tokens_per_block=4, layout_in_place=layout_in_place,
+                                               interpret=interpret)  # 38 blocks
   _assert_same_schedule(got, make_tile_schedule(plan, block_m=16), interpret)
 
 

@@ -125,6 +125,19 @@ def test_unfused_mosaic_gemms_lower():
   assert kernels == ROUTING_KERNELS + ["moe_gather_rows", MOSAIC_GEMM, "moe_swiglu_fp8", MOSAIC_GEMM, "moe_combine"]
 
 
+@pytest.mark.parametrize("num_tokens", [57, 901])
+def test_layout_in_place_lowers(num_tokens):
+  """`route_and_schedule(layout_in_place=True)`: route, then layout + place as one kernel (lowered for cuda)."""
+  def schedule(logits, bias):
+    return fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=CONFIG,
+                                            num_local_experts=CONFIG.num_local_experts, block_m=16,
+                                            layout_in_place=True)[0]
+  shapes = _layer_shapes(num_tokens)[:2]
+  with triton_internals.abstract_gpu("NVIDIA H200"):
+    text = jax.jit(schedule).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r'name = "(moe_[a-z_]+)"', text) == ["moe_route", "moe_layout_place"]
+
+
 def test_large_calls_route_with_xla():
   num_tokens = fused_routing.MAX_FUSED_PAIRS // mp.DEEPSEEK_V3.top_k + 1  # the first T above the fused limit
   kernels = _lowered_kernels(num_tokens, "NVIDIA H200")

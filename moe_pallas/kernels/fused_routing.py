@@ -17,6 +17,10 @@ sort:
    `plan_local`'s stable sort); writes row -> token, row -> weight and pick -> row; and the padding rows
    (token 0, weight 0) of every num_blocks-th tile from its own.
 
+`layout_in_place=True` (prepared; not yet timed on a GPU, so off): where the blocks' counts fit one tile,
+2 and 3 run as one kernel, `layout_place`, each of whose programs sums all blocks' counts itself and writes
+the tile -> expert entries of its own tiles: one kernel and one launch gap fewer a call.
+
 Every output element is written by exactly one program (a row is a pick's or padding, never both): no
 atomics, no barriers, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
 field by field in interpret mode (tests/test_fused_routing.py); on the GPU the routing weights may differ
@@ -232,14 +236,48 @@ def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, tile_expert
             _select(expert, expert_rows_ref[1, :], lanes), block_m=block_m, num_local=num_local)
 
 
+def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, tile_expert_ref, used_tiles_ref,
+                             row_token_ref, row_weight_ref, pair_row_ref, *, num_blocks, num_pairs, top_k,
+                             num_local, lanes, block_m, num_tiles, tokens_per_block, tiles_per_program,
+                             blocks_per_chunk):
+  """`layout` and `place` in one kernel, for calls whose blocks' counts fit one tile (num_blocks <=
+  blocks_per_chunk): every program sums all blocks' counts itself (at most a [256, lanes] tile) instead of
+  reading a layout kernel's results, so the call has one kernel and one launch gap fewer."""
+  block = pl.program_id(0)
+  experts = jnp.arange(lanes, dtype=jnp.int32)
+  blocks = jnp.arange(blocks_per_chunk, dtype=jnp.int32)
+  counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
+                         other=0)
+  totals = jnp.sum(counts, axis=0)
+  padded, padded_start, padded_end = _expert_ranges(totals, block_m=block_m, lanes=lanes)
+  start = padded_start + jnp.sum(jnp.where((blocks < block)[:, None], counts, 0), axis=0)
+  _place_picks(ids_ref, weights_ref, offset_ref, row_token_ref, row_weight_ref, pair_row_ref, start,
+               num_pairs=num_pairs, top_k=top_k, num_local=num_local, lanes=lanes, num_rows=num_tiles * block_m,
+               tokens_per_block=tokens_per_block)
+  # Tiles block, block + num_blocks, ...: their expert, and their padding rows.
+  tiles = block + jnp.arange(tiles_per_program, dtype=jnp.int32) * pl.num_programs(0)
+  tile_ok = tiles < num_tiles
+  expert = _tile_experts(tiles, padded_end, block_m=block_m, num_local=num_local, lanes=lanes)
+  pltriton.store(tile_expert_ref.at[tiles], expert, mask=tile_ok)
+  _pad_rows(row_token_ref, row_weight_ref, tiles, tile_ok, expert, _select(expert, padded_start, lanes),
+            _select(expert, totals, lanes), block_m=block_m, num_local=num_local)
+
+  @pl.when(block == 0)
+  def _():
+    used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
+
+
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
                        config: MoEConfig, num_local_experts: int, block_m: int, interpret=False,
-                       tokens_per_block: int | None = None, num_warps: int = 4, tiles_per_step: int = 256):
-  """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as three kernels.
+                       tokens_per_block: int | None = None, num_warps: int = 4, tiles_per_step: int = 256,
+                       layout_in_place: bool = False):
+  """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as three kernels (or two).
 
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
   two; None: 2 up to T=128, else 4), num_warps (all three), tiles_per_step (layout's tile loop, a power
-  of two).
+  of two), layout_in_place (`layout` folded into `place` where the blocks' counts fit one tile, T <= 512
+  or 1024 by tokens_per_block: every place program sums them itself; one kernel fewer, prepared and not yet
+  timed on a GPU, so off by default).
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32, poison [T] float32: equal
@@ -282,6 +320,19 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   pick_outputs = (jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32),
                   jax.ShapeDtypeStruct((num_pairs,), jnp.int32))
   tiles_per_program = _next_pow2(pl.cdiv(num_tiles, num_blocks))
+  if layout_in_place and num_blocks <= blocks_per_chunk:
+    tile_expert, used_tiles, row_token, row_weight, pair_row = pl.pallas_call(
+        functools.partial(_layout_and_place_kernel, num_blocks=num_blocks, num_pairs=num_pairs, top_k=top_k,
+                          num_local=num_local_experts, lanes=lanes, block_m=block_m, num_tiles=num_tiles,
+                          tokens_per_block=tokens_per_block, tiles_per_program=tiles_per_program,
+                          blocks_per_chunk=blocks_per_chunk),
+        grid=(num_blocks,), interpret=interpret, name="moe_layout_place", compiler_params=params,
+        out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
+                   *pick_outputs),
+    )(counts, ids, weights, offset)
+    return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens,
+                   top_k)
+
   tile_expert, block_start, expert_rows, used_tiles = pl.pallas_call(
       functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
                         block_m=block_m, num_tiles=num_tiles, tiles_per_step=tiles_per_step,
@@ -297,6 +348,10 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
                         tiles_per_program=tiles_per_program),
       grid=(num_blocks,), interpret=interpret, name="moe_place", compiler_params=params, out_shape=pick_outputs,
   )(ids, weights, offset, block_start, tile_expert, expert_rows)
+  return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens, top_k)
+
+
+def _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens, top_k):
   schedule = TileSchedule(tile_expert=tile_expert, row_token=row_token, row_weight=row_weight,
                           pair_padded_row=pair_row.reshape(num_tokens, top_k),
                           num_used_tiles=used_tiles.reshape(()))
