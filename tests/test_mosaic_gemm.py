@@ -84,6 +84,31 @@ def test_unused_experts_are_never_read(rng, interpret):
   assert np.isfinite(got[:2 * mosaic_gemm.BLOCK_M]).all()
 
 
+@pytest.mark.parametrize("kernel", ["gemm", "gemm_swiglu"])
+def test_only_the_used_tiles_are_computed(rng, kernel, interpret):
+  """`used_tiles`: the persistent CTAs visit the leading tiles only (the schedule puts the used ones first);
+  a tile past the count is left unwritten even though it names an expert."""
+  num_local, n, k = 3, 512, 256
+  tile_expert = jnp.asarray([0, 2, 1, 1, 0], jnp.int32)
+  rows = tile_expert.shape[0] * mosaic_gemm.BLOCK_M
+  a, w = _fp8(rng, (rows, k)), _fp8(rng, (num_local, n, k))
+  a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, rows)), jnp.float32)
+  w_scale = jnp.asarray(rng.uniform(0.5, 2.0, (num_local, n // 128, k // 128)), jnp.float32)
+  if kernel == "gemm":
+    run = lambda used: mosaic_gemm.grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, used_tiles=used,
+                                                    interpret=interpret)
+  else:
+    run = lambda used: mosaic_gemm.grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w, w_scale, used_tiles=used,
+                                                           interpret=interpret)[0]
+  # Both outputs stay alive until compared, so the second cannot land in the first's memory (stale rows).
+  every_out, leading_out = run(None), run(jnp.int32(3))
+  every, leading = np.asarray(every_out, np.float32), np.asarray(leading_out, np.float32)
+  computed = 3 * mosaic_gemm.BLOCK_M
+  np.testing.assert_array_equal(leading[:computed], every[:computed])
+  assert np.isfinite(every).all() and np.abs(every[computed:]).max() > 0
+  assert not np.array_equal(leading[computed:], every[computed:])  # tiles 3 and 4 were not computed
+
+
 def test_rejects_shapes_it_does_not_cover():
   a = jnp.zeros((64, 256), jnp.float8_e4m3fn)
   scales = lambda n: (jnp.ones((2, 64)), jnp.ones((1, n // 128, 2)))
