@@ -109,6 +109,14 @@ def test_only_the_used_tiles_are_computed(rng, kernel, interpret):
   assert not np.array_equal(leading[computed:], every[computed:])  # tiles 3 and 4 were not computed
 
 
+def test_rejects_a_used_tiles_that_is_not_one_integer():
+  a, scale = jnp.zeros((64, 256), jnp.float8_e4m3fn), jnp.ones((2, 64))
+  w, w_scale = jnp.zeros((1, 256, 256), jnp.float8_e4m3fn), jnp.ones((1, 2, 2))
+  for bad in (jnp.ones((2,), jnp.int32), jnp.float32(1.0)):
+    with pytest.raises(ValueError, match="used_tiles must be one integer"):
+      mosaic_gemm.grouped_fp8_gemm(jnp.zeros((1,), jnp.int32), a, scale, w, w_scale, used_tiles=bad)
+
+
 def test_rejects_shapes_it_does_not_cover():
   a = jnp.zeros((64, 256), jnp.float8_e4m3fn)
   scales = lambda n: (jnp.ones((2, 64)), jnp.ones((1, n // 128, 2)))

@@ -242,7 +242,11 @@ def _used_tiles_operand(used_tiles, num_tiles):
   """[1] int32 count of leading tiles to visit (all of them when the caller gives none)."""
   if used_tiles is None:
     return jnp.full((1,), num_tiles, jnp.int32)
-  return jnp.reshape(jnp.asarray(used_tiles, jnp.int32), (1,))
+  used_tiles = jnp.asarray(used_tiles)
+  if used_tiles.shape not in ((), (1,)) or not jnp.issubdtype(used_tiles.dtype, jnp.integer):
+    raise ValueError(f"used_tiles must be one integer (the number of leading tiles in use), got "
+                     f"{used_tiles.dtype} of shape {used_tiles.shape}")
+  return jnp.reshape(used_tiles.astype(jnp.int32), (1,))
 
 
 def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None,
