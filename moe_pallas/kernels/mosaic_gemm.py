@@ -249,6 +249,51 @@ def _used_tiles_operand(used_tiles, num_tiles):
   return jnp.reshape(used_tiles.astype(jnp.int32), (1,))
 
 
+def _silu(x):
+  # x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, never inf * 0 = NaN.
+  return x / (1.0 + jnp.exp(-x))
+
+
+def _quantized_rows(swiglu, amax):
+  """FP8 values of a SwiGLU tile and its rows' scales (amax / 448, amax floored), as quant.quantize_blockwise."""
+  scale = jnp.maximum(amax, _AMAX_FLOOR) / _FP8_MAX
+  clipped = jnp.clip(swiglu / lax.broadcast_in_dim(scale, swiglu.shape, [0]), -_FP8_MAX, _FP8_MAX)
+  return jnp.where(swiglu != swiglu, swiglu, clipped), scale  # a NaN product stays NaN (min/max drop it)
+
+
+def _epilogue_on_up(acc, wg, rows, ni, out_gmem, out_scale_gmem, gate_smem, out_smem, scale_smem, exchange):
+  """SwiGLU + quant of one work item on the up warpgroup: the gate warpgroup hands over silu(gate)."""
+  @pl.when(wg == 1)
+  def _():
+    gate_smem[...] = _silu(acc)
+
+  plgpu.barrier_arrive(exchange)  # silu(gate) is in SMEM
+  plgpu.barrier_wait(exchange)
+
+  @pl.when(wg == 0)
+  def _():
+    swiglu = plgpu.load(gate_smem, layout=plgpu.Layout.WGMMA) * acc  # silu on the SECOND half
+    values, scale = _quantized_rows(swiglu, jnp.max(jnp.abs(swiglu), axis=1))
+    out_smem[...] = values.astype(out_smem.dtype)
+    scale_smem[...] = scale
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[rows, pl.ds(ni * SCALE_BLOCK, SCALE_BLOCK)])
+    plgpu.copy_smem_to_gmem(scale_smem, out_scale_gmem.at[ni, rows])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  # The up warpgroup is done with gate_smem before the gate warpgroup writes the next item's: with few K
+  # steps the gate warpgroup could run through a whole item while the up one is in this epilogue.
+  plgpu.barrier_arrive(exchange)
+  plgpu.barrier_wait(exchange)
+
+
+def _epilogue_on_up_scratch():
+  return [plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float32),
+          plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float8_e4m3fn, transforms=_fp8_transforms()),
+          plgpu.SMEM((BLOCK_M,), jnp.float32),
+          plgpu.Barrier(num_arrivals=2)]
+
+
 def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None,
                             name: str = "moe_gemm1_swiglu_mosaic", interpret=False):
   """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
@@ -281,8 +326,10 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   i_blocks = intermediate // SCALE_BLOCK
   w_scale_rows = _weight_scale_rows(w13_scale)
 
+  epilogue, epilogue_scratch = _epilogue_on_up, _epilogue_on_up_scratch()
+
   def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem,
-             out_scale_gmem, gate_smem, out_smem, scale_smem, exchange):
+             out_scale_gmem, *scratch):
     wg = lax.axis_index("wg")  # 0: up columns, 1: gate columns
     operands = lambda mi, ni, expert: (
         a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
@@ -296,34 +343,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
 
       def compute_context(eval_pipeline):
         zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
-        acc = eval_pipeline(zero)
-
-        @pl.when(wg == 1)
-        def _():
-          # x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, never inf * 0 = NaN.
-          gate_smem[...] = acc / (1.0 + jnp.exp(-acc))
-
-        plgpu.barrier_arrive(exchange)  # silu(gate) is in SMEM
-        plgpu.barrier_wait(exchange)
-
-        @pl.when(wg == 0)
-        def _():
-          swiglu = plgpu.load(gate_smem, layout=plgpu.Layout.WGMMA) * acc  # silu on the SECOND half
-          scale = jnp.maximum(jnp.max(jnp.abs(swiglu), axis=1), _AMAX_FLOOR) / _FP8_MAX
-          clipped = jnp.clip(swiglu / lax.broadcast_in_dim(scale, swiglu.shape, [0]), -_FP8_MAX, _FP8_MAX)
-          clipped = jnp.where(swiglu != swiglu, swiglu, clipped)  # a NaN product stays NaN (min/max drop it)
-          out_smem[...] = clipped.astype(out_smem.dtype)
-          scale_smem[...] = scale
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem,
-                                  out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * SCALE_BLOCK, SCALE_BLOCK)])
-          plgpu.copy_smem_to_gmem(scale_smem, out_scale_gmem.at[ni, pl.ds(mi * BLOCK_M, BLOCK_M)])
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-        # The up warpgroup is done with gate_smem before the gate warpgroup writes the next item's: with
-        # few K steps the gate warpgroup could run through a whole item while the up one is in this epilogue.
-        plgpu.barrier_arrive(exchange)
-        plgpu.barrier_wait(exchange)
+        epilogue(eval_pipeline(zero), wg, pl.ds(mi * BLOCK_M, BLOCK_M), ni, out_gmem, out_scale_gmem, *scratch)
 
       def step(_, a_smem, up_smem, gate_w_smem, a_scale_smem, w_scale_smem, carry):
         def issue_wgmma(acc_ref):
@@ -341,10 +361,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
       kernel,
       out_type=(jax.ShapeDtypeStruct((num_rows, intermediate), jnp.float8_e4m3fn),
                 jax.ShapeDtypeStruct((i_blocks, num_rows), jnp.float32)),
-      scratch_types=[plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float32),
-                     plgpu.SMEM((BLOCK_M, SCALE_BLOCK), jnp.float8_e4m3fn, transforms=_fp8_transforms()),
-                     plgpu.SMEM((BLOCK_M,), jnp.float32),
-                     plgpu.Barrier(num_arrivals=2)],
+      scratch_types=epilogue_scratch,
       grid=(_num_ctas(interpret),),
       grid_names=("sm",),
       num_threads=3,
