@@ -80,6 +80,13 @@ def mosaic_fused_variant():
   return "mosaic_fused", dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu"), bf16, fused
 
 
+def mosaic_fused_split_variant():
+  """The fused epilogue split by columns over both compute warpgroups (`gemm_kernels="mosaic_fused_swiglu_split"`)."""
+  import dataclasses
+  name, tiles, bf16, fused = mosaic_variant()
+  return "mosaic_fused_split", dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu_split"), bf16, fused
+
+
 def small_t_variants(base):
   return [
       mosaic_variant(), mosaic_fused_variant(),
@@ -99,7 +106,8 @@ def small_t_variants(base):
 
 
 def large_t_variants(base, num_tokens):
-  out = [mosaic_variant(), mosaic_fused_variant(), _with_combine(base, "default_c16x512", 16, 512),
+  out = [mosaic_variant(), mosaic_fused_variant(), mosaic_fused_split_variant(),
+         _with_combine(base, "default_c16x512", 16, 512),
          _with_combine(base, "default_c16x256", 16, 256),
          _variant(64, (128, 4, 3), (64, 128, 4, 3)), _variant(32, (128, 4, 3), (64, 128, 4, 3)),
          _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3)),

@@ -125,6 +125,13 @@ def test_unfused_mosaic_gemms_lower():
   assert kernels == ROUTING_KERNELS + ["moe_gather_rows", MOSAIC_GEMM, "moe_swiglu_fp8", MOSAIC_GEMM, "moe_combine"]
 
 
+def test_split_fused_epilogue_lowers():
+  """gemm_kernels="mosaic_fused_swiglu_split": the same kernels, the epilogue over both warpgroups (for cuda)."""
+  tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,
+                                                    device_kind="NVIDIA H200"), gemm_kernels="mosaic_fused_swiglu_split")
+  assert _lowered_kernels(14107, "NVIDIA H200", tiles=tiles) == ROUTING_KERNELS + MOSAIC_EXPERTS
+
+
 @pytest.mark.parametrize("num_tokens", [57, 901])
 def test_layout_in_place_lowers(num_tokens):
   """`route_and_schedule(layout_in_place=True)`: route, then layout + place as one kernel (lowered for cuda)."""

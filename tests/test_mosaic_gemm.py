@@ -132,10 +132,11 @@ def test_rejects_shapes_it_does_not_cover():
     tiling.MoETiling(gemm_kernels="cutlass")
 
 
-def test_fused_swiglu_epilogue_equals_the_separate_kernels(rng, interpret):
-  """GEMM1 with SwiGLU + quant in its epilogue against GEMM1 to float32 then `swiglu_of_partials`: the same
-  products and promotion, so in interpret mode the same bits; compiled, the two SwiGLUs' exp may differ in
-  the last bit, which can flip an FP8 rounding."""
+@pytest.mark.parametrize("split_epilogue", [False, True], ids=["on_up", "split"])
+def test_fused_swiglu_epilogue_equals_the_separate_kernels(rng, split_epilogue, interpret):
+  """GEMM1 with SwiGLU + quant in its epilogue (on the up warpgroup, or split by columns over both) against
+  GEMM1 to float32 then `swiglu_of_partials`: the same products and promotion, so in interpret mode the
+  same bits; compiled, the two SwiGLUs' exp may differ in the last bit, which can flip an FP8 rounding."""
   num_local, intermediate, k = 3, 256, 384
   tile_expert = jnp.asarray([2, 0, 3, 2], jnp.int32)
   rows = tile_expert.shape[0] * mosaic_gemm.BLOCK_M
@@ -143,7 +144,7 @@ def test_fused_swiglu_epilogue_equals_the_separate_kernels(rng, interpret):
   a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, rows)), jnp.float32)
   w13_scale = jnp.asarray(rng.standard_normal((num_local, 2 * intermediate // 128, k // 128)), jnp.float32)
   fused, fused_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale,
-                                                           interpret=interpret)
+                                                           split_epilogue=split_epilogue, interpret=interpret)
   gate_up = mosaic_gemm.grouped_fp8_gemm(tile_expert, a, a_scale, w13, w13_scale, interpret=interpret)
   split, split_scale = grouped_gemm.swiglu_of_partials(tile_expert, gate_up, num_local_experts=num_local,
                                                        tiling=TRITON_TILES.gemm1, interpret=interpret)
@@ -195,11 +196,12 @@ def test_layer_with_mosaic_gemms_matches_oracle(seed, num_tokens, scenario, offs
   assert metrics["rel_l2"] < FP8_BOUND, metrics
 
 
+@pytest.mark.parametrize("gemm_kernels", ["mosaic_fused_swiglu", "mosaic_fused_swiglu_split"])
 @pytest.mark.parametrize("num_tokens,scenario", [(50, "skewed"), (300, "all_local")])
-def test_layer_with_the_fused_swiglu_epilogue_matches_oracle(seed, num_tokens, scenario, interpret):
+def test_layer_with_the_fused_swiglu_epilogue_matches_oracle(seed, num_tokens, scenario, gemm_kernels, interpret):
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, num_tokens, seed=seed, scenario=scenario, local_expert_offset=8)
-  tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels="mosaic_fused_swiglu")
+  tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels=gemm_kernels)
   out = grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, interpret=interpret, tiling=tiles)
   ref = oracle_moe(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, top_k=config.top_k,
                    n_group=config.n_group, topk_group=config.topk_group)

@@ -58,10 +58,11 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
   rows, rows_scale = grouped_gemm.gather_rows(schedule.tile_expert, schedule.row_token, hidden_states,
                                               hidden_states_scale, block_m=tiling.block_m,
                                               num_local_experts=num_local, interpret=interpret)
-  if tiling.gemm_kernels == "mosaic_fused_swiglu":
-    swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(schedule.tile_expert, rows, rows_scale, gemm1_weights,
-                                                               gemm1_weights_scale, used_tiles=schedule.num_used_tiles,
-                                                               interpret=interpret)
+  if tiling.gemm_kernels in ("mosaic_fused_swiglu", "mosaic_fused_swiglu_split"):
+    swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(
+        schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
+        used_tiles=schedule.num_used_tiles, split_epilogue=tiling.gemm_kernels == "mosaic_fused_swiglu_split",
+        interpret=interpret)
   else:
     gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
                                            used_tiles=schedule.num_used_tiles, name="moe_gemm1_mosaic",

@@ -294,7 +294,67 @@ def _epilogue_on_up_scratch():
           plgpu.Barrier(num_arrivals=2)]
 
 
-def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None,
+_HALF = SCALE_BLOCK // 2
+
+
+def _epilogue_split(acc, wg, rows, ni, out_gmem, out_scale_gmem, handoff, row_stats, out_smem, exchange):
+  """SwiGLU + quant of one work item split by columns: warpgroup g forms columns g*64 .. g*64+63. The up
+  warpgroup hands over up's second half, the gate warpgroup silu(gate)'s first half; the row amax is the
+  max of the two halves' (exact), so the bits are `_epilogue_on_up`'s, with half the serial work each."""
+  @pl.when(wg == 0)
+  def _():
+    handoff[1] = acc[:, _HALF:]
+
+  @pl.when(wg == 1)
+  def _():
+    handoff[0] = _silu(acc[:, :_HALF])
+
+  plgpu.barrier_arrive(exchange)  # each warpgroup's half for the other is in SMEM
+  plgpu.barrier_wait(exchange)
+  # Each warpgroup forms its half of silu(gate) * up (silu on the SECOND half) in place of what it was
+  # handed (a value cannot leave a pl.when branch, and Mosaic's warpgroup lowering has no select on a
+  # scalar predicate); every element is written and read back by the same thread.
+  handed = lambda i: plgpu.load(handoff.at[i], layout=plgpu.Layout.WGMMA)
+
+  @pl.when(wg == 0)
+  def _():
+    handoff[0] = handed(0) * acc[:, :_HALF]
+
+  @pl.when(wg == 1)
+  def _():
+    handoff[1] = _silu(acc[:, _HALF:]) * handed(1)
+
+  swiglu = handed(wg)
+  row_stats[wg] = jnp.max(jnp.abs(swiglu), axis=1)
+  plgpu.barrier_arrive(exchange)  # both halves' row amax are in SMEM
+  plgpu.barrier_wait(exchange)
+  row_max = lambda i: plgpu.load(row_stats.at[i], layout=plgpu.Layout.WGMMA.reduce(1))
+  values, scale = _quantized_rows(swiglu, jnp.maximum(row_max(0), row_max(1)))
+  out_smem[wg] = values.astype(out_smem.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, pl.ds(ni * SCALE_BLOCK + wg * _HALF, _HALF)])
+
+  @pl.when(wg == 0)
+  def _():
+    row_stats[2] = scale  # row 2 stages the scales (rows 0-1, the amax, are read by now)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(row_stats.at[2], out_scale_gmem.at[ni, rows])
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _epilogue_split_scratch():
+  # Row stats: the two halves' row amax (rows 0, 1) and the scales out (row 2), one buffer: with a fifth
+  # scratch buffer here the kernel hung in Mosaic GPU's interpret mode (jax 0.11.2).
+  swizzle = plgpu.find_swizzle(_HALF * 8)  # 64 FP8 values a row: 64 bytes
+  return [plgpu.SMEM((2, BLOCK_M, _HALF), jnp.float32),
+          plgpu.SMEM((3, BLOCK_M), jnp.float32),
+          plgpu.SMEM((2, BLOCK_M, _HALF), jnp.float8_e4m3fn,
+                     transforms=(plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))),
+          plgpu.Barrier(num_arrivals=2)]
+
+
+def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None, split_epilogue=False,
                             name: str = "moe_gemm1_swiglu_mosaic", interpret=False):
   """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
 
@@ -307,6 +367,8 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   Args:
     tile_expert, a, a_scale, used_tiles: as `grouped_fp8_gemm`.
     w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
+    split_epilogue: SwiGLU + quant split by columns over both warpgroups (`_epilogue_split`: the same
+      bits; prepared, not yet timed on a GPU) instead of on the up warpgroup alone.
 
   Returns:
     (values [rows, I] float8_e4m3fn, scales [I/128, rows] float32). Rows of tiles of no expert unwritten.
@@ -326,7 +388,8 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   i_blocks = intermediate // SCALE_BLOCK
   w_scale_rows = _weight_scale_rows(w13_scale)
 
-  epilogue, epilogue_scratch = _epilogue_on_up, _epilogue_on_up_scratch()
+  epilogue, epilogue_scratch = ((_epilogue_split, _epilogue_split_scratch()) if split_epilogue else
+                                (_epilogue_on_up, _epilogue_on_up_scratch()))
 
   def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem,
              out_scale_gmem, *scratch):

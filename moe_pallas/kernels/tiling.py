@@ -63,7 +63,7 @@ class CombineTiling:
   num_warps: int = 4
 
 
-GEMM_KERNELS = ("triton", "mosaic", "mosaic_fused_swiglu")
+GEMM_KERNELS = ("triton", "mosaic", "mosaic_fused_swiglu", "mosaic_fused_swiglu_split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,8 @@ class MoETiling:
     (`mosaic_gemm.BLOCK_M`) and GEMM1's quant block (block_n = 128), their launch fields unused.
   - "mosaic_fused_swiglu": as "mosaic", with SwiGLU + quant in the Mosaic GEMM1's epilogue
     (`mosaic_gemm.grouped_fp8_gemm_swiglu`); the H200 table's choice above 128 rows per expert.
+  - "mosaic_fused_swiglu_split": as "mosaic_fused_swiglu", that epilogue split by columns over both compute
+    warpgroups (`split_epilogue=True`: the same bits; prepared, not yet timed on a GPU, so no table picks it).
   """
 
   gemm1: GemmTiling = GemmTiling()
