@@ -224,18 +224,17 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
 
       run_pipeline(step, compute_context, expert < num_local, *operands(mi, ni, expert))
 
-  kernel.__name__ = name  # plgpu.kernel names the kernel after its body
-  call = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((num_rows, n), jnp.float32),
+  return _persistent_call(
+      kernel, name=name, out_type=jax.ShapeDtypeStruct((num_rows, n), jnp.float32),
       scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), jnp.float32, transforms=out_transforms)],
-      grid=(_num_ctas(interpret),),
-      grid_names=("sm",),
-      num_threads=3,
-      thread_name="wg",
-      interpret=_interpret_params(interpret),
-  )
-  return call(tile_expert, _used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows)
+      interpret=interpret)(tile_expert, _used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows)
+
+
+def _persistent_call(kernel, *, name, out_type, scratch_types, interpret):
+  """The kernel on the persistent grid (one CTA per SM, "sm"), two compute warpgroups and the TMA one ("wg")."""
+  kernel.__name__ = name  # plgpu.kernel names the kernel after its body
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch_types, grid=(_num_ctas(interpret),),
+                      grid_names=("sm",), num_threads=3, thread_name="wg", interpret=_interpret_params(interpret))
 
 
 def _used_tiles_operand(used_tiles, num_tiles):
@@ -419,16 +418,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
 
       run_pipeline(step, compute_context, expert < num_local, *operands(mi, ni, expert))
 
-  kernel.__name__ = name
-  call = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct((num_rows, intermediate), jnp.float8_e4m3fn),
-                jax.ShapeDtypeStruct((i_blocks, num_rows), jnp.float32)),
-      scratch_types=epilogue_scratch,
-      grid=(_num_ctas(interpret),),
-      grid_names=("sm",),
-      num_threads=3,
-      thread_name="wg",
-      interpret=_interpret_params(interpret),
-  )
-  return call(tile_expert, _used_tiles_operand(used_tiles, num_tiles), a, a_scale, w13, w_scale_rows)
+  out_type = (jax.ShapeDtypeStruct((num_rows, intermediate), jnp.float8_e4m3fn),
+              jax.ShapeDtypeStruct((i_blocks, num_rows), jnp.float32))
+  return _persistent_call(kernel, name=name, out_type=out_type, scratch_types=epilogue_scratch, interpret=interpret)(
+      tile_expert, _used_tiles_operand(used_tiles, num_tiles), a, a_scale, w13, w_scale_rows)
