@@ -9,7 +9,8 @@ scales) -> combine. Two entries:
 
 - `moe_layer_triton`: the whole layer from the router logits. Up to `fused_routing.MAX_FUSED_PAIRS`
   picks (T <= 16384 at DeepSeek-V3's top-8), routing + plan + schedule run as three small Pallas kernels
-  (six to eight kernels per call in all); above, as XLA's routing and sort-based plan (~40 small kernels,
+  (seven kernels per call in all with the Triton GEMMs, ten with the Mosaic ones: the row gather and three
+  small XLA ops of scale layout and routing weight); above, as XLA's routing and sort-based plan (~40 small kernels,
   a small share of a large call).
 - `apply_local_experts_triton`: from a RoutingPlan (the public `apply_local_experts`, used by sharded
   callers that route once for all ranks).
@@ -52,8 +53,8 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
                     gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
                     poison=None):
   """`tiling.mosaic`: gather -> Mosaic GEMM1 [rows, 2I] float32 -> SwiGLU + quant -> Mosaic GEMM2 ->
-  combine ("mosaic_fused_swiglu": GEMM1 with SwiGLU + quant in its epilogue). The TMA-fed GEMM reads
-  whole row tiles, so the rows are gathered first (tiles in use only)."""
+  combine ("mosaic_fused_swiglu" and its "_split" variant: GEMM1 with SwiGLU + quant in its epilogue). The
+  TMA-fed GEMM reads whole row tiles, so the rows are gathered first (tiles in use only)."""
   num_local = gemm1_weights.shape[0]
   rows, rows_scale = grouped_gemm.gather_rows(schedule.tile_expert, schedule.row_token, hidden_states,
                                               hidden_states_scale, block_m=tiling.block_m,
