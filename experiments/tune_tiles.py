@@ -87,8 +87,20 @@ def mosaic_fused_split_variant():
   return "mosaic_fused_split", dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu_split"), bf16, fused
 
 
+def gemm2_and_combine_variants(base):
+  """GEMM2's N-tile and pipeline, and the combine's tile, with GEMM1 as the table has it (its busy launch
+  included): at T=14-62 the peer's GEMM2 (16x128 tiles, 4 warps, 3-4 stages) was 1-10 us faster than ours
+  (16x64, 3 stages) at 9 of 14 rows, its combine ~1 us faster at every row (results/h200_2026-11-30_s5)."""
+  import dataclasses
+  out = []
+  for block_n, warps, stages in ((128, 4, 3), (128, 4, 4), (64, 4, 4), (128, 8, 4), (32, 4, 4)):
+    gemm2 = dataclasses.replace(base.gemm2, block_n=block_n, num_warps=warps, num_stages=stages)
+    out.append((f"g2_n{block_n}w{warps}s{stages}", dataclasses.replace(base, gemm2=gemm2), False, None))
+  return out + [_with_combine(base, f"comb_{bt}x{bh}", bt, bh) for bt, bh in ((4, 256), (2, 512), (4, 512), (2, 1024))]
+
+
 def small_t_variants(base):
-  return [
+  return [*gemm2_and_combine_variants(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one
       # program beside SMs with two; more, shorter programs even that out, for a float32 partials

@@ -18,9 +18,12 @@ import moe_pallas as mp
 from moe_pallas.kernels import fused_routing, grouped_moe, tiling, triton_internals
 
 CONFIG = mp.DEEPSEEK_V3
-ROUTING_KERNELS = ["moe_route", "moe_layout", "moe_place"]
+# The fused routing: `layout` folded into `place` while the blocks' counts fit one tile (T <= 1024), else three.
+ROUTING_KERNELS = ["moe_route", "moe_layout_place"]
+ROUTING_KERNELS_PAST_ONE_TILE = ["moe_route", "moe_layout", "moe_place"]
 MOSAIC_CALL, MOSAIC_GEMM = "mosaic_gpu_v2", "mosaic_gemm"
-# The H200 table's Mosaic path: SwiGLU + quant in GEMM1's epilogue ("mosaic_fused_swiglu"), no kernel of its own.
+# The H200 table's Mosaic path: SwiGLU + quant in GEMM1's epilogue ("mosaic_fused_swiglu_split"), no kernel of
+# its own.
 MOSAIC_EXPERTS = ["moe_gather_rows", MOSAIC_GEMM, MOSAIC_GEMM, "moe_combine"]
 
 
@@ -79,7 +82,7 @@ def test_split_k_gemm1_lowers():
 
 
 def test_small_calls_are_the_kernels_alone():
-  """With the fused routing, the program is its six kernels and free reshapes: no XLA kernel of its own."""
+  """With the fused routing, the program is its kernels (six at T=57) and free reshapes: no XLA kernel of its own."""
   text = _lowered_text(57, "NVIDIA H200")
   main = text[text.index("func.func public @main"):]
   assert set(re.findall(r"= (stablehlo\.[a-z_]+)", main)) == {"stablehlo.custom_call", "stablehlo.reshape"}
@@ -101,7 +104,7 @@ def test_128_local_experts_lower_without_copies(num_tokens):
 def test_fused_routing_lowers_past_one_layout_tile():
   """T=14107 asked for the fused routing: 3527 blocks, laid out in chunks of 256 (two loops in `layout`)."""
   kernels = _lowered_kernels(14107, "NVIDIA H200", fused_routing_kernels=True)
-  assert kernels == ROUTING_KERNELS + MOSAIC_EXPERTS
+  assert kernels == ROUTING_KERNELS_PAST_ONE_TILE + MOSAIC_EXPERTS
 
 
 @pytest.mark.parametrize("num_tokens", [901, 14107])
@@ -109,11 +112,12 @@ def test_large_calls_on_the_h200_run_the_mosaic_gemms(num_tokens):
   """Above 128 rows per expert (T > 512) the H200 table picks the Mosaic GPU GEMMs (wgmma + TMA): the rows gathered,
   GEMM1 with SwiGLU + quant in its epilogue, GEMM2, combine; lowered for cuda, the module holds FP8 wgmma."""
   assert tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200").mosaic
-  assert _lowered_kernels(num_tokens, "NVIDIA H200") == ROUTING_KERNELS + MOSAIC_EXPERTS
+  routing_kernels = ROUTING_KERNELS if num_tokens <= 1024 else ROUTING_KERNELS_PAST_ONE_TILE
+  assert _lowered_kernels(num_tokens, "NVIDIA H200") == routing_kernels + MOSAIC_EXPERTS
   assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in _lowered_text(num_tokens, "NVIDIA H200")
   triton_tiles = dataclasses.replace(tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts,
                                                           device_kind="NVIDIA H200"), gemm_kernels="triton")
-  assert _lowered_kernels(num_tokens, "NVIDIA H200", tiles=triton_tiles) == ROUTING_KERNELS + [
+  assert _lowered_kernels(num_tokens, "NVIDIA H200", tiles=triton_tiles) == routing_kernels + [
       "moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
 
 
@@ -122,27 +126,30 @@ def test_unfused_mosaic_gemms_lower():
   tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,
                                                     device_kind="NVIDIA H200"), gemm_kernels="mosaic")
   kernels = _lowered_kernels(14107, "NVIDIA H200", tiles=tiles)
-  assert kernels == ROUTING_KERNELS + ["moe_gather_rows", MOSAIC_GEMM, "moe_swiglu_fp8", MOSAIC_GEMM, "moe_combine"]
+  assert kernels == ROUTING_KERNELS_PAST_ONE_TILE + ["moe_gather_rows", MOSAIC_GEMM, "moe_swiglu_fp8", MOSAIC_GEMM,
+                                                     "moe_combine"]
 
 
 def test_split_fused_epilogue_lowers():
   """gemm_kernels="mosaic_fused_swiglu_split": the same kernels, the epilogue over both warpgroups (for cuda)."""
   tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,
                                                     device_kind="NVIDIA H200"), gemm_kernels="mosaic_fused_swiglu_split")
-  assert _lowered_kernels(14107, "NVIDIA H200", tiles=tiles) == ROUTING_KERNELS + MOSAIC_EXPERTS
+  assert _lowered_kernels(14107, "NVIDIA H200", tiles=tiles) == ROUTING_KERNELS_PAST_ONE_TILE + MOSAIC_EXPERTS
 
 
+@pytest.mark.parametrize("layout_in_place", [True, False])
 @pytest.mark.parametrize("num_tokens", [57, 901])
-def test_layout_in_place_lowers(num_tokens):
-  """`route_and_schedule(layout_in_place=True)`: route, then layout + place as one kernel (lowered for cuda)."""
+def test_fused_routing_kernels_lower(num_tokens, layout_in_place):
+  """`route_and_schedule`: route, then layout + place as one kernel (the default) or two (lowered for cuda)."""
   def schedule(logits, bias):
     return fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=CONFIG,
                                             num_local_experts=CONFIG.num_local_experts, block_m=16,
-                                            layout_in_place=True)[0]
+                                            layout_in_place=layout_in_place)[0]
   shapes = _layer_shapes(num_tokens)[:2]
   with triton_internals.abstract_gpu("NVIDIA H200"):
     text = jax.jit(schedule).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-  assert re.findall(r'name = "(moe_[a-z_]+)"', text) == ["moe_route", "moe_layout_place"]
+  expected = ROUTING_KERNELS if layout_in_place else ROUTING_KERNELS_PAST_ONE_TILE
+  assert re.findall(r'name = "(moe_[a-z_]+)"', text) == expected
 
 
 def test_large_calls_route_with_xla():

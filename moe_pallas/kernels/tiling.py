@@ -80,9 +80,10 @@ class MoETiling:
     first and GEMM1's SwiGLU + quant as a kernel of its own; `gemm1`/`gemm2` then give only block_m
     (`mosaic_gemm.BLOCK_M`) and GEMM1's quant block (block_n = 128), their launch fields unused.
   - "mosaic_fused_swiglu": as "mosaic", with SwiGLU + quant in the Mosaic GEMM1's epilogue
-    (`mosaic_gemm.grouped_fp8_gemm_swiglu`); the H200 table's choice above 128 rows per expert.
+    (`mosaic_gemm.grouped_fp8_gemm_swiglu`), run by the up warpgroup while the gate one waits.
   - "mosaic_fused_swiglu_split": as "mosaic_fused_swiglu", that epilogue split by columns over both compute
-    warpgroups (`split_epilogue=True`: the same bits; prepared, not yet timed on a GPU, so no table picks it).
+    warpgroups (`split_epilogue=True`: the same bits, GEMM1 0-1.6 % faster); the H200 table's choice above
+    128 rows per expert.
   """
 
   gemm1: GemmTiling = GemmTiling()
@@ -167,8 +168,10 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # 114.7 us against 4 stages, T=32: 107.3 -> 95.7 and T=80: 112.0 -> 101.5 against 4 warps), with 4
     # warps from 18 (T=52/55/57, 18-20 experts: 188-190 -> 147-159 us). 16 tiles x 16 N-tiles = 256
     # programs, about two per SM, is the measured boundary.
+    # The combine with 2 x 512 programs (2026-11-30, h200_2026-11-30_s6/tune10.jsonl): 1.0-1.3 us less at
+    # T=14-80 (T=14 4.0 -> 2.9, T=55 4.8 -> 3.5, T=80 4.3 -> 3.6; 4 x 256 the same within 0.1 us).
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3),
-                     gemm2=gemm2, combine=combine,
+                     gemm2=gemm2, combine=CombineTiling(block_t=2, block_h=512),
                      gemm1_busy=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=3),
                      busy_min_tiles=17)
   tiles = dataclasses.replace(_h100_tiling(rows_per_expert), combine=combine)
@@ -186,8 +189,10 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # kernel sums): T=901 406.8 -> 384.6 us, T=11948 1694.7 -> 1648.9, T=14107 2198.2 -> 2127.9, T=901
     # all_local 1025.5 -> 990.1 (GEMM1 3-4 % slower, the 17-103 us SwiGLU kernel gone). With the persistent
     # grid (h200_2026-11-30_s5/tune8_persistent.jsonl): 370.5, 1228.3, 1624.3 and 898.7 us; the unfused
-    # Mosaic GEMM1 wins only at all_local T=14107 (11334 vs 11593).
-    tiles = dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu")
+    # Mosaic GEMM1 wins only at all_local T=14107 (11334 vs 11593). With that epilogue split by columns over
+    # both warpgroups (h200_2026-11-30_s6/tune9.jsonl, GEMM1 alone): T=901 219.5 -> 219.8 us, T=11948
+    # 664.1 -> 656.0, T=14107 886.2 -> 872.2, T=901 all_local 546.0 -> 539.1, all_local T=14107 7144 -> 7035.
+    tiles = dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu_split")
   return tiles
 
 
