@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from moe_pallas.config import SCALE_BLOCK
+from moe_pallas.kernels import schedule
 # The fused epilogue quantizes as quant.quantize_blockwise does (amax / 448, amax floor), so both agree.
 from moe_pallas.quant import AMAX_FLOOR as _AMAX_FLOOR, FP8_MAX as _FP8_MAX
 
@@ -50,8 +51,6 @@ _EPILOGUE_N = 64             # columns per epilogue store (float32 SMEM: 2 x 64 
 _PRODUCER_REGISTERS = 40     # the TMA warpgroup's registers; the compute warpgroups get the rest
 _MAX_CONCURRENT_STEPS = 4    # pipeline stages: 4 x ~40 KiB + the epilogue's 32 KiB fit the 227 KiB of SMEM
 _GROUP_M = 8                 # M-tiles visited together per column sweep (as the Triton kernels' group_m)
-_DEFAULT_NUM_CTAS = 132      # the H100/H200 SM count, where the device does not say (lowering on a CPU host)
-_INTERPRET_NUM_CTAS = 3
 
 
 def supports(n: int, k: int, block_m: int) -> str | None:
@@ -95,14 +94,6 @@ def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma):
     return acc_ref[...]
 
   return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
-
-
-def _num_ctas(interpret) -> int:
-  """One CTA per SM of the device the kernel is traced for; in interpret mode 3, so that every CTA loops
-  over several work items (the SMEM and barrier reuse between items) at test shapes."""
-  if interpret:
-    return _INTERPRET_NUM_CTAS
-  return getattr(jax.devices()[0], "core_count", None) or _DEFAULT_NUM_CTAS
 
 
 def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_cols):
@@ -227,25 +218,14 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
   return _persistent_call(
       kernel, name=name, out_type=jax.ShapeDtypeStruct((num_rows, n), jnp.float32),
       scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), jnp.float32, transforms=out_transforms)],
-      interpret=interpret)(tile_expert, _used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows)
+      interpret=interpret)(tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows)
 
 
 def _persistent_call(kernel, *, name, out_type, scratch_types, interpret):
   """The kernel on the persistent grid (one CTA per SM, "sm"), two compute warpgroups and the TMA one ("wg")."""
   kernel.__name__ = name  # plgpu.kernel names the kernel after its body
-  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch_types, grid=(_num_ctas(interpret),),
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch_types, grid=(schedule.num_sms(interpret),),
                       grid_names=("sm",), num_threads=3, thread_name="wg", interpret=_interpret_params(interpret))
-
-
-def _used_tiles_operand(used_tiles, num_tiles):
-  """[1] int32 count of leading tiles to visit (all of them when the caller gives none)."""
-  if used_tiles is None:
-    return jnp.full((1,), num_tiles, jnp.int32)
-  used_tiles = jnp.asarray(used_tiles)
-  if used_tiles.shape not in ((), (1,)) or not jnp.issubdtype(used_tiles.dtype, jnp.integer):
-    raise ValueError(f"used_tiles must be one integer (the number of leading tiles in use), got "
-                     f"{used_tiles.dtype} of shape {used_tiles.shape}")
-  return jnp.reshape(used_tiles.astype(jnp.int32), (1,))
 
 
 def _silu(x):
@@ -421,4 +401,4 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   out_type = (jax.ShapeDtypeStruct((num_rows, intermediate), jnp.float8_e4m3fn),
               jax.ShapeDtypeStruct((i_blocks, num_rows), jnp.float32))
   return _persistent_call(kernel, name=name, out_type=out_type, scratch_types=epilogue_scratch, interpret=interpret)(
-      tile_expert, _used_tiles_operand(used_tiles, num_tiles), a, a_scale, w13, w_scale_rows)
+      tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, w13, w_scale_rows)

@@ -77,3 +77,29 @@ def make_tile_schedule(plan: RoutingPlan, *, block_m: int) -> TileSchedule:
   pair_padded_row = jnp.where(plan.pair_rows < capacity, pair_padded_row, num_rows)
   return TileSchedule(tile_expert=tile_expert, row_token=row_token, row_weight=row_weight,
                       pair_padded_row=pair_padded_row.astype(jnp.int32), num_used_tiles=num_used_tiles)
+
+
+# ---- how persistent kernels visit the schedule ---------------------------------------------------------
+
+_DEFAULT_NUM_SMS = 132   # the H100/H200 SM count, where the device does not say (lowering on a CPU host)
+_INTERPRET_NUM_SMS = 3   # interpret mode: few programs, so that each loops over several work items
+
+
+def num_sms(interpret=False) -> int:
+  """SMs of the device a persistent kernel is traced for (its grid: a multiple of this); in interpret mode
+  3, so that every program loops over several work items at test shapes."""
+  if interpret:
+    return _INTERPRET_NUM_SMS
+  return getattr(jax.devices()[0], "core_count", None) or _DEFAULT_NUM_SMS
+
+
+def used_tiles_operand(used_tiles, num_tiles: int) -> jax.Array:
+  """[1] int32 count of the leading tiles in use (`TileSchedule.num_used_tiles`; all of them when the
+  caller gives none), as a persistent kernel takes it."""
+  if used_tiles is None:
+    return jnp.full((1,), num_tiles, jnp.int32)
+  used_tiles = jnp.asarray(used_tiles)
+  if used_tiles.shape not in ((), (1,)) or not jnp.issubdtype(used_tiles.dtype, jnp.integer):
+    raise ValueError(f"used_tiles must be one integer (the number of leading tiles in use), got "
+                     f"{used_tiles.dtype} of shape {used_tiles.shape}")
+  return jnp.reshape(used_tiles.astype(jnp.int32), (1,))
