@@ -217,12 +217,17 @@ def test_tiling_rejects_inconsistent_blocks():
 
 @pytest.mark.parametrize("device_kind", ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "cpu"])
 def test_default_tiling_fits_every_hidden_size(device_kind):
-  """The tables are measured at DeepSeek-V3's H; at any other H GEMM1's split_k divides the K steps."""
+  """The tables are measured at DeepSeek-V3's H and I; at any other, each GEMM's split_k divides its K steps."""
   for num_tokens in (1, 7, 16, 57, 901, 14107):
     for hidden, most in ((7168, 4), (256, 2), (384, 3), (128, 1), (640, 1)):
       tiles = tiling.default_tiling(num_tokens, 8, 32, device_kind=device_kind, hidden=hidden)
       assert (hidden // 128) % tiles.gemm1.split_k == 0 and tiles.gemm1.split_k <= most
+    for intermediate in (2048, 256, 128, 384):
+      tiles = tiling.default_tiling(num_tokens, 8, 32, device_kind=device_kind, intermediate=intermediate)
+      assert (intermediate // tiles.gemm2.block_k) % tiles.gemm2.split_k == 0
   assert tiling.default_tiling(1, 8, 32, device_kind="NVIDIA H200", hidden=7168).gemm1.split_k == 4
+  assert tiling.default_tiling(1, 8, 32, device_kind="NVIDIA H200", intermediate=2048).gemm2.split_k == 2
+  assert tiling.default_tiling(1, 8, 32, device_kind="NVIDIA H200", intermediate=128).gemm2.split_k == 1
 
 
 @pytest.mark.parametrize("num_tokens", [1, 13])

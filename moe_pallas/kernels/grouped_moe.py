@@ -33,7 +33,7 @@ def _tiling_for(tiling, num_tokens, top_k, num_local, hidden, intermediate, inte
   quantized = jnp.dtype(intermediate_dtype) == jnp.dtype(jnp.float8_e4m3fn)
   why_not_mosaic = _why_not_mosaic(hidden, intermediate, quantized)
   if tiling is None:
-    tiling = default_tiling(num_tokens, top_k, num_local, hidden=hidden)
+    tiling = default_tiling(num_tokens, top_k, num_local, hidden=hidden, intermediate=intermediate)
     if tiling.mosaic and why_not_mosaic:  # the table's choice where the Mosaic kernels cannot run
       tiling = dataclasses.replace(tiling, gemm_kernels="triton")
   elif tiling.mosaic and why_not_mosaic:
@@ -115,7 +115,7 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
   """Same contract as `moe_pallas.apply_local_experts` (see there), computed by Pallas kernels.
 
   Args (beyond apply_local_experts'):
-    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local, hidden=H)`.
+    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local, hidden=H, intermediate=I)`.
 
   Raises:
     NotImplementedError: the Pallas-Triton internals moved; `implementation=None` then falls back to the
@@ -143,7 +143,7 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
   A NaN in the routing inputs makes the affected rows NaN (`routing.nan_poison`, added in the combine).
 
   Args (beyond moe_layer's):
-    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local, hidden=H)` for this device.
+    tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local, hidden=H, intermediate=I)` for this device.
     fused_routing_kernels: route and schedule with the three Pallas kernels of `fused_routing` (True) or
       with XLA (False); None: fused up to `fused_routing.MAX_FUSED_PAIRS` picks where the geometry
       allows (`fused_routing.supports`). Both give the same schedule (tested).

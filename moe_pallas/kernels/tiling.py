@@ -160,9 +160,12 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
   gemm2 = GemmTiling(block_m=16, block_n=64, group_m=8, num_warps=4, num_stages=3)
   if rows_per_expert <= 2:
     # Two experts touched at T=1 and T=7: GEMM1 in 4 K ranges (2026-11-30, tune2_tiles.jsonl): 48.3 -> 30.6
-    # us at T=7 (split 2: 40.6, split 8: 33.5).
+    # us at T=7 (split 2: 40.6, split 8: 33.5). GEMM2 in 2 K ranges, their partial rows summed by the
+    # combine (h200_2026-11-30/tune3_tiles.jsonl and h200_2026-11-30_s6/tune13.jsonl, GEMM2 + combine):
+    # T=1 17.4 -> 15.4 and 17.3 -> 15.7 us, T=7 17.9 -> 17.3 and 17.7 -> 17.3 (16 K steps of 128 are too
+    # few for a program's pipeline to reach the weights' bandwidth).
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, split_k=4),
-                     gemm2=gemm2, combine=combine)
+                     gemm2=dataclasses.replace(gemm2, split_k=2), combine=combine)
   if rows_per_expert <= 32:
     # GEMM1's best launch depends on the experts touched: with 8 warps up to 14 experts (T=14: 116.5 ->
     # 114.7 us against 4 stages, T=32: 107.3 -> 95.7 and T=80: 112.0 -> 101.5 against 4 warps), with 4
@@ -204,7 +207,7 @@ _TILINGS_BY_DEVICE = (("H200", _h200_tiling), ("H100", _h100_tiling))
 
 
 def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_kind: str | None = None,
-                   hidden: int | None = None) -> MoETiling:
+                   hidden: int | None = None, intermediate: int | None = None) -> MoETiling:
   """Per-shape, per-device default (T is static under jit).
 
   Few rows per expert (memory-bound): short M-tiles and narrow GEMM2 N-tiles, so that the weights of a
@@ -214,14 +217,17 @@ def default_tiling(num_tokens: int, top_k: int, num_local_experts: int, device_k
     device_kind: `jax.Device.device_kind` whose measured table applies; default: the first device's.
     hidden: H; GEMM1's split_k (measured at DeepSeek-V3's 56 K steps) becomes the largest divisor of
       H/128 that does not exceed it. None: as measured.
+    intermediate: I; likewise GEMM2's split_k, a divisor of its I/block_k K steps (16 at DeepSeek-V3).
   """
   if device_kind is None:
     device_kind = jax.devices()[0].device_kind
   rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
   tiling_for = next((table for name, table in _TILINGS_BY_DEVICE if name in device_kind), _h100_tiling)
   tiling = tiling_for(rows_per_expert)
-  split_k = tiling.gemm1.split_k
-  if hidden is not None and (hidden // SCALE_BLOCK) % split_k:
-    split_k = max(d for d in range(1, split_k + 1) if (hidden // SCALE_BLOCK) % d == 0)
-    tiling = dataclasses.replace(tiling, gemm1=dataclasses.replace(tiling.gemm1, split_k=split_k))
+  fit = lambda gemm, k: dataclasses.replace(gemm, split_k=max(d for d in range(1, gemm.split_k + 1)
+                                                              if (k // gemm.block_k) % d == 0))
+  if hidden is not None:
+    tiling = dataclasses.replace(tiling, gemm1=fit(tiling.gemm1, hidden))
+  if intermediate is not None:
+    tiling = dataclasses.replace(tiling, gemm2=fit(tiling.gemm2, intermediate))
   return tiling
