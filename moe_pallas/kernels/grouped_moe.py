@@ -144,7 +144,7 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
 
   Args (beyond moe_layer's):
     tiling: the GEMMs' tiles; default `default_tiling(T, top_k, E_local, hidden=H, intermediate=I)` for this device.
-    fused_routing_kernels: route and schedule with the three Pallas kernels of `fused_routing` (True) or
+    fused_routing_kernels: route and schedule with the Pallas kernels of `fused_routing` (True) or
       with XLA (False); None: fused up to `fused_routing.MAX_FUSED_PAIRS` picks where the geometry
       allows (`fused_routing.supports`). Both give the same schedule (tested).
 
