@@ -347,7 +347,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
     tile_expert, a, a_scale, used_tiles: as `grouped_fp8_gemm`.
     w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
     split_epilogue: SwiGLU + quant split by columns over both warpgroups (`_epilogue_split`: the same
-      bits; prepared, not yet timed on a GPU) instead of on the up warpgroup alone.
+      bits, GEMM1 0-1.6 % faster on the H200: the table's choice) instead of on the up warpgroup alone.
 
   Returns:
     (values [rows, I] float8_e4m3fn, scales [I/128, rows] float32). Rows of tiles of no expert unwritten.
