@@ -96,7 +96,15 @@ def gemm2_and_combine_variants(base):
   for block_n, warps, stages in ((128, 4, 3), (128, 4, 4), (64, 4, 4), (128, 8, 4), (32, 4, 4)):
     gemm2 = dataclasses.replace(base.gemm2, block_n=block_n, num_warps=warps, num_stages=stages)
     out.append((f"g2_n{block_n}w{warps}s{stages}", dataclasses.replace(base, gemm2=gemm2), False, None))
-  return out + [_with_combine(base, f"comb_{bt}x{bh}", bt, bh) for bt, bh in ((4, 256), (2, 512), (4, 512), (2, 1024))]
+  combines = ((4, 256), (2, 512), (4, 512), (2, 1024))
+  return out + [_with_combine(base, f"comb_{bt}x{bh}", bt, bh) for bt, bh in combines]
+
+
+def scales_in_gather_variant():
+  """The H200 table's Mosaic path with the weight scales laid out in the row gather (`scales_in_gather`)."""
+  import dataclasses
+  name, tiles, bf16, fused = mosaic_fused_split_variant()
+  return "mosaic_split_scales_in_gather", dataclasses.replace(tiles, scales_in_gather=True), bf16, fused
 
 
 def small_t_variants(base):
@@ -119,6 +127,7 @@ def small_t_variants(base):
 
 def large_t_variants(base, num_tokens):
   out = [mosaic_variant(), mosaic_fused_variant(), mosaic_fused_split_variant(),
+         scales_in_gather_variant(),
          _with_combine(base, "default_c16x512", 16, 512),
          _with_combine(base, "default_c16x256", 16, 256),
          _variant(64, (128, 4, 3), (64, 128, 4, 3)), _variant(32, (128, 4, 3), (64, 128, 4, 3)),

@@ -137,6 +137,18 @@ def test_split_fused_epilogue_lowers():
   assert _lowered_kernels(14107, "NVIDIA H200", tiles=tiles) == ROUTING_KERNELS_PAST_ONE_TILE + MOSAIC_EXPERTS
 
 
+def test_scales_in_gather_lowers_without_xla_kernels():
+  """`scales_in_gather` at T=901: the same kernels, and the weight scales' transpose and pad gone from XLA's
+  part of the program (only the routing-weight multiply is left there)."""
+  tiles = dataclasses.replace(tiling.default_tiling(901, CONFIG.top_k, CONFIG.num_local_experts,
+                                                    device_kind="NVIDIA H200"), scales_in_gather=True)
+  assert _lowered_kernels(901, "NVIDIA H200", tiles=tiles) == ROUTING_KERNELS + MOSAIC_EXPERTS
+  text = _lowered_text(901, "NVIDIA H200", tiles=tiles)
+  main = text[text.index("func.func public @main"):]
+  ops = set(re.findall(r"= (stablehlo\.[a-z_]+)", main))
+  assert not ops & {"stablehlo.transpose", "stablehlo.pad"} and "stablehlo.multiply" in ops, ops
+
+
 @pytest.mark.parametrize("layout_in_place", [True, False])
 @pytest.mark.parametrize("num_tokens", [57, 901])
 def test_fused_routing_kernels_lower(num_tokens, layout_in_place):

@@ -176,6 +176,56 @@ def test_gather_rows_copies_the_rows_of_used_tiles(rng, interpret):
   np.testing.assert_array_equal(np.asarray(rows_scale)[:, used], np.asarray(inputs.hidden_states_scale)[:, tokens])
 
 
+@pytest.mark.parametrize("num_tiles,hidden,scale_shapes", [
+    (40, 256, [(8, 4, 2), (8, 2, 4)]),     # SMALL's W13 and W2 scales: 40 tiles, 2 column blocks
+    (3, 128, [(8, 4, 2), (8, 56, 16)]),    # fewer tiles than experts, one column block: the grid grows
+    (5, 1024, [(4, 32, 56)]),              # DeepSeek-V3's W13 scales (four experts), C = N/128 = 32
+])
+def test_gather_rows_lays_out_weight_scales(rng, num_tiles, hidden, scale_shapes, interpret):
+  """`transposed_scales`: the row gather's programs lay out each weight scale as `weight_scale_rows` does
+  (transposed, zero-padded to 32 columns), bit for bit, and still gather the rows."""
+  block_m, num_local = mosaic_gemm.BLOCK_M, 8
+  tile_expert = jnp.asarray(rng.integers(0, num_local + 1, num_tiles), jnp.int32)  # some tiles of no expert
+  row_token = jnp.asarray(rng.integers(0, 20, num_tiles * block_m), jnp.int32)
+  a, a_scale = _fp8(rng, (20, hidden)), jnp.asarray(rng.standard_normal((hidden // 128, 20)), jnp.float32)
+  scales = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in scale_shapes]
+  rows, rows_scale, *laid_out = grouped_gemm.gather_rows(
+      tile_expert, row_token, a, a_scale, block_m=block_m, num_local_experts=num_local, interpret=interpret,
+      transposed_scales=[(w, mosaic_gemm.weight_scale_cols(w.shape)) for w in scales])
+  for got, w in zip(laid_out, scales):
+    np.testing.assert_array_equal(got, mosaic_gemm.weight_scale_rows(w))
+  used = np.repeat(np.asarray(tile_expert) < num_local, block_m)
+  tokens = np.asarray(row_token)[used]
+  np.testing.assert_array_equal(np.asarray(rows.astype(jnp.float32))[used], np.asarray(a.astype(jnp.float32))[tokens])
+  np.testing.assert_array_equal(np.asarray(rows_scale)[:, used], np.asarray(a_scale)[:, tokens])
+
+
+def test_weight_scale_layout_is_checked():
+  w_scale = jnp.ones((4, 2, 2), jnp.float32)
+  with pytest.raises(ValueError, match=r"w_scale_rows must be weight_scale_rows\(w_scale\): float32\[4, 2, 32\]"):
+    mosaic_gemm.grouped_fp8_gemm(jnp.zeros((1,), jnp.int32), jnp.zeros((64, 256), jnp.float8_e4m3fn),
+                                 jnp.ones((2, 64), jnp.float32), jnp.zeros((4, 256, 256), jnp.float8_e4m3fn),
+                                 w_scale, w_scale_rows=jnp.ones((4, 2, 2), jnp.float32), interpret=True)
+  with pytest.raises(ValueError, match=r"transposed_scales takes \(\[E, N', K'\] float32, C >= N'\) pairs"):
+    grouped_gemm.gather_rows(jnp.zeros((1,), jnp.int32), jnp.zeros((64,), jnp.int32),
+                             jnp.zeros((4, 128), jnp.float8_e4m3fn), jnp.ones((1, 4), jnp.float32), block_m=64,
+                             num_local_experts=4, transposed_scales=[(w_scale, 1)], interpret=True)
+  with pytest.raises(ValueError, match="scales_in_gather needs the Mosaic GEMMs"):
+    tiling.MoETiling(scales_in_gather=True)
+
+
+def test_layer_with_scales_in_gather_gives_the_same_bits(seed, interpret):
+  """`scales_in_gather`: the weight scales laid out by the row gather's programs, not XLA: the same output."""
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 50, seed=seed, scenario="skewed", local_expert_offset=8)
+  tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels="mosaic_fused_swiglu_split")
+  run = lambda tiles: np.asarray(grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, interpret=interpret,
+                                                              tiling=tiles), np.float32)
+  base = run(tiles)
+  assert np.abs(base).max() > 0
+  np.testing.assert_array_equal(run(dataclasses.replace(tiles, scales_in_gather=True)), base)
+
+
 @pytest.mark.parametrize("num_tokens,scenario,offset", [(3, "uniform", 8), (50, "skewed", 8), (300, "all_local", 16),
                                                         (64, "no_local", 8)])
 def test_layer_with_mosaic_gemms_matches_oracle(seed, num_tokens, scenario, offset, interpret):

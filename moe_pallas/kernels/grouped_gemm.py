@@ -263,11 +263,35 @@ def swiglu_of_partials(tile_expert, partials, *, num_local_experts: int, tiling:
   return (outs[0], outs[1]) if quantize_output else (outs[0], None)
 
 
-def _gather_rows_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, out_ref, out_scale_ref, *, block_m,
-                        block_h, num_local_experts):
-  i, j = pl.program_id(0), pl.program_id(1)
+def _pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
 
-  @pl.when(tile_expert_ref[i] < num_local_experts)
+
+def _transpose_scales(expert, src_ref, dst_ref):
+  """dst[expert, kb, c] = src[expert, c, kb], zero for c past src's rows: one expert's [N', K'] block scales
+  as [K', C] (C >= N'), in one tile (Triton tiles are powers of two: masked past the edges)."""
+  _, n_blocks, k_blocks = src_ref.shape
+  c = jnp.arange(_pow2(dst_ref.shape[2]), dtype=jnp.int32)
+  kb = jnp.arange(_pow2(k_blocks), dtype=jnp.int32)
+  # Clamped load indices (interpret mode has no rule for masked loads out of bounds); the mask zeroes them.
+  safe_c, safe_kb = jnp.minimum(c, n_blocks - 1), jnp.minimum(kb, k_blocks - 1)
+  scales = pltriton.load(src_ref.at[expert, safe_c[:, None], safe_kb[None, :]],
+                         mask=(c < n_blocks)[:, None] & (kb < k_blocks)[None, :], other=0.0)
+  pltriton.store(dst_ref.at[expert, kb[:, None], c[None, :]], scales.T,
+                 mask=(kb < k_blocks)[:, None] & (c < dst_ref.shape[2])[None, :])
+
+
+def _gather_rows_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, *refs, block_m, block_h,
+                        num_local_experts, num_m_tiles, num_h_blocks, num_transposed):
+  scale_refs = refs[:num_transposed]
+  out_ref, out_scale_ref, *transposed_refs = refs[num_transposed:]
+  i, j = pl.program_id(0), pl.program_id(1)
+  for s, (src_ref, dst_ref) in enumerate(zip(scale_refs, transposed_refs)):  # program (e, s): expert e's
+    pl.when((i < src_ref.shape[0]) & (j == s))(functools.partial(_transpose_scales, i, src_ref, dst_ref))
+
+  # The grid may be larger than the rows need (room for the scales' programs): min() keeps the reads in bounds.
+  @pl.when((i < num_m_tiles) & (j < num_h_blocks)
+           & (tile_expert_ref[jnp.minimum(i, num_m_tiles - 1)] < num_local_experts))
   def _():
     rows = pl.ds(pl.multiple_of(i * block_m, block_m), block_m)
     tokens = row_token_ref[rows]
@@ -278,25 +302,41 @@ def _gather_rows_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, out_
       out_scale_ref[scale_row, rows] = a_scale_ref[scale_row, tokens]
 
 
-def gather_rows(tile_expert, row_token, a, a_scale, *, block_m: int, num_local_experts: int, interpret=False):
+def gather_rows(tile_expert, row_token, a, a_scale, *, block_m: int, num_local_experts: int, interpret=False,
+                transposed_scales=()):
   """The activations of each padded row, in row order: `a[row_token]` [rows, H] and
   `a_scale[:, row_token]` [H/128, rows], written for tiles of an expert only (a TMA-fed GEMM cannot gather
   rows in its loads; the schedule's rows are sized for the worst case, of which few are used at large T).
-  Rows of tiles of no expert are left unwritten."""
+  Rows of tiles of no expert are left unwritten.
+
+  transposed_scales: pairs (w_scale [E, N', K'] float32, C >= N'): each also comes back as [E, K', C],
+  `out[e, kb, c] = w_scale[e, c, kb]`, zero for c >= N' (the Mosaic GEMMs' weight-scale layout, see
+  `mosaic_gemm.weight_scale_rows`), laid out by programs of this kernel instead of XLA kernels of their own.
+  """
   num_rows = row_token.shape[0]
   hidden = a.shape[1]
   num_m_tiles = tile_expert.shape[0]
   if num_rows != num_m_tiles * block_m:
     raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = {num_m_tiles * block_m}")
+  for w_scale, cols in transposed_scales:
+    if w_scale.ndim != 3 or w_scale.dtype != jnp.float32 or cols < w_scale.shape[1]:
+      raise ValueError(f"transposed_scales takes ([E, N', K'] float32, C >= N') pairs, got {w_scale.dtype}"
+                       f"{list(w_scale.shape)} with C={cols}")
   block_h = next(b for b in (1024, 512, 256, 128) if hidden % b == 0)
+  num_h_blocks = hidden // block_h
+  grid = (max([num_m_tiles] + [w.shape[0] for w, _ in transposed_scales]),
+          max(num_h_blocks, len(transposed_scales)))
   kernel = functools.partial(_gather_rows_kernel, block_m=block_m, block_h=block_h,
-                             num_local_experts=num_local_experts)
+                             num_local_experts=num_local_experts, num_m_tiles=num_m_tiles,
+                             num_h_blocks=num_h_blocks, num_transposed=len(transposed_scales))
   return pl.pallas_call(
       kernel, out_shape=(jax.ShapeDtypeStruct((num_rows, hidden), a.dtype),
-                         jax.ShapeDtypeStruct((hidden // _SCALE_BLOCK, num_rows), a_scale.dtype)),
-      grid=(num_m_tiles, hidden // block_h), interpret=interpret, name="moe_gather_rows",
+                         jax.ShapeDtypeStruct((hidden // _SCALE_BLOCK, num_rows), a_scale.dtype),
+                         *[jax.ShapeDtypeStruct((w.shape[0], w.shape[2], cols), w.dtype)
+                           for w, cols in transposed_scales]),
+      grid=grid, interpret=interpret, name="moe_gather_rows",
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-  )(tile_expert, row_token, a, a_scale)
+  )(tile_expert, row_token, a, a_scale, *[w for w, _ in transposed_scales])
 
 
 def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref, *, num_m_tiles,

@@ -56,18 +56,22 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
   combine ("mosaic_fused_swiglu" and its "_split" variant: GEMM1 with SwiGLU + quant in its epilogue). The
   TMA-fed GEMM reads whole row tiles, so the rows are gathered first (tiles in use only)."""
   num_local = gemm1_weights.shape[0]
-  rows, rows_scale = grouped_gemm.gather_rows(schedule.tile_expert, schedule.row_token, hidden_states,
-                                              hidden_states_scale, block_m=tiling.block_m,
-                                              num_local_experts=num_local, interpret=interpret)
+  weight_scales = (gemm1_weights_scale, gemm2_weights_scale)
+  rows, rows_scale, *scale_rows = grouped_gemm.gather_rows(
+      schedule.tile_expert, schedule.row_token, hidden_states, hidden_states_scale, block_m=tiling.block_m,
+      num_local_experts=num_local, interpret=interpret,
+      transposed_scales=[(w, mosaic_gemm.weight_scale_cols(w.shape)) for w in weight_scales]
+      if tiling.scales_in_gather else ())
+  gemm1_scale_rows, gemm2_scale_rows = scale_rows or (None, None)  # None: each GEMM lays its scales out
   if tiling.gemm_kernels in ("mosaic_fused_swiglu", "mosaic_fused_swiglu_split"):
     swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(
         schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
         used_tiles=schedule.num_used_tiles, split_epilogue=tiling.gemm_kernels == "mosaic_fused_swiglu_split",
-        interpret=interpret)
+        interpret=interpret, w_scale_rows=gemm1_scale_rows)
   else:
     gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
                                            used_tiles=schedule.num_used_tiles, name="moe_gemm1_mosaic",
-                                           interpret=interpret)
+                                           interpret=interpret, w_scale_rows=gemm1_scale_rows)
     swiglu, swiglu_scale = grouped_gemm.swiglu_of_partials(schedule.tile_expert, gate_up,
                                                            num_local_experts=num_local, tiling=tiling.gemm1,
                                                            interpret=interpret)
@@ -76,7 +80,8 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
   row_scale = swiglu_scale * schedule.row_weight[None, :]
   weighted_rows = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, swiglu, row_scale, gemm2_weights,
                                                gemm2_weights_scale, used_tiles=schedule.num_used_tiles,
-                                               name="moe_gemm2_mosaic", interpret=interpret)
+                                               name="moe_gemm2_mosaic", interpret=interpret,
+                                               w_scale_rows=gemm2_scale_rows)
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, interpret=interpret)
 

@@ -75,11 +75,30 @@ def _fp8_transforms():
   return plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle)
 
 
-def _weight_scale_rows(w_scale):
-  """[E, N/128, K/128] -> [E, K/128, C] with C = N/128 padded to 32 float32: one 128-byte row per K step
-  through the pipeline (TMA writes SMEM at 128-byte alignment; a 16-byte row put the second stage off)."""
-  scale_cols = -(-w_scale.shape[1] // 32) * 32
-  return jnp.pad(jnp.swapaxes(w_scale, 1, 2), ((0, 0), (0, 0), (0, scale_cols - w_scale.shape[1])))
+def weight_scale_cols(w_scale_shape) -> int:
+  """C of `weight_scale_rows`: N/128 rounded up to 32 float32, a 128-byte row."""
+  return -(-w_scale_shape[1] // 32) * 32
+
+
+def weight_scale_rows(w_scale):
+  """[E, N/128, K/128] -> [E, K/128, C] with C = N/128 padded to 32 float32 (`weight_scale_cols`), zeros past
+  N/128: one 128-byte row per K step through the pipeline (TMA writes SMEM at 128-byte alignment; a 16-byte
+  row put the second stage off). XLA does it as a kernel per weight; `grouped_gemm.gather_rows` can instead
+  (`transposed_scales`), in the programs of the row gather that runs before GEMM1."""
+  cols = weight_scale_cols(w_scale.shape)
+  return jnp.pad(jnp.swapaxes(w_scale, 1, 2), ((0, 0), (0, 0), (0, cols - w_scale.shape[1])))
+
+
+def _scale_rows_operand(w_scale, w_scale_rows):
+  """The weight scales as the kernel reads them: `w_scale_rows` if the caller laid them out (checked), else
+  laid out here."""
+  if w_scale_rows is None:
+    return weight_scale_rows(w_scale)
+  want = (w_scale.shape[0], w_scale.shape[2], weight_scale_cols(w_scale.shape))
+  if w_scale_rows.shape != want or w_scale_rows.dtype != jnp.float32:
+    raise ValueError(f"w_scale_rows must be weight_scale_rows(w_scale): float32{list(want)}, got "
+                     f"{w_scale_rows.dtype}{list(w_scale_rows.shape)}")
+  return w_scale_rows
 
 
 def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma):
@@ -152,7 +171,7 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
 
 
 def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, name: str = "moe_gemm_mosaic",
-                     interpret=False):
+                     interpret=False, w_scale_rows=None):
   """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 out.
 
   Args:
@@ -164,6 +183,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
       `num_used_tiles`: the used tiles come first); the CTAs visit only those. None: all tiles.
     name: the kernel's name (what profiles show).
     interpret: True runs Mosaic GPU's interpret mode (CPU).
+    w_scale_rows: `weight_scale_rows(w_scale)` where the caller has it (laid out by another kernel); None:
+      laid out here (an XLA kernel before this one).
 
   Returns:
     [num_tiles * BLOCK_M, N] float32. Rows of tiles of no expert are left unwritten.
@@ -181,7 +202,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
                                                                          k // SCALE_BLOCK):
     raise ValueError(f"scale shapes {a_scale.shape} and {w_scale.shape} do not match a {a.shape} and w {w.shape}")
   k_steps = k // SCALE_BLOCK
-  w_scale_rows = _weight_scale_rows(w_scale)
+  w_scale_rows = _scale_rows_operand(w_scale, w_scale_rows)
   out_swizzle = plgpu.find_swizzle(_EPILOGUE_N * 32)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
 
@@ -334,7 +355,7 @@ def _epilogue_split_scratch():
 
 
 def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None, split_epilogue=False,
-                            name: str = "moe_gemm1_swiglu_mosaic", interpret=False):
+                            name: str = "moe_gemm1_swiglu_mosaic", interpret=False, w_scale_rows=None):
   """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
 
   The CTA of M-tile i and column block j computes the up columns j*128.. (compute warpgroup 0) and the gate
@@ -344,7 +365,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   `grouped_gemm.swiglu_of_partials` does from float32 partials (no [rows, 2I] float32 round trip).
 
   Args:
-    tile_expert, a, a_scale, used_tiles: as `grouped_fp8_gemm`.
+    tile_expert, a, a_scale, used_tiles, w_scale_rows: as `grouped_fp8_gemm`.
     w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
     split_epilogue: SwiGLU + quant split by columns over both warpgroups (`_epilogue_split`: the same
       bits, GEMM1 0-1.6 % faster on the H200: the table's choice) instead of on the up warpgroup alone.
@@ -365,7 +386,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
                      f"{w13.shape}")
   k_steps = k // SCALE_BLOCK
   i_blocks = intermediate // SCALE_BLOCK
-  w_scale_rows = _weight_scale_rows(w13_scale)
+  w_scale_rows = _scale_rows_operand(w13_scale, w_scale_rows)
 
   epilogue, epilogue_scratch = ((_epilogue_split, _epilogue_split_scratch()) if split_epilogue else
                                 (_epilogue_on_up, _epilogue_on_up_scratch()))
