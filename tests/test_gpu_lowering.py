@@ -107,6 +107,18 @@ def test_fused_routing_lowers_past_one_layout_tile():
   assert kernels == ROUTING_KERNELS_PAST_ONE_TILE + MOSAIC_EXPERTS
 
 
+def test_parallel_layout_lowers():
+  """`route_and_schedule(layout_parallel=True)` at T=14107: route, the chunks' sums, the chunks' layout, place."""
+  def schedule(logits, bias):
+    return fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=CONFIG,
+                                            num_local_experts=CONFIG.num_local_experts, block_m=64,
+                                            layout_parallel=True)[0]
+  with triton_internals.abstract_gpu("NVIDIA H200"):
+    text = jax.jit(schedule).trace(*_layer_shapes(14107)[:2]).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r'name = "(moe_[a-z_]+)"', text) == ["moe_route", "moe_layout_sums", "moe_layout", "moe_place"]
+  assert re.findall(r"grid_x = (\d+)", text)[1:3] == ["14", "14"]  # 3527 blocks: 14 chunks of 256
+
+
 @pytest.mark.parametrize("num_tokens", [901, 14107])
 def test_large_calls_on_the_h200_run_the_mosaic_gemms(num_tokens):
   """Above 128 rows per expert (T > 512) the H200 table picks the Mosaic GPU GEMMs (wgmma + TMA): the rows gathered,

@@ -187,6 +187,47 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref
   jax.lax.fori_loop(0, pl.cdiv(num_tiles, tiles_per_step), tiles_step, 0)
 
 
+def _chunk_sums_kernel(counts_ref, sums_ref, *, num_blocks, lanes, blocks_per_chunk):
+  """Program c: the picks of each local expert in chunk c's blocks (the parallel layout's first pass)."""
+  chunk = pl.program_id(0)
+  blocks = chunk * blocks_per_chunk + jnp.arange(blocks_per_chunk, dtype=jnp.int32)
+  experts = jnp.arange(lanes, dtype=jnp.int32)
+  counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
+                         other=0)
+  sums_ref[chunk, :] = jnp.sum(counts, axis=0)
+
+
+def _chunk_layout_kernel(counts_ref, sums_ref, tile_expert_ref, block_start_ref, expert_rows_ref, used_tiles_ref, *,
+                         num_blocks, num_chunks, num_local, lanes, block_m, num_tiles, tiles_per_program,
+                         blocks_per_chunk):
+  """Program c: `_layout_kernel`'s outputs for chunk c's blocks and its share of the tiles, from all chunks'
+  sums (a [chunks, lanes] tile: the totals, and the picks of the chunks before c)."""
+  chunk = pl.program_id(0)
+  experts = jnp.arange(lanes, dtype=jnp.int32)
+  chunks = jnp.arange(_next_pow2(num_chunks), dtype=jnp.int32)
+  sums = pltriton.load(sums_ref.at[jnp.minimum(chunks, num_chunks - 1)[:, None], experts[None, :]],
+                       mask=(chunks < num_chunks)[:, None], other=0)
+  totals = jnp.sum(sums, axis=0)
+  earlier_chunks = jnp.sum(jnp.where((chunks < chunk)[:, None], sums, 0), axis=0)
+  padded, padded_start, padded_end = _expert_ranges(totals, block_m=block_m, lanes=lanes)
+  blocks = chunk * blocks_per_chunk + jnp.arange(blocks_per_chunk, dtype=jnp.int32)
+  in_range = (blocks < num_blocks)[:, None]
+  counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=in_range, other=0)
+  starts = padded_start[None, :] + earlier_chunks[None, :] + jnp.cumsum(counts, axis=0) - counts
+  pltriton.store(block_start_ref.at[blocks[:, None], experts[None, :]], starts,
+                 mask=jnp.broadcast_to(in_range, starts.shape))
+  tiles = chunk * tiles_per_program + jnp.arange(tiles_per_program, dtype=jnp.int32)
+  pltriton.store(tile_expert_ref.at[tiles],
+                 _tile_experts(tiles, padded_end, block_m=block_m, num_local=num_local, lanes=lanes),
+                 mask=tiles < num_tiles)
+
+  @pl.when(chunk == 0)
+  def _():
+    expert_rows_ref[0, :] = padded_start
+    expert_rows_ref[1, :] = totals
+    used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
+
+
 def _place_picks(ids_ref, weights_ref, offset_ref, row_token_ref, row_weight_ref, pair_row_ref, start, *, num_pairs,
                  top_k, num_local, lanes, num_rows, tokens_per_block):
   """This block's picks: each local pick's padded row = `start` (the block's first row of each expert) + its
@@ -273,14 +314,17 @@ def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, tile_
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
                        config: MoEConfig, num_local_experts: int, block_m: int, interpret=False,
                        tokens_per_block: int | None = None, num_warps: int = 4, tiles_per_step: int = 256,
-                       layout_in_place: bool = True):
+                       layout_in_place: bool = True, layout_parallel: bool = False):
   """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as two kernels (three past T=512-1024).
 
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
   two; None: 2 up to T=128, else 4), num_warps (all three), tiles_per_step (layout's tile loop, a power
   of two), layout_in_place (`layout` folded into `place` where the blocks' counts fit one tile, T <= 512
   or 1024 by tokens_per_block: every place program sums them itself; one kernel fewer, 1.3-2.8 us less
-  GPU time a call on the H200; False: always the three kernels).
+  GPU time a call on the H200; False: always the three kernels), layout_parallel (past one tile of
+  blocks, `layout` as two kernels with a program per chunk of 256 blocks, the chunks' sums then each
+  chunk's starts, instead of one program looping over the chunks twice: 47-56 us at T=11948-14107 on the
+  H200; prepared, not yet timed, so off).
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32, poison [T] float32: equal
@@ -336,14 +380,30 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
     return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens,
                    top_k)
 
-  tile_expert, block_start, expert_rows, used_tiles = pl.pallas_call(
-      functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
-                        block_m=block_m, num_tiles=num_tiles, tiles_per_step=tiles_per_step,
-                        blocks_per_chunk=blocks_per_chunk),
-      grid=(1,), interpret=interpret, name="moe_layout", compiler_params=params,
-      out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct(counts_shape, jnp.int32),
-                 jax.ShapeDtypeStruct((2, lanes), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
-  )(counts)
+  layout_outputs = (jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct(counts_shape, jnp.int32),
+                    jax.ShapeDtypeStruct((2, lanes), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+  num_chunks = counts_shape[0] // blocks_per_chunk
+  if layout_parallel and num_chunks > 1:
+    sums = pl.pallas_call(
+        functools.partial(_chunk_sums_kernel, num_blocks=num_blocks, lanes=lanes, blocks_per_chunk=blocks_per_chunk),
+        grid=(num_chunks,), interpret=interpret, name="moe_layout_sums", compiler_params=params,
+        out_shape=jax.ShapeDtypeStruct((num_chunks, lanes), jnp.int32),
+    )(counts)
+    tile_expert, block_start, expert_rows, used_tiles = pl.pallas_call(
+        functools.partial(_chunk_layout_kernel, num_blocks=num_blocks, num_chunks=num_chunks,
+                          num_local=num_local_experts, lanes=lanes, block_m=block_m, num_tiles=num_tiles,
+                          tiles_per_program=_next_pow2(pl.cdiv(num_tiles, num_chunks)),
+                          blocks_per_chunk=blocks_per_chunk),
+        grid=(num_chunks,), interpret=interpret, name="moe_layout", compiler_params=params,
+        out_shape=layout_outputs,
+    )(counts, sums)
+  else:
+    tile_expert, block_start, expert_rows, used_tiles = pl.pallas_call(
+        functools.partial(_layout_kernel, num_blocks=num_blocks, num_local=num_local_experts, lanes=lanes,
+                          block_m=block_m, num_tiles=num_tiles, tiles_per_step=tiles_per_step,
+                          blocks_per_chunk=blocks_per_chunk),
+        grid=(1,), interpret=interpret, name="moe_layout", compiler_params=params, out_shape=layout_outputs,
+    )(counts)
 
   row_token, row_weight, pair_row = pl.pallas_call(
       functools.partial(_place_kernel, num_pairs=num_pairs, top_k=top_k, num_local=num_local_experts, lanes=lanes,
