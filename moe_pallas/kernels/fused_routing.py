@@ -24,6 +24,10 @@ Measured on the H200 (2026-11-30, results/h200_2026-11-30_s6/tune_routing.jsonl,
 with the gaps in brackets): T=1 7.1 -> 5.7 us (22.9 -> 13.6), T=16 7.5 -> 5.9, T=57 7.4 -> 6.2 (30.1 ->
 20.7), T=80 7.4 -> 6.1, T=901 (4 tokens a block) 12.2 -> 9.4 (26.1 -> 21.6).
 
+`layout_parallel=True` (prepared; not yet timed on a GPU, so off): past one tile of blocks, `layout` runs
+as a program per chunk of blocks in two kernels, `layout_sums` (each chunk's picks per expert) and
+`layout` (each chunk's starts from all chunks' sums), instead of one program looping over the chunks.
+
 Every output element is written by exactly one program (a row is a pick's or padding, never both): no
 atomics, no barriers, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
 field by field in interpret mode (tests/test_fused_routing.py); on the GPU the routing weights may differ
