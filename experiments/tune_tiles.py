@@ -93,9 +93,13 @@ def gemm2_and_combine_variants(base):
   (16x64, 3 stages) at 9 of 14 rows, its combine ~1 us faster at every row (results/h200_2026-11-30_s5)."""
   import dataclasses
   out = []
-  for block_n, warps, stages in ((128, 4, 3), (128, 4, 4), (64, 4, 4), (128, 8, 4), (32, 4, 4)):
-    gemm2 = dataclasses.replace(base.gemm2, block_n=block_n, num_warps=warps, num_stages=stages)
-    out.append((f"g2_n{block_n}w{warps}s{stages}", dataclasses.replace(base, gemm2=gemm2), False, None))
+  # Split-K (sk2): GEMM2 at T=1/7 is latency-bound, 16 K steps a program (PERF 20); maybe at T=14-80 too.
+  launches = ((128, 4, 3, 1), (128, 4, 4, 1), (64, 4, 4, 1), (128, 8, 4, 1), (32, 4, 4, 1), (64, 4, 3, 2),
+              (128, 4, 3, 2))
+  for block_n, warps, stages, split in launches:
+    gemm2 = dataclasses.replace(base.gemm2, block_n=block_n, num_warps=warps, num_stages=stages, split_k=split)
+    name = f"g2_n{block_n}w{warps}s{stages}" + (f"sk{split}" if split > 1 else "")
+    out.append((name, dataclasses.replace(base, gemm2=gemm2), False, None))
   combines = ((4, 256), (2, 512), (4, 512), (2, 1024))
   return out + [_with_combine(base, f"comb_{bt}x{bh}", bt, bh) for bt, bh in combines]
 
