@@ -111,6 +111,15 @@ def scales_in_gather_variant():
   return "mosaic_split_scales_in_gather", dataclasses.replace(tiles, scales_in_gather=True), bf16, fused
 
 
+def no_xla_ops_variant():
+  """The H200 table's Mosaic path with neither XLA op around its kernels: `scales_in_gather` and
+  `weights_in_gemm2`."""
+  import dataclasses
+  name, tiles, bf16, fused = mosaic_fused_split_variant()
+  tiles = dataclasses.replace(tiles, scales_in_gather=True, weights_in_gemm2=True)
+  return "mosaic_split_no_xla_ops", tiles, bf16, fused
+
+
 def small_t_variants(base):
   return [*gemm2_and_combine_variants(base),
       mosaic_variant(), mosaic_fused_variant(),
@@ -131,7 +140,7 @@ def small_t_variants(base):
 
 def large_t_variants(base, num_tokens):
   out = [mosaic_variant(), mosaic_fused_variant(), mosaic_fused_split_variant(),
-         scales_in_gather_variant(),
+         scales_in_gather_variant(), no_xla_ops_variant(),
          _with_combine(base, "default_c16x512", 16, 512),
          _with_combine(base, "default_c16x256", 16, 256),
          _variant(64, (128, 4, 3), (64, 128, 4, 3)), _variant(32, (128, 4, 3), (64, 128, 4, 3)),

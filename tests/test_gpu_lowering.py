@@ -149,16 +149,21 @@ def test_split_fused_epilogue_lowers():
   assert _lowered_kernels(14107, "NVIDIA H200", tiles=tiles) == ROUTING_KERNELS_PAST_ONE_TILE + MOSAIC_EXPERTS
 
 
-def test_scales_in_gather_lowers_without_xla_kernels():
-  """`scales_in_gather` at T=901: the same kernels, and the weight scales' transpose and pad gone from XLA's
-  part of the program (only the routing-weight multiply is left there)."""
+@pytest.mark.parametrize("flags,xla_ops", [
+    (dict(scales_in_gather=True), {"stablehlo.multiply"}),
+    (dict(weights_in_gemm2=True), {"stablehlo.transpose", "stablehlo.pad"}),
+    (dict(scales_in_gather=True, weights_in_gemm2=True), set()),
+], ids=["scales_in_gather", "weights_in_gemm2", "both"])
+def test_mosaic_path_lowers_without_xla_kernels(flags, xla_ops):
+  """At T=901: the same kernels; `scales_in_gather` takes the weight scales' transpose and pad out of XLA's
+  part of the program, `weights_in_gemm2` the routing-weight multiply; with both, no XLA kernel is left."""
   tiles = dataclasses.replace(tiling.default_tiling(901, CONFIG.top_k, CONFIG.num_local_experts,
-                                                    device_kind="NVIDIA H200"), scales_in_gather=True)
+                                                    device_kind="NVIDIA H200"), **flags)
   assert _lowered_kernels(901, "NVIDIA H200", tiles=tiles) == ROUTING_KERNELS + MOSAIC_EXPERTS
   text = _lowered_text(901, "NVIDIA H200", tiles=tiles)
   main = text[text.index("func.func public @main"):]
-  ops = set(re.findall(r"= (stablehlo\.[a-z_]+)", main))
-  assert not ops & {"stablehlo.transpose", "stablehlo.pad"} and "stablehlo.multiply" in ops, ops
+  computing = {"stablehlo.transpose", "stablehlo.pad", "stablehlo.multiply"}
+  assert set(re.findall(r"= (stablehlo\.[a-z_]+)", main)) & computing == xla_ops
 
 
 @pytest.mark.parametrize("layout_in_place", [True, False])

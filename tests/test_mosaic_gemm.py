@@ -210,12 +210,18 @@ def test_weight_scale_layout_is_checked():
     grouped_gemm.gather_rows(jnp.zeros((1,), jnp.int32), jnp.zeros((64,), jnp.int32),
                              jnp.zeros((4, 128), jnp.float8_e4m3fn), jnp.ones((1, 4), jnp.float32), block_m=64,
                              num_local_experts=4, transposed_scales=[(w_scale, 1)], interpret=True)
-  with pytest.raises(ValueError, match="scales_in_gather needs the Mosaic GEMMs"):
-    tiling.MoETiling(scales_in_gather=True)
+  for flag in ("scales_in_gather", "weights_in_gemm2"):
+    with pytest.raises(ValueError, match=f"{flag} needs the Mosaic GEMMs"):
+      tiling.MoETiling(**{flag: True})
 
 
-def test_layer_with_scales_in_gather_gives_the_same_bits(seed, interpret):
-  """`scales_in_gather`: the weight scales laid out by the row gather's programs, not XLA: the same output."""
+@pytest.mark.parametrize("flags", [dict(scales_in_gather=True), dict(weights_in_gemm2=True),
+                                   dict(scales_in_gather=True, weights_in_gemm2=True)],
+                         ids=["scales_in_gather", "weights_in_gemm2", "both"])
+def test_layer_without_xla_ops_gives_the_same_bits(seed, flags, interpret):
+  """`scales_in_gather` (the weight scales laid out by the row gather's programs) and `weights_in_gemm2` (the
+  routing weights multiplied into GEMM2's activation scales in the kernel), in place of XLA kernels: the
+  same output, bit for bit."""
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 50, seed=seed, scenario="skewed", local_expert_offset=8)
   tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels="mosaic_fused_swiglu_split")
@@ -223,7 +229,22 @@ def test_layer_with_scales_in_gather_gives_the_same_bits(seed, interpret):
                                                               tiling=tiles), np.float32)
   base = run(tiles)
   assert np.abs(base).max() > 0
-  np.testing.assert_array_equal(run(dataclasses.replace(tiles, scales_in_gather=True)), base)
+  np.testing.assert_array_equal(run(dataclasses.replace(tiles, **flags)), base)
+
+
+def test_row_factor_equals_scaled_activation_scales(rng, interpret):
+  """`grouped_fp8_gemm(row_factor=f)` gives the bits of `a_scale * f` passed as the activation scales."""
+  tile_expert = jnp.asarray([1, 0, 2], jnp.int32)
+  rows = 3 * mosaic_gemm.BLOCK_M
+  a, w = _fp8(rng, (rows, 256)), _fp8(rng, (3, 256, 256))
+  a_scale = jnp.asarray(rng.standard_normal((2, rows)), jnp.float32)
+  w_scale = jnp.asarray(rng.standard_normal((3, 2, 2)), jnp.float32)
+  factor = jnp.asarray(rng.uniform(0.1, 2.5, rows), jnp.float32)
+  got = mosaic_gemm.grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, row_factor=factor, interpret=interpret)
+  want = mosaic_gemm.grouped_fp8_gemm(tile_expert, a, a_scale * factor[None, :], w, w_scale, interpret=interpret)
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match=r"row_factor must be \[rows\] = \[192\] float32"):
+    mosaic_gemm.grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, row_factor=factor[:10], interpret=interpret)
 
 
 @pytest.mark.parametrize("num_tokens,scenario,offset", [(3, "uniform", 8), (50, "skewed", 8), (300, "all_local", 16),

@@ -10,7 +10,8 @@ scales) -> combine. Two entries:
 - `moe_layer_triton`: the whole layer from the router logits. Up to `fused_routing.MAX_FUSED_PAIRS`
   picks (T <= 16384 at DeepSeek-V3's top-8), routing + plan + schedule run as small Pallas kernels: two
   up to T=512-1024, three above (six kernels per call in all with the Triton GEMMs, nine with the Mosaic
-  ones: the row gather and three small XLA ops of scale layout and routing weight); above 16384 picks, as
+  ones: the row gather and three small XLA ops of scale layout and routing weight, which the tiling's
+  `scales_in_gather` and `weights_in_gemm2` move into the kernels); above 16384 picks, as
   XLA's routing and sort-based plan (~40 small kernels, a small share of a large call).
 - `apply_local_experts_triton`: from a RoutingPlan (the public `apply_local_experts`, used by sharded
   callers that route once for all ranks).
@@ -77,11 +78,14 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
                                                            interpret=interpret)
   # Each row's routing weight joins its activation scales: a per-row factor of every K step, so GEMM2's
   # output rows come out weighted, as the Triton GEMM2's do. (Rows of unused tiles hold no values.)
-  row_scale = swiglu_scale * schedule.row_weight[None, :]
+  # (`weights_in_gemm2`: the same product, formed in the kernel from the [rows] weights.)
+  in_kernel = tiling.weights_in_gemm2
+  row_scale = swiglu_scale if in_kernel else swiglu_scale * schedule.row_weight[None, :]
   weighted_rows = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, swiglu, row_scale, gemm2_weights,
                                                gemm2_weights_scale, used_tiles=schedule.num_used_tiles,
                                                name="moe_gemm2_mosaic", interpret=interpret,
-                                               w_scale_rows=gemm2_scale_rows)
+                                               w_scale_rows=gemm2_scale_rows,
+                                               row_factor=schedule.row_weight if in_kernel else None)
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, interpret=interpret)
 

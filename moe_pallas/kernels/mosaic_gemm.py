@@ -101,11 +101,14 @@ def _scale_rows_operand(w_scale, w_scale_rows):
   return w_scale_rows
 
 
-def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma):
+def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma, row_factor_smem=None):
   """One K step of a compute warpgroup: `issue_wgmma(acc_ref)` into a fresh accumulator (zero-initialised:
-  the wgmma runs with scale-d = 0), read back, and added to the float32 carry times the step's scales."""
+  the wgmma runs with scale-d = 0), read back, and added to the float32 carry times the step's scales (the
+  activation scales times `row_factor_smem`'s, where given: the routing weights)."""
   # The scale loads first, so that their latency overlaps the wgmma.
   row_scale = plgpu.load(a_scale_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
+  if row_factor_smem is not None:
+    row_scale = row_scale * plgpu.load(row_factor_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
   factor = lax.broadcast_in_dim(row_scale * weight_scale, (BLOCK_M, SCALE_BLOCK), [0])
 
   def product(acc_ref):
@@ -115,10 +118,11 @@ def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma):
   return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
 
 
-def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_cols):
+def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_cols, row_factor=False):
   """The warp-specialized K pipeline of one work item: per K step the activation tile, each weight tile
-  (rows x 128), the activation scales and the weight-scale row go to SMEM by TMA, and
-  `step(_, a, *weights, a_scale, weight_scale_row, carry)` runs on each compute warpgroup."""
+  (rows x 128), the activation scales, with `row_factor` the tile's row factors (the same block every step),
+  and the weight-scale row go to SMEM by TMA, and `step(_, a, *weights, a_scale, [row_factor,]
+  weight_scale_row, carry)` runs on each compute warpgroup."""
   fp8 = _fp8_transforms()
   return plgpu.emit_pipeline_warp_specialized(
       step,
@@ -128,6 +132,9 @@ def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_
           plgpu.BlockSpec((BLOCK_M, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8),
           *[plgpu.BlockSpec((rows, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8) for rows in weight_rows],
           plgpu.BlockSpec((1, BLOCK_M), lambda kb: (kb, 0)),
+          # The row factors: the same block every step, fetched with each (the warp-specialized pipeline
+          # takes only blocks whose index uses the step, hence kb * 0).
+          *([plgpu.BlockSpec((1, BLOCK_M), lambda kb: (kb * 0, 0))] if row_factor else []),
           plgpu.BlockSpec((1, weight_scale_cols), lambda kb: (kb, 0)),
       ],
       wg_axis="wg",
@@ -137,7 +144,8 @@ def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_
   )
 
 
-def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_steps, weight_rows):
+def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_steps, weight_rows,
+                     row_factor=False):
   """Decorator: runs `item(mi, ni, run_pipeline)` for every work item (M-tile mi < the device-side count of
   used tiles, column block ni < n_blocks), spread over the persistent grid's CTAs ("sm"), in groups of
   _GROUP_M M-tiles per column sweep. `run_pipeline(step, compute_context, runs, *tile_operands)` runs the
@@ -145,8 +153,9 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
   operand views, which fix those allocations' shapes."""
   weight_scale_cols = tile_operands[-1].shape[1]
   ignore = lambda *_, **__: None  # the allocations do not depend on the step or the context
-  allocations = _tile_pipeline(ignore, ignore, k_steps=k_steps, weight_rows=weight_rows,
-                               weight_scale_cols=weight_scale_cols).get_allocations(*tile_operands)
+  pipeline_of = functools.partial(_tile_pipeline, k_steps=k_steps, weight_rows=weight_rows,
+                                  weight_scale_cols=weight_scale_cols, row_factor=row_factor)
+  allocations = pipeline_of(ignore, ignore).get_allocations(*tile_operands)
 
   def decorate(item):
     @functools.partial(pl.run_scoped, allocations=allocations, collective_axes="wg")
@@ -154,8 +163,7 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
       used = jnp.minimum(used_tiles_gmem[0], num_tiles)
 
       def run_pipeline(step, compute_context, runs, *operands):
-        pipeline = _tile_pipeline(step, compute_context, k_steps=k_steps, weight_rows=weight_rows,
-                                  weight_scale_cols=weight_scale_cols)
+        pipeline = pipeline_of(step, compute_context)
         pl.when(runs)(lambda: pipeline(*operands, allocations=allocations))
 
       @plgpu.nd_loop((used * n_blocks,), collective_axes="sm")
@@ -171,7 +179,7 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
 
 
 def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, name: str = "moe_gemm_mosaic",
-                     interpret=False, w_scale_rows=None):
+                     interpret=False, w_scale_rows=None, row_factor=None):
   """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 out.
 
   Args:
@@ -185,6 +193,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
     interpret: True runs Mosaic GPU's interpret mode (CPU).
     w_scale_rows: `weight_scale_rows(w_scale)` where the caller has it (laid out by another kernel); None:
       laid out here (an XLA kernel before this one).
+    row_factor: optional [num_tiles * BLOCK_M] float32, multiplied into each row's activation scales (GEMM2:
+      the routing weights), the same bits as passing `a_scale * row_factor`, without an XLA kernel for it.
 
   Returns:
     [num_tiles * BLOCK_M, N] float32. Rows of tiles of no expert are left unwritten.
@@ -201,19 +211,25 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
   if a_scale.shape != (k // SCALE_BLOCK, num_rows) or w_scale.shape != (num_local, n // SCALE_BLOCK,
                                                                          k // SCALE_BLOCK):
     raise ValueError(f"scale shapes {a_scale.shape} and {w_scale.shape} do not match a {a.shape} and w {w.shape}")
+  if row_factor is not None and (row_factor.shape != (num_rows,) or row_factor.dtype != jnp.float32):
+    raise ValueError(f"row_factor must be [rows] = [{num_rows}] float32, got {row_factor.dtype}"
+                     f"{list(row_factor.shape)}")
   k_steps = k // SCALE_BLOCK
   w_scale_rows = _scale_rows_operand(w_scale, w_scale_rows)
   out_swizzle = plgpu.find_swizzle(_EPILOGUE_N * 32)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
+  factored = row_factor is not None
 
-  def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem, out_smem):
+  def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, *refs):
+    row_factor_gmem, out_gmem, out_smem = refs if factored else (None, *refs)
     wg = lax.axis_index("wg")  # compute warpgroup g: columns g*128 .. of the CTA's 256
     operands = lambda mi, ni, expert: (
         a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)], w_gmem.at[expert, pl.ds(ni * CTA_N, CTA_N)],
-        a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)], w_scale_gmem.at[expert])
+        a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
+        *([row_factor_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)]] if factored else []), w_scale_gmem.at[expert])
 
     @_over_used_items(used_tiles_gmem, num_tiles, n // CTA_N, operands(0, 0, 0), k_steps=k_steps,
-                      weight_rows=[CTA_N])
+                      weight_rows=[CTA_N], row_factor=factored)
     def _(mi, ni, run_pipeline):
       expert = tile_expert_gmem[mi]
 
@@ -229,17 +245,19 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
                           pl.ds(ni * CTA_N + wg * SCALE_BLOCK + e * _EPILOGUE_N, _EPILOGUE_N)])
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-      def step(_, a_smem, w_smem, a_scale_smem, w_scale_smem, carry):
+      def step(_, a_smem, w_smem, a_scale_smem, *rest):
+        *row_factor_smem, w_scale_smem, carry = rest
         w_tile = w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)].transpose((1, 0))
         return _promoted_k_step(carry, a_scale_smem, w_scale_smem[0, ni * 2 + wg],
-                                lambda acc_ref: plgpu.wgmma(acc_ref, a_smem, w_tile))
+                                lambda acc_ref: plgpu.wgmma(acc_ref, a_smem, w_tile), *row_factor_smem)
 
       run_pipeline(step, compute_context, expert < num_local, *operands(mi, ni, expert))
 
   return _persistent_call(
       kernel, name=name, out_type=jax.ShapeDtypeStruct((num_rows, n), jnp.float32),
       scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), jnp.float32, transforms=out_transforms)],
-      interpret=interpret)(tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows)
+      interpret=interpret)(tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows,
+                           *([row_factor.reshape(1, num_rows)] if factored else []))
 
 
 def _persistent_call(kernel, *, name, out_type, scratch_types, interpret):

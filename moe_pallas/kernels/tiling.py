@@ -74,9 +74,10 @@ class MoETiling:
   only on the device (it depends on how many experts the tokens picked). Both GEMM1 variants are then
   launched; each program of the one not chosen exits at once (~2 us). None: `gemm1` always.
 
-  `scales_in_gather`: with the Mosaic GEMMs, the weight scales' layout (`mosaic_gemm.weight_scale_rows`) is
-  done by programs of the row gather instead of two XLA kernels (the same bits; prepared, not yet timed on
-  a GPU, so no table sets it).
+  `scales_in_gather`, `weights_in_gemm2`: with the Mosaic GEMMs, the weight scales' layout
+  (`mosaic_gemm.weight_scale_rows`) done by programs of the row gather, and the routing weights multiplied
+  into GEMM2's activation scales inside the kernel (`grouped_fp8_gemm(row_factor=...)`), instead of three
+  XLA kernels (the same bits; prepared, not yet timed on a GPU, so no table sets them).
 
   `gemm_kernels`: which kernels run the two GEMMs (`GEMM_KERNELS`):
   - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
@@ -97,13 +98,14 @@ class MoETiling:
   busy_min_tiles: int = 0
   gemm_kernels: str = "triton"
   scales_in_gather: bool = False
+  weights_in_gemm2: bool = False
 
   def __post_init__(self):
     if self.gemm_kernels not in GEMM_KERNELS:
       raise ValueError(f"gemm_kernels must be one of {GEMM_KERNELS}, got {self.gemm_kernels!r}")
-    if self.scales_in_gather and not self.mosaic:
-      raise ValueError(f"scales_in_gather needs the Mosaic GEMMs (their row gather), got gemm_kernels="
-                       f"{self.gemm_kernels!r}")
+    for name in ("scales_in_gather", "weights_in_gemm2"):
+      if getattr(self, name) and not self.mosaic:
+        raise ValueError(f"{name} needs the Mosaic GEMMs, got gemm_kernels={self.gemm_kernels!r}")
     if self.mosaic:
       from moe_pallas.kernels import mosaic_gemm  # Mosaic GPU imports: only where asked for
       blocks = (self.gemm1.block_m, self.gemm1.block_n, self.gemm1.split_k, self.gemm2.split_k)
