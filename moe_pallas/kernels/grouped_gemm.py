@@ -22,10 +22,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from moe_pallas.config import SCALE_BLOCK as _SCALE_BLOCK
+from moe_pallas.kernels import swiglu_quant
 from moe_pallas.kernels.tiling import GemmTiling
 from moe_pallas.kernels.triton_internals import dot_nt, fma
-# The epilogue quantizes as quant.quantize_blockwise does (amax / 448, amax floor), so both agree.
-from moe_pallas.quant import AMAX_FLOOR as _AMAX_FLOOR, FP8_DTYPE, FP8_MAX as _FP8_MAX
+from moe_pallas.quant import FP8_DTYPE
 
 
 def _tile_coordinates(num_m_tiles: int, num_n_tiles: int, group_m: int):
@@ -36,11 +36,6 @@ def _tile_coordinates(num_m_tiles: int, num_n_tiles: int, group_m: int):
   group_size = jnp.minimum(num_m_tiles - first_m, group_m)
   within = pid % programs_per_group
   return first_m + within % group_size, within // group_size
-
-
-def _silu(x):
-  # x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, never inf * 0 = NaN.
-  return x / (1.0 + jnp.exp(-x))
 
 
 def _gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *, i, j, k_start,
@@ -84,15 +79,11 @@ def _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, *, i, j, tiling, qu
   bm, bn = tiling.block_m, tiling.block_n
   rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
   cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-  swiglu = _silu(acc_gate) * acc_up  # silu on the SECOND half of W13's output (SPEC.md step 6)
+  swiglu = swiglu_quant.silu(acc_gate) * acc_up  # silu on the SECOND half of W13's output (SPEC.md step 6)
   if quantize_output:
     [out_scale_ref] = out_scale_refs
-    scale = jnp.maximum(jnp.max(jnp.abs(swiglu), axis=1), _AMAX_FLOOR) / _FP8_MAX
-    clipped = jnp.clip(swiglu / scale[:, None], -_FP8_MAX, _FP8_MAX)
-    # Compiled, min/max return the non-NaN operand (interpret mode keeps the NaN): without this a NaN
-    # product (a NaN activation scale) would be clipped to +-448 and come out finite (issue 9).
-    clipped = jnp.where(swiglu != swiglu, swiglu, clipped)
-    out_ref[rows, cols] = clipped.astype(out_ref.dtype)
+    values, scale = swiglu_quant.quantized_rows(swiglu, jnp.max(jnp.abs(swiglu), axis=1))
+    out_ref[rows, cols] = values.astype(out_ref.dtype)
     out_scale_ref[j, rows] = scale
   else:
     out_ref[rows, cols] = swiglu.astype(out_ref.dtype)
@@ -263,16 +254,12 @@ def swiglu_of_partials(tile_expert, partials, *, num_local_experts: int, tiling:
   return (outs[0], outs[1]) if quantize_output else (outs[0], None)
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 def _transpose_scales(expert, src_ref, dst_ref):
   """dst[expert, kb, c] = src[expert, c, kb], zero for c past src's rows: one expert's [N', K'] block scales
   as [K', C] (C >= N'), in one tile (Triton tiles are powers of two: masked past the edges)."""
   _, n_blocks, k_blocks = src_ref.shape
-  c = jnp.arange(_pow2(dst_ref.shape[2]), dtype=jnp.int32)
-  kb = jnp.arange(_pow2(k_blocks), dtype=jnp.int32)
+  c = jnp.arange(pl.next_power_of_2(dst_ref.shape[2]), dtype=jnp.int32)
+  kb = jnp.arange(pl.next_power_of_2(k_blocks), dtype=jnp.int32)
   # Clamped load indices (interpret mode has no rule for masked loads out of bounds); the mask zeroes them.
   safe_c, safe_kb = jnp.minimum(c, n_blocks - 1), jnp.minimum(kb, k_blocks - 1)
   scales = pltriton.load(src_ref.at[expert, safe_c[:, None], safe_kb[None, :]],

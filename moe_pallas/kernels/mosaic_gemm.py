@@ -42,8 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from moe_pallas.config import SCALE_BLOCK
 from moe_pallas.kernels import schedule
-# The fused epilogue quantizes as quant.quantize_blockwise does (amax / 448, amax floor), so both agree.
-from moe_pallas.quant import AMAX_FLOOR as _AMAX_FLOOR, FP8_MAX as _FP8_MAX
+from moe_pallas.kernels.swiglu_quant import quantized_rows, silu
 
 BLOCK_M = 64                 # rows per M-tile: one wgmma M of 64 per compute warpgroup
 CTA_N = 2 * SCALE_BLOCK      # two compute warpgroups of 128 columns (one weight-scale block each)
@@ -267,23 +266,11 @@ def _persistent_call(kernel, *, name, out_type, scratch_types, interpret):
                       grid_names=("sm",), num_threads=3, thread_name="wg", interpret=_interpret_params(interpret))
 
 
-def _silu(x):
-  # x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, never inf * 0 = NaN.
-  return x / (1.0 + jnp.exp(-x))
-
-
-def _quantized_rows(swiglu, amax):
-  """FP8 values of a SwiGLU tile and its rows' scales (amax / 448, amax floored), as quant.quantize_blockwise."""
-  scale = jnp.maximum(amax, _AMAX_FLOOR) / _FP8_MAX
-  clipped = jnp.clip(swiglu / lax.broadcast_in_dim(scale, swiglu.shape, [0]), -_FP8_MAX, _FP8_MAX)
-  return jnp.where(swiglu != swiglu, swiglu, clipped), scale  # a NaN product stays NaN (min/max drop it)
-
-
 def _epilogue_on_up(acc, wg, rows, ni, out_gmem, out_scale_gmem, gate_smem, out_smem, scale_smem, exchange):
   """SwiGLU + quant of one work item on the up warpgroup: the gate warpgroup hands over silu(gate)."""
   @pl.when(wg == 1)
   def _():
-    gate_smem[...] = _silu(acc)
+    gate_smem[...] = silu(acc)
 
   plgpu.barrier_arrive(exchange)  # silu(gate) is in SMEM
   plgpu.barrier_wait(exchange)
@@ -291,7 +278,7 @@ def _epilogue_on_up(acc, wg, rows, ni, out_gmem, out_scale_gmem, gate_smem, out_
   @pl.when(wg == 0)
   def _():
     swiglu = plgpu.load(gate_smem, layout=plgpu.Layout.WGMMA) * acc  # silu on the SECOND half
-    values, scale = _quantized_rows(swiglu, jnp.max(jnp.abs(swiglu), axis=1))
+    values, scale = quantized_rows(swiglu, jnp.max(jnp.abs(swiglu), axis=1))
     out_smem[...] = values.astype(out_smem.dtype)
     scale_smem[...] = scale
     plgpu.commit_smem()
@@ -325,7 +312,7 @@ def _epilogue_split(acc, wg, rows, ni, out_gmem, out_scale_gmem, handoff, row_st
 
   @pl.when(wg == 1)
   def _():
-    handoff[0] = _silu(acc[:, :_HALF])
+    handoff[0] = silu(acc[:, :_HALF])
 
   plgpu.barrier_arrive(exchange)  # each warpgroup's half for the other is in SMEM
   plgpu.barrier_wait(exchange)
@@ -340,14 +327,14 @@ def _epilogue_split(acc, wg, rows, ni, out_gmem, out_scale_gmem, handoff, row_st
 
   @pl.when(wg == 1)
   def _():
-    handoff[1] = _silu(acc[:, _HALF:]) * handed(1)
+    handoff[1] = silu(acc[:, _HALF:]) * handed(1)
 
   swiglu = handed(wg)
   row_stats[wg] = jnp.max(jnp.abs(swiglu), axis=1)
   plgpu.barrier_arrive(exchange)  # both halves' row amax are in SMEM
   plgpu.barrier_wait(exchange)
   row_max = lambda i: plgpu.load(row_stats.at[i], layout=plgpu.Layout.WGMMA.reduce(1))
-  values, scale = _quantized_rows(swiglu, jnp.maximum(row_max(0), row_max(1)))
+  values, scale = quantized_rows(swiglu, jnp.maximum(row_max(0), row_max(1)))
   out_smem[wg] = values.astype(out_smem.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, pl.ds(ni * SCALE_BLOCK + wg * _HALF, _HALF)])
