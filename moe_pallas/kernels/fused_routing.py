@@ -148,17 +148,35 @@ def _tile_experts(tiles, padded_end, *, block_m, num_local, lanes):
   return jnp.sum(ended.astype(jnp.int32), axis=1)
 
 
+def _chunk_counts(counts_ref, chunk, *, num_blocks, lanes, blocks_per_chunk):
+  """(blocks, in_range [blocks, 1], counts [blocks_per_chunk, lanes]) of one chunk of blocks: zeros past the
+  last block."""
+  blocks = chunk * blocks_per_chunk + jnp.arange(blocks_per_chunk, dtype=jnp.int32)
+  in_range = (blocks < num_blocks)[:, None]
+  experts = jnp.arange(lanes, dtype=jnp.int32)
+  return blocks, in_range, pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=in_range, other=0)
+
+
+def _store_block_starts(block_start_ref, blocks, in_range, counts, first):
+  """Where each block's picks of each expert start: `first` (the expert's start + the picks of the blocks
+  before these) + the earlier blocks' picks among these."""
+  experts = jnp.arange(counts.shape[1], dtype=jnp.int32)
+  starts = first[None, :] + jnp.cumsum(counts, axis=0) - counts
+  pltriton.store(block_start_ref.at[blocks[:, None], experts[None, :]], starts,
+                 mask=jnp.broadcast_to(in_range, starts.shape))
+
+
+def _store_totals(expert_rows_ref, used_tiles_ref, padded_start, totals, padded, *, block_m):
+  expert_rows_ref[0, :] = padded_start
+  expert_rows_ref[1, :] = totals
+  used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
+
+
 def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref, used_tiles_ref, *, num_blocks,
                    num_local, lanes, block_m, num_tiles, tiles_per_step, blocks_per_chunk):
-  experts = jnp.arange(lanes, dtype=jnp.int32)
   num_chunks = pl.cdiv(num_blocks, blocks_per_chunk)
-
-  def chunk_counts(chunk):
-    # [blocks_per_chunk, lanes] counts of one chunk of blocks (zeros past the last block).
-    blocks = chunk * blocks_per_chunk + jnp.arange(blocks_per_chunk, dtype=jnp.int32)
-    in_range = (blocks < num_blocks)[:, None]
-    counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=in_range, other=0)
-    return blocks, in_range, counts
+  chunk_counts = functools.partial(_chunk_counts, counts_ref, num_blocks=num_blocks, lanes=lanes,
+                                   blocks_per_chunk=blocks_per_chunk)
 
   if num_chunks == 1:  # T <= 1024 at 4 tokens a block: the counts stay in registers
     _, _, counts = chunk_counts(0)
@@ -173,14 +191,10 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref
   else:
     def chunk_starts(chunk, earlier_chunks):
       blocks, in_range, counts = chunk_counts(chunk)
-      starts = padded_start[None, :] + earlier_chunks[None, :] + jnp.cumsum(counts, axis=0) - counts
-      pltriton.store(block_start_ref.at[blocks[:, None], experts[None, :]], starts,
-                     mask=jnp.broadcast_to(in_range, starts.shape))
+      _store_block_starts(block_start_ref, blocks, in_range, counts, padded_start + earlier_chunks)
       return earlier_chunks + jnp.sum(counts, axis=0)
     jax.lax.fori_loop(0, num_chunks, chunk_starts, jnp.zeros((lanes,), jnp.int32))
-  expert_rows_ref[0, :] = padded_start
-  expert_rows_ref[1, :] = totals
-  used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
+  _store_totals(expert_rows_ref, used_tiles_ref, padded_start, totals, padded, block_m=block_m)
 
   def tiles_step(step, carry):
     tiles = step * tiles_per_step + jnp.arange(tiles_per_step, dtype=jnp.int32)
@@ -194,10 +208,8 @@ def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref
 def _chunk_sums_kernel(counts_ref, sums_ref, *, num_blocks, lanes, blocks_per_chunk):
   """Program c: the picks of each local expert in chunk c's blocks (the parallel layout's first pass)."""
   chunk = pl.program_id(0)
-  blocks = chunk * blocks_per_chunk + jnp.arange(blocks_per_chunk, dtype=jnp.int32)
-  experts = jnp.arange(lanes, dtype=jnp.int32)
-  counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
-                         other=0)
+  _, _, counts = _chunk_counts(counts_ref, chunk, num_blocks=num_blocks, lanes=lanes,
+                               blocks_per_chunk=blocks_per_chunk)
   sums_ref[chunk, :] = jnp.sum(counts, axis=0)
 
 
@@ -214,22 +226,16 @@ def _chunk_layout_kernel(counts_ref, sums_ref, tile_expert_ref, block_start_ref,
   totals = jnp.sum(sums, axis=0)
   earlier_chunks = jnp.sum(jnp.where((chunks < chunk)[:, None], sums, 0), axis=0)
   padded, padded_start, padded_end = _expert_ranges(totals, block_m=block_m, lanes=lanes)
-  blocks = chunk * blocks_per_chunk + jnp.arange(blocks_per_chunk, dtype=jnp.int32)
-  in_range = (blocks < num_blocks)[:, None]
-  counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=in_range, other=0)
-  starts = padded_start[None, :] + earlier_chunks[None, :] + jnp.cumsum(counts, axis=0) - counts
-  pltriton.store(block_start_ref.at[blocks[:, None], experts[None, :]], starts,
-                 mask=jnp.broadcast_to(in_range, starts.shape))
+  blocks, in_range, counts = _chunk_counts(counts_ref, chunk, num_blocks=num_blocks, lanes=lanes,
+                                           blocks_per_chunk=blocks_per_chunk)
+  _store_block_starts(block_start_ref, blocks, in_range, counts, padded_start + earlier_chunks)
   tiles = chunk * tiles_per_program + jnp.arange(tiles_per_program, dtype=jnp.int32)
   pltriton.store(tile_expert_ref.at[tiles],
                  _tile_experts(tiles, padded_end, block_m=block_m, num_local=num_local, lanes=lanes),
                  mask=tiles < num_tiles)
 
-  @pl.when(chunk == 0)
-  def _():
-    expert_rows_ref[0, :] = padded_start
-    expert_rows_ref[1, :] = totals
-    used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
+  pl.when(chunk == 0)(lambda: _store_totals(expert_rows_ref, used_tiles_ref, padded_start, totals, padded,
+                                            block_m=block_m))
 
 
 def _place_picks(ids_ref, weights_ref, offset_ref, row_token_ref, row_weight_ref, pair_row_ref, start, *, num_pairs,
@@ -292,10 +298,8 @@ def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, tile_
   blocks_per_chunk): every program sums all blocks' counts itself (at most a [256, lanes] tile) instead of
   reading a layout kernel's results, so the call has one kernel and one launch gap fewer."""
   block = pl.program_id(0)
-  experts = jnp.arange(lanes, dtype=jnp.int32)
-  blocks = jnp.arange(blocks_per_chunk, dtype=jnp.int32)
-  counts = pltriton.load(counts_ref.at[blocks[:, None], experts[None, :]], mask=(blocks < num_blocks)[:, None],
-                         other=0)
+  blocks, _, counts = _chunk_counts(counts_ref, 0, num_blocks=num_blocks, lanes=lanes,
+                                    blocks_per_chunk=blocks_per_chunk)
   totals = jnp.sum(counts, axis=0)
   padded, padded_start, padded_end = _expert_ranges(totals, block_m=block_m, lanes=lanes)
   start = padded_start + jnp.sum(jnp.where((blocks < block)[:, None], counts, 0), axis=0)
