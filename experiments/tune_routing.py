@@ -19,9 +19,8 @@ from absl import app, flags
 _WORKLOADS = flags.DEFINE_string("workloads", "1,16,80,901", "Workloads (benchmark.py --workloads syntax).")
 _VARIANTS = flags.DEFINE_list("variants", ["2/4/256", "2/4/256/in_place", "4/4/256", "4/4/256/in_place",
                                            "16/4/1024", "1/1/256", "8/2/256"],
-                              "tokens_per_block/num_warps/tiles_per_step[/in_place][/parallel] variants "
-                              "(in_place: `layout_in_place=True`, layout folded into place; parallel: "
-                              "`layout_parallel=True`, a program per chunk of blocks past one tile).")
+                              "tokens_per_block/num_warps/tiles_per_step[/in_place] variants "
+                              "(in_place: `layout_in_place=True`, layout folded into place).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
 _OUT = flags.DEFINE_string("out", "tune_routing.jsonl", "JSONL output.")
 
@@ -49,7 +48,7 @@ def main(argv):
 
   def fused(variant):
     tokens_per_block, num_warps, tiles_per_step, *options = variant.split("/")
-    if set(options) - {"in_place", "parallel"}:
+    if set(options) - {"in_place"}:
       raise ValueError(f"unknown options in variant {variant!r}: {options}")
 
     def run(logits, bias, offset):
@@ -57,8 +56,7 @@ def main(argv):
                                               num_local_experts=num_local, block_m=block_m,
                                               tokens_per_block=int(tokens_per_block), num_warps=int(num_warps),
                                               tiles_per_step=int(tiles_per_step),
-                                              layout_in_place="in_place" in options,
-                                              layout_parallel="parallel" in options)[0]
+                                              layout_in_place="in_place" in options)[0]
     return run
 
   out = open(_OUT.value, "w")

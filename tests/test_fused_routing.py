@@ -89,12 +89,10 @@ def test_fused_schedule_tuning_variants_agree(tokens_per_block, tiles_per_step, 
 
 
 @pytest.mark.parametrize("blocks_per_chunk", [4, 16])
-@pytest.mark.parametrize("layout_in_place,layout_parallel", [(False, False), (True, False), (True, True)],
-                         ids=["three_kernels", "layout_in_place", "layout_parallel"])
-def test_layout_in_chunks_equals_xla_schedule(blocks_per_chunk, layout_in_place, layout_parallel, monkeypatch,
-                                              interpret):
-  """More blocks than `layout` holds as one tile (T > 1024 at DeepSeek-V3's shape) are laid out in chunks
-  (`layout_in_place` then falls back to the three kernels), by one program or a program per chunk."""
+@pytest.mark.parametrize("layout_in_place", [False, True])
+def test_layout_in_chunks_equals_xla_schedule(blocks_per_chunk, layout_in_place, monkeypatch, interpret):
+  """More blocks than `layout` holds as one tile (T > 1024 at DeepSeek-V3's shape) are laid out by a
+  program per chunk (`layout_sums`, `layout`; `layout_in_place` then falls back to separate kernels)."""
   monkeypatch.setattr(fused_routing, "_BLOCKS_PER_CHUNK", blocks_per_chunk)
   config = mp.SMALL
   logits, bias, _, _ = testing.random_activations(config, 150, seed=11, local_expert_offset=8, scenario="skewed")
@@ -103,7 +101,7 @@ def test_layout_in_chunks_equals_xla_schedule(blocks_per_chunk, layout_in_place,
   got, _, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 8, config=config,
                                                num_local_experts=config.num_local_experts, block_m=16,
                                                tokens_per_block=4, layout_in_place=layout_in_place,
-                                               layout_parallel=layout_parallel, interpret=interpret)  # 38 blocks
+                                               interpret=interpret)  # 38 blocks
   _assert_same_schedule(got, make_tile_schedule(plan, block_m=16), interpret)
 
 

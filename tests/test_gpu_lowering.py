@@ -8,6 +8,7 @@ the host. Nothing is compiled or run, so speed and numerics stay the GPU run's b
 """
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -20,7 +21,8 @@ from moe_pallas.kernels import fused_routing, grouped_moe, tiling, triton_intern
 CONFIG = mp.DEEPSEEK_V3
 # The fused routing: `layout` folded into `place` while the blocks' counts fit one tile (T <= 1024), else three.
 ROUTING_KERNELS = ["moe_route", "moe_layout_place"]
-ROUTING_KERNELS_PAST_ONE_TILE = ["moe_route", "moe_layout", "moe_place"]
+ROUTING_KERNELS_SEPARATE = ["moe_route", "moe_layout", "moe_place"]  # layout_in_place=False
+ROUTING_KERNELS_PAST_ONE_TILE = ["moe_route", "moe_layout_sums", "moe_layout", "moe_place"]
 MOSAIC_CALL, MOSAIC_GEMM = "mosaic_gpu_v2", "mosaic_gemm"
 # The H200 table's Mosaic path: SwiGLU + quant in GEMM1's epilogue ("mosaic_fused_swiglu_split"), no kernel of
 # its own.
@@ -65,8 +67,10 @@ def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
   if tiles.mosaic:  # the H200 at T=901
     assert kernels == ROUTING_KERNELS + MOSAIC_EXPERTS
     return
-  gemm1 = (["moe_gemm1_split_k", "moe_gemm1_split_k_swiglu_fp8"] if tiles.gemm1.split_k > 1 else
-           ["moe_gemm1_swiglu_fp8"] * (1 + (tiles.gemm1_busy is not None)))  # the used-tile count picks one
+  if tiles.gemm1.split_k > 1:
+    gemm1 = ["moe_gemm1_split_k", "moe_gemm1_split_k_swiglu_fp8"]
+  else:
+    gemm1 = ["moe_gemm1_swiglu_fp8"] * (1 + (tiles.gemm1_busy is not None))  # the used-tile count picks one
   assert kernels == ROUTING_KERNELS + gemm1 + ["moe_gemm2_fp8", "moe_combine"]
 
 
@@ -102,17 +106,16 @@ def test_128_local_experts_lower_without_copies(num_tokens):
 
 
 def test_fused_routing_lowers_past_one_layout_tile():
-  """T=14107 asked for the fused routing: 3527 blocks, laid out in chunks of 256 (two loops in `layout`)."""
+  """T=14107 asked for the fused routing: 3527 blocks, laid out in 14 chunks of 256, a program each."""
   kernels = _lowered_kernels(14107, "NVIDIA H200", fused_routing_kernels=True)
   assert kernels == ROUTING_KERNELS_PAST_ONE_TILE + MOSAIC_EXPERTS
 
 
-def test_parallel_layout_lowers():
-  """`route_and_schedule(layout_parallel=True)` at T=14107: route, the chunks' sums, the chunks' layout, place."""
+def test_layout_past_one_tile_lowers_as_a_program_per_chunk():
+  """`route_and_schedule` at T=14107: route, the chunks' sums, the chunks' layout, place."""
   def schedule(logits, bias):
     return fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=CONFIG,
-                                            num_local_experts=CONFIG.num_local_experts, block_m=64,
-                                            layout_parallel=True)[0]
+                                            num_local_experts=CONFIG.num_local_experts, block_m=64)[0]
   with triton_internals.abstract_gpu("NVIDIA H200"):
     text = jax.jit(schedule).trace(*_layer_shapes(14107)[:2]).lower(lowering_platforms=("cuda",)).as_text()
   assert re.findall(r'name = "(moe_[a-z_]+)"', text) == ["moe_route", "moe_layout_sums", "moe_layout", "moe_place"]
@@ -127,8 +130,8 @@ def test_large_calls_on_the_h200_run_the_mosaic_gemms(num_tokens):
   routing_kernels = ROUTING_KERNELS if num_tokens <= 1024 else ROUTING_KERNELS_PAST_ONE_TILE
   assert _lowered_kernels(num_tokens, "NVIDIA H200") == routing_kernels + MOSAIC_EXPERTS
   assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in _lowered_text(num_tokens, "NVIDIA H200")
-  triton_tiles = dataclasses.replace(tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts,
-                                                          device_kind="NVIDIA H200"), gemm_kernels="triton")
+  triton_tiles = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts,
+                                       device_kind="NVIDIA H200").with_triton_gemms()
   assert _lowered_kernels(num_tokens, "NVIDIA H200", tiles=triton_tiles) == routing_kernels + [
       "moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
 
@@ -150,10 +153,12 @@ def test_split_fused_epilogue_lowers():
 
 
 @pytest.mark.parametrize("flags,xla_ops", [
-    (dict(scales_in_gather=True), {"stablehlo.multiply"}),
-    (dict(weights_in_gemm2=True), {"stablehlo.transpose", "stablehlo.pad"}),
+    (dict(scales_in_gather=False, weights_in_gemm2=False), {"stablehlo.multiply", "stablehlo.transpose",
+                                                            "stablehlo.pad"}),
+    (dict(scales_in_gather=True, weights_in_gemm2=False), {"stablehlo.multiply"}),
+    (dict(scales_in_gather=False, weights_in_gemm2=True), {"stablehlo.transpose", "stablehlo.pad"}),
     (dict(scales_in_gather=True, weights_in_gemm2=True), set()),
-], ids=["scales_in_gather", "weights_in_gemm2", "both"])
+], ids=["neither", "scales_in_gather", "weights_in_gemm2", "both (the H200 table at T=901)"])
 def test_mosaic_path_lowers_without_xla_kernels(flags, xla_ops):
   """At T=901: the same kernels; `scales_in_gather` takes the weight scales' transpose and pad out of XLA's
   part of the program, `weights_in_gemm2` the routing-weight multiply; with both, no XLA kernel is left."""
@@ -177,7 +182,7 @@ def test_fused_routing_kernels_lower(num_tokens, layout_in_place):
   shapes = _layer_shapes(num_tokens)[:2]
   with triton_internals.abstract_gpu("NVIDIA H200"):
     text = jax.jit(schedule).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-  expected = ROUTING_KERNELS if layout_in_place else ROUTING_KERNELS_PAST_ONE_TILE
+  expected = ROUTING_KERNELS if layout_in_place else ROUTING_KERNELS_SEPARATE
   assert re.findall(r'name = "(moe_[a-z_]+)"', text) == expected
 
 
@@ -190,6 +195,20 @@ def test_large_calls_route_with_xla():
 def test_bf16_intermediate_lowers():
   kernels = _lowered_kernels(16, "NVIDIA H200", intermediate_dtype=jnp.bfloat16)
   assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_bf16"] * 2 + ["moe_gemm2_bf16", "moe_combine"]
+
+
+def test_bf16_intermediate_at_t901_falls_back_to_the_triton_gemms(monkeypatch):
+  """The H200 table picks the Mosaic GEMMs (with their in-kernel options) at T=901; with no tiling given, a bf16
+  intermediate, which the Mosaic GEMM2 does not take, runs the Triton GEMMs instead."""
+  monkeypatch.setattr(grouped_moe, "default_tiling", functools.partial(tiling.default_tiling,
+                                                                       device_kind="NVIDIA H200"))
+  assert tiling.default_tiling(901, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200").mosaic
+  layer = lambda *args: grouped_moe.moe_layer_triton(*args, config=CONFIG, intermediate_dtype=jnp.bfloat16)
+  with triton_internals.abstract_gpu("NVIDIA H200"):
+    text = jax.jit(layer).trace(*_layer_shapes(901)).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r'name = "(moe_[a-z0-9_]+)"', text) == ROUTING_KERNELS + [
+      "moe_gemm1_swiglu_bf16", "moe_gemm2_bf16", "moe_combine"]
+  assert MOSAIC_CALL not in text
 
 
 def test_abstract_gpu_rejects_unknown_devices():

@@ -1,4 +1,4 @@
-"""Routing, plan and tile schedule in two or three small Pallas kernels, for calls with few tokens.
+"""Routing, plan and tile schedule in two to four small Pallas kernels.
 
 Why: at small T the ~20 small XLA kernels of `route` -> `plan_local` -> `make_tile_schedule` (sorts,
 scatters, cumsums) take ~28-33 us of GPU time on the H200 whatever the token count, as much as a third of
@@ -11,7 +11,10 @@ sort:
    NaN poison (`routing.nan_poison`).
 2. `layout` (one program): from the blocks' counts, each expert's range of padded rows (whole block_m
    tiles), where each block's picks of each expert start in it, and tile -> expert. Up to 256 blocks in
-   one tile; more (T > 1024 at 4 tokens a block) in chunks, two passes over them.
+   one tile; more (T > 1024 at 4 tokens a block) in chunks of 256, a program each, as two kernels:
+   `layout_sums` (each chunk's picks per expert), then `layout` (each chunk's starts from all chunks'
+   sums). Measured on the H200 (results/h200_2026-11-30_s7/tune_routing15.jsonl): the routing kernels
+   at T=11948 94.1 -> 53.4 us and at T=14107 110.0 -> 60.4 against one program looping over the chunks.
 3. `place` (grid over blocks of tokens): each local pick's padded row = its block's start for that expert
    + its rank among the block's picks of that expert (picks in flat (token, j) order, the order of
    `plan_local`'s stable sort); writes row -> token, row -> weight and pick -> row; and the padding rows
@@ -23,10 +26,6 @@ itself and writes the tile -> expert entries of its own tiles: one kernel and on
 Measured on the H200 (2026-11-30, results/h200_2026-11-30_s6/tune_routing.jsonl, kernel sums, the span
 with the gaps in brackets): T=1 7.1 -> 5.7 us (22.9 -> 13.6), T=16 7.5 -> 5.9, T=57 7.4 -> 6.2 (30.1 ->
 20.7), T=80 7.4 -> 6.1, T=901 (4 tokens a block) 12.2 -> 9.4 (26.1 -> 21.6).
-
-`layout_parallel=True` (prepared; not yet timed on a GPU, so off): past one tile of blocks, `layout` runs
-as a program per chunk of blocks in two kernels, `layout_sums` (each chunk's picks per expert) and
-`layout` (each chunk's starts from all chunks' sums), instead of one program looping over the chunks.
 
 Every output element is written by exactly one program (a row is a pick's or padding, never both): no
 atomics, no barriers, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
@@ -174,26 +173,13 @@ def _store_totals(expert_rows_ref, used_tiles_ref, padded_start, totals, padded,
 
 def _layout_kernel(counts_ref, tile_expert_ref, block_start_ref, expert_rows_ref, used_tiles_ref, *, num_blocks,
                    num_local, lanes, block_m, num_tiles, tiles_per_step, blocks_per_chunk):
-  num_chunks = pl.cdiv(num_blocks, blocks_per_chunk)
-  chunk_counts = functools.partial(_chunk_counts, counts_ref, num_blocks=num_blocks, lanes=lanes,
-                                   blocks_per_chunk=blocks_per_chunk)
-
-  if num_chunks == 1:  # T <= 1024 at 4 tokens a block: the counts stay in registers
-    _, _, counts = chunk_counts(0)
-    totals = jnp.sum(counts, axis=0)
-  else:  # more blocks than one tile holds: a first pass for the totals, a second for each block's start
-    totals = jax.lax.fori_loop(0, num_chunks, lambda c, acc: acc + jnp.sum(chunk_counts(c)[2], axis=0),
-                               jnp.zeros((lanes,), jnp.int32))
+  """One program: the layout of up to one chunk of blocks (T <= 1024 at 4 tokens a block), the counts held
+  in registers (more blocks: `_chunk_sums_kernel` + `_chunk_layout_kernel`, a program per chunk)."""
+  _, _, counts = _chunk_counts(counts_ref, 0, num_blocks=num_blocks, lanes=lanes, blocks_per_chunk=blocks_per_chunk)
+  totals = jnp.sum(counts, axis=0)
   padded, padded_start, padded_end = _expert_ranges(totals, block_m=block_m, lanes=lanes)
   # Where each block's picks of each expert start: the expert's start + the earlier blocks' picks.
-  if num_chunks == 1:
-    block_start_ref[...] = padded_start[None, :] + jnp.cumsum(counts, axis=0) - counts
-  else:
-    def chunk_starts(chunk, earlier_chunks):
-      blocks, in_range, counts = chunk_counts(chunk)
-      _store_block_starts(block_start_ref, blocks, in_range, counts, padded_start + earlier_chunks)
-      return earlier_chunks + jnp.sum(counts, axis=0)
-    jax.lax.fori_loop(0, num_chunks, chunk_starts, jnp.zeros((lanes,), jnp.int32))
+  block_start_ref[...] = padded_start[None, :] + jnp.cumsum(counts, axis=0) - counts
   _store_totals(expert_rows_ref, used_tiles_ref, padded_start, totals, padded, block_m=block_m)
 
   def tiles_step(step, carry):
@@ -322,17 +308,18 @@ def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, tile_
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
                        config: MoEConfig, num_local_experts: int, block_m: int, interpret=False,
                        tokens_per_block: int | None = None, num_warps: int = 4, tiles_per_step: int = 256,
-                       layout_in_place: bool = True, layout_parallel: bool = False):
-  """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as two kernels (three past T=512-1024).
+                       layout_in_place: bool = True):
+  """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as two kernels (four past T=512-1024).
 
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
   two; None: 2 up to T=128, else 4), num_warps (all three), tiles_per_step (layout's tile loop, a power
   of two), layout_in_place (`layout` folded into `place` where the blocks' counts fit one tile, T <= 512
   or 1024 by tokens_per_block: every place program sums them itself; one kernel fewer, 1.3-2.8 us less
-  GPU time a call on the H200; False: always the three kernels), layout_parallel (past one tile of
-  blocks, `layout` as two kernels with a program per chunk of 256 blocks, the chunks' sums then each
-  chunk's starts, instead of one program looping over the chunks twice: 47-56 us at T=11948-14107 on the
-  H200; prepared, not yet timed, so off).
+  GPU time a call on the H200; False: the three kernels up to one tile of blocks). Past one tile of blocks,
+  `layout` is two kernels with a program per chunk of 256 blocks, the chunks' sums then each chunk's
+  starts (measured on the H200, experiments/results/h200_2026-11-30_s7/tune_routing15.jsonl: the routing
+  kernels at T=11948 94.1 -> 53.4 us, at T=14107 110.0 -> 60.4, against one program looping over the
+  chunks twice).
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32, poison [T] float32: equal
@@ -391,7 +378,7 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   layout_outputs = (jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct(counts_shape, jnp.int32),
                     jax.ShapeDtypeStruct((2, lanes), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
   num_chunks = counts_shape[0] // blocks_per_chunk
-  if layout_parallel and num_chunks > 1:
+  if num_chunks > 1:
     sums = pl.pallas_call(
         functools.partial(_chunk_sums_kernel, num_blocks=num_blocks, lanes=lanes, blocks_per_chunk=blocks_per_chunk),
         grid=(num_chunks,), interpret=interpret, name="moe_layout_sums", compiler_params=params,

@@ -9,17 +9,15 @@ scales) -> combine. Two entries:
 
 - `moe_layer_triton`: the whole layer from the router logits. Up to `fused_routing.MAX_FUSED_PAIRS`
   picks (T <= 16384 at DeepSeek-V3's top-8), routing + plan + schedule run as small Pallas kernels: two
-  up to T=512-1024, three above (six kernels per call in all with the Triton GEMMs, nine with the Mosaic
-  ones: the row gather and three small XLA ops of scale layout and routing weight, which the tiling's
-  `scales_in_gather` and `weights_in_gemm2` move into the kernels); above 16384 picks, as
+  up to T=512-1024, four above (six kernels per call in all with the Triton GEMMs; with the Mosaic ones
+  also the row gather, and three small XLA ops of scale layout and routing weight unless the tiling's
+  `scales_in_gather` and `weights_in_gemm2` move them into the kernels); above 16384 picks, as
   XLA's routing and sort-based plan (~40 small kernels, a small share of a large call).
 - `apply_local_experts_triton`: from a RoutingPlan (the public `apply_local_experts`, used by sharded
   callers that route once for all ranks).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax.numpy as jnp
 
@@ -36,7 +34,7 @@ def _tiling_for(tiling, num_tokens, top_k, num_local, hidden, intermediate, inte
   if tiling is None:
     tiling = default_tiling(num_tokens, top_k, num_local, hidden=hidden, intermediate=intermediate)
     if tiling.mosaic and why_not_mosaic:  # the table's choice where the Mosaic kernels cannot run
-      tiling = dataclasses.replace(tiling, gemm_kernels="triton")
+      tiling = tiling.with_triton_gemms()
   elif tiling.mosaic and why_not_mosaic:
     raise ValueError(f"tiling.gemm_kernels={tiling.gemm_kernels!r}: {why_not_mosaic}")
   tiling.check_intermediate(quantized)

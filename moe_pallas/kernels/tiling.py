@@ -77,7 +77,7 @@ class MoETiling:
   `scales_in_gather`, `weights_in_gemm2`: with the Mosaic GEMMs, the weight scales' layout
   (`mosaic_gemm.weight_scale_rows`) done by programs of the row gather, and the routing weights multiplied
   into GEMM2's activation scales inside the kernel (`grouped_fp8_gemm(row_factor=...)`), instead of three
-  XLA kernels (the same bits; prepared, not yet timed on a GPU, so no table sets them).
+  XLA kernels (the same bits). The H200 table sets both from 128 to 512 rows per expert.
 
   `gemm_kernels`: which kernels run the two GEMMs (`GEMM_KERNELS`):
   - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
@@ -135,6 +135,10 @@ class MoETiling:
   @property
   def block_m(self) -> int:
     return self.gemm1.block_m
+
+  def with_triton_gemms(self) -> "MoETiling":
+    """These tiles with the Pallas-Triton GEMMs (and so without the Mosaic path's options)."""
+    return dataclasses.replace(self, gemm_kernels="triton", scales_in_gather=False, weights_in_gemm2=False)
 
   def check_intermediate(self, quantized: bool) -> None:
     """An FP8 SwiGLU output is quantized in 1 x gemm1.block_n blocks, so GEMM2 must step K by that block."""
@@ -206,6 +210,12 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # both warpgroups (h200_2026-11-30_s6/tune9.jsonl, GEMM1 alone): T=901 219.5 -> 219.8 us, T=11948
     # 664.1 -> 656.0, T=14107 886.2 -> 872.2, T=901 all_local 546.0 -> 539.1, all_local T=14107 7144 -> 7035.
     tiles = dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu_split")
+  if _H200_MOSAIC_ABOVE_ROWS < rows_per_expert <= 512:
+    # No XLA kernel on the Mosaic path (2026-11-30, h200_2026-11-30_s7/tune15.jsonl, kernel sums): the
+    # weight scales laid out by the row gather and the routing weights multiplied in GEMM2, T=901 378.1 ->
+    # 369.3 us, all_local T=901 927.8 -> 923.4. Not above: T=14107 1671.2 -> 1676.1 (the gather +4.6 us, GEMM2
+    # +8 with its 16 K steps an item waiting on one more TMA each).
+    tiles = dataclasses.replace(tiles, scales_in_gather=True, weights_in_gemm2=True)
   return tiles
 
 
