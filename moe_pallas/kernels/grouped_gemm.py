@@ -38,7 +38,7 @@ def _tile_coordinates(num_m_tiles: int, num_n_tiles: int, group_m: int):
   return first_m + within % group_size, within // group_size
 
 
-def _gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *, i, j, k_start,
+def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *, i, j, k_start,
                       num_k_steps, intermediate, tiling):
   """M-tile i's up and gate accumulators (N-tile j) over K steps k_start .. k_start + num_k_steps."""
   expert = tile_expert_ref[i]
@@ -74,7 +74,7 @@ def _gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref,
   return acc_up, acc_gate
 
 
-def _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, *, i, j, tiling, quantize_output):
+def store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, *, i, j, tiling, quantize_output):
   """SwiGLU of one (M-tile, N-tile), stored as FP8 with one scale per row of the tile (or as bf16)."""
   bm, bn = tiling.block_m, tiling.block_n
   rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
@@ -89,7 +89,7 @@ def _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, *, i, j, tiling, qu
     out_ref[rows, cols] = swiglu.astype(out_ref.dtype)
 
 
-def _swiglu_out_shape(num_rows: int, intermediate: int, block_n: int, out_dtype) -> list[jax.ShapeDtypeStruct]:
+def swiglu_out_shape(num_rows: int, intermediate: int, block_n: int, out_dtype) -> list[jax.ShapeDtypeStruct]:
   """The SwiGLU output: values [rows, I], and with an FP8 out_dtype one scale per (row, block_n columns)
   as [I/block_n, rows] (GEMM2 reads it with K steps of block_n)."""
   out_shape = [jax.ShapeDtypeStruct((num_rows, intermediate), out_dtype)]
@@ -112,10 +112,10 @@ def _gemm1_swiglu_kernel(*refs, num_m_tiles, num_n_tiles, num_k_steps, intermedi
 
   @pl.when(runs)
   def _():
-    acc_up, acc_gate = _gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
+    acc_up, acc_gate = gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
                                          i=i, j=j, k_start=0, num_k_steps=num_k_steps,
                                          intermediate=intermediate, tiling=tiling)
-    _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
+    store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
                   quantize_output=quantize_output)
 
 
@@ -129,7 +129,7 @@ def _gemm1_partial_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_
 
   @pl.when(tile_expert_ref[i] < num_local_experts)
   def _():
-    acc_up, acc_gate = _gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
+    acc_up, acc_gate = gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
                                          i=i, j=j, k_start=split * steps_per_split, num_k_steps=steps_per_split,
                                          intermediate=intermediate, tiling=tiling)
     bm, bn = tiling.block_m, tiling.block_n
@@ -158,7 +158,7 @@ def _swiglu_of_partials_kernel(tile_expert_ref, partial_ref, out_ref, *out_scale
     for split in range(1, tiling.split_k):
       acc_up = acc_up + partial(split, 0)
       acc_gate = acc_gate + partial(split, intermediate)
-    _store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
+    store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
                   quantize_output=quantize_output)
 
 
@@ -223,7 +223,7 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
       num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=num_local,
       tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases))
   outs = pl.pallas_call(
-      kernel, out_shape=_swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype), grid=grid,
+      kernel, out_shape=swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype), grid=grid,
       interpret=interpret, input_output_aliases=aliases,
       name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16", compiler_params=params,
   )(*operands, *extra)
@@ -247,7 +247,7 @@ def swiglu_of_partials(tile_expert, partials, *, num_local_experts: int, tiling:
       _swiglu_of_partials_kernel, num_n_tiles=num_n_tiles, intermediate=intermediate,
       num_local_experts=num_local_experts, tiling=tiling, quantize_output=quantize_output)
   outs = pl.pallas_call(
-      kernel, out_shape=_swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype),
+      kernel, out_shape=swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype),
       grid=(num_m_tiles * num_n_tiles,), interpret=interpret, name=f"{name}_fp8" if quantize_output else f"{name}_bf16",
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
   )(tile_expert, partials)
