@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 import moe_pallas as mp
-from moe_pallas.kernels import fused_routing, grouped_moe, tiling, triton_internals
+from moe_pallas.kernels import fused_routing, grouped_moe, schedule, tiling, triton_internals
 
 CONFIG = mp.DEEPSEEK_V3
 # The fused routing: `layout` folded into `place` while the blocks' counts fit one tile (T <= 1024), else three.
@@ -72,6 +72,11 @@ def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
   else:
     gemm1 = ["moe_gemm1_swiglu_fp8"] * (1 + (tiles.gemm1_busy is not None))  # the used-tile count picks one
   assert kernels == ROUTING_KERNELS + gemm1 + ["moe_gemm2_fp8", "moe_combine"]
+  if tiles.gemm1_busy is not None:  # the launch for fewer than busy_min_tiles has programs for those only
+    grids = [int(g) for g in re.findall(r"grid_x = (\d+)", _lowered_text(num_tokens, device_kind))]
+    num_n_tiles = CONFIG.intermediate // tiles.gemm1.block_n
+    num_m_tiles = schedule.max_tiles(num_tokens * CONFIG.top_k, CONFIG.num_local_experts, tiles.block_m)
+    assert grids[2:4] == [(tiles.busy_min_tiles - 1) * num_n_tiles, num_m_tiles * num_n_tiles]
 
 
 def test_split_k_gemm1_lowers():
