@@ -120,8 +120,21 @@ def no_xla_ops_variant():
   return "mosaic_split_no_xla_ops", tiles, bf16, fused
 
 
+def stream_k_variants(base):
+  """GEMM1 as the stream-K kernel (`GemmTiling.stream_k` programs per SM sharing the used tiles' work evenly),
+  in place of the table's launch(es); GEMM2 and the combine as the table has them. Why: at T=14 the 224
+  programs of 16 x 128 tiles leave 40 SMs with one program beside 92 with two (PERF 19, 24)."""
+  import dataclasses
+  out = []
+  for per_sm, warps, stages in ((1, 8, 4), (1, 8, 5), (2, 8, 3), (2, 4, 3), (3, 4, 2)):
+    gemm1 = dataclasses.replace(base.gemm1, num_warps=warps, num_stages=stages, split_k=1, stream_k=per_sm)
+    out.append((f"g1_stream_k{per_sm}w{warps}s{stages}",
+                dataclasses.replace(base, gemm1=gemm1, gemm1_busy=None, busy_min_tiles=0), False, None))
+  return out
+
+
 def small_t_variants(base):
-  return [*gemm2_and_combine_variants(base),
+  return [*gemm2_and_combine_variants(base), *stream_k_variants(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one
       # program beside SMs with two; more, shorter programs even that out, for a float32 partials

@@ -37,7 +37,7 @@ timeout_s="${GPU_TEST_TIMEOUT:-480}"
 default_groups=(
   "tests/test_kernels.py tests/test_quant.py"
   "tests/test_layer.py tests/test_gpu_lowering.py tests/test_gradients.py"
-  "tests/test_properties.py tests/test_validation.py tests/test_oracle.py tests/test_scale_layout.py"
+  "tests/test_properties.py tests/test_validation.py tests/test_oracle.py tests/test_scale_layout.py tests/test_stream_k.py"
   "tests/test_sharding.py tests/test_buckets.py tests/test_checkpoint.py tests/test_mosaic_probe.py tests/test_mosaic_gemm.py"
   "tests/test_distributed.py tests/test_experiments.py tests/test_routing.py"
   "tests/test_flax_module.py tests/test_fused_routing.py tests/test_nonfinite.py"

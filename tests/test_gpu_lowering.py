@@ -67,7 +67,9 @@ def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
   if tiles.mosaic:  # the H200 at T=901
     assert kernels == ROUTING_KERNELS + MOSAIC_EXPERTS
     return
-  if tiles.gemm1.split_k > 1:
+  if tiles.gemm1.stream_k:  # the H200 at T=1
+    gemm1 = ["moe_gemm1_stream_k_fp8", "moe_gemm1_stream_k_fixup"]
+  elif tiles.gemm1.split_k > 1:
     gemm1 = ["moe_gemm1_split_k", "moe_gemm1_split_k_swiglu_fp8"]
   else:
     gemm1 = ["moe_gemm1_swiglu_fp8"] * (1 + (tiles.gemm1_busy is not None))  # the used-tile count picks one
@@ -195,6 +197,20 @@ def test_large_calls_route_with_xla():
   num_tokens = fused_routing.MAX_FUSED_PAIRS // mp.DEEPSEEK_V3.top_k + 1  # the first T above the fused limit
   kernels = _lowered_kernels(num_tokens, "NVIDIA H200")
   assert kernels == MOSAIC_EXPERTS
+
+
+@pytest.mark.parametrize("num_tokens", [1, 14, 80])
+def test_stream_k_gemm1_lowers(num_tokens):
+  """`GemmTiling.stream_k`: GEMM1 as the stream-K kernel and its fix-up (for cuda); each piece's K loop an
+  scf.for, which Triton pipelines."""
+  base = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
+  tiles = dataclasses.replace(base, gemm1=dataclasses.replace(base.gemm1, split_k=1, stream_k=2), gemm1_busy=None,
+                              busy_min_tiles=0)
+  kernels = _lowered_kernels(num_tokens, "NVIDIA H200", tiles=tiles)
+  assert kernels == ROUTING_KERNELS + ["moe_gemm1_stream_k_fp8", "moe_gemm1_stream_k_fixup", "moe_gemm2_fp8",
+                                       "moe_combine"]
+  text = _lowered_text(num_tokens, "NVIDIA H200", tiles=tiles)
+  assert re.findall(r"grid_x = (\d+)", text)[2] == "264"  # 2 programs per SM of the H200's 132
 
 
 def test_bf16_intermediate_lowers():

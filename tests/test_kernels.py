@@ -225,7 +225,7 @@ def test_default_tiling_fits_every_hidden_size(device_kind):
     for intermediate in (2048, 256, 128, 384):
       tiles = tiling.default_tiling(num_tokens, 8, 32, device_kind=device_kind, intermediate=intermediate)
       assert (intermediate // tiles.gemm2.block_k) % tiles.gemm2.split_k == 0
-  assert tiling.default_tiling(1, 8, 32, device_kind="NVIDIA H200", hidden=7168).gemm1.split_k == 4
+  assert tiling.default_tiling(1, 8, 32, device_kind="NVIDIA H200", hidden=7168).gemm1.stream_k == 1
   assert tiling.default_tiling(1, 8, 32, device_kind="NVIDIA H200", intermediate=2048).gemm2.split_k == 2
   assert tiling.default_tiling(1, 8, 32, device_kind="NVIDIA H200", intermediate=128).gemm2.split_k == 1
 
@@ -305,8 +305,10 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64), tiling.GemmTiling(block_m=16, block_n=64, block_k=64),
                      gemm1_busy=tiling.GemmTiling(block_m=16, block_n=64, num_warps=8, group_m=2),
                      busy_min_tiles=10**6),
+    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, stream_k=2),
+                     tiling.GemmTiling(block_m=16, block_n=64, block_k=64)),
 ], ids=["narrow", "grouped", "h200_small_t", "split_k", "gemm2_split_k", "busy_gemm1_picked",
-        "busy_gemm1_not_picked"])
+        "busy_gemm1_not_picked", "gemm1_stream_k"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 

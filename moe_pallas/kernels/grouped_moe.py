@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from moe_pallas.config import MoEConfig
-from moe_pallas.kernels import combine, fused_routing, grouped_gemm, mosaic_gemm, triton_internals
+from moe_pallas.kernels import combine, fused_routing, grouped_gemm, mosaic_gemm, stream_k, triton_internals
 from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule
 from moe_pallas.kernels.tiling import MoETiling, default_tiling
 from moe_pallas.routing import RoutingPlan, grouped_topk, nan_poison, sort_local_pairs
@@ -105,6 +105,9 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
     swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(
         *gemm1_args, tiling=tiling.gemm1_busy, used_tiles_range=(tiling.busy_min_tiles, 2**31 - 1), into=first,
         **select)
+  elif tiling.gemm1.stream_k:
+    swiglu, swiglu_scale = stream_k.gemm1_swiglu(*gemm1_args, schedule.num_used_tiles, tiling=tiling.gemm1,
+                                                 out_dtype=intermediate_dtype, interpret=interpret)
   else:
     swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(*gemm1_args, tiling=tiling.gemm1, out_dtype=intermediate_dtype,
                                                      interpret=interpret)

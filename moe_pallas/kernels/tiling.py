@@ -31,6 +31,9 @@ class GemmTiling:
       when few experts are touched (T=1 reads two experts' W13 with only 2 x 16 unsplit programs). GEMM1's
       partials are summed in float32 in a fixed order by a second kernel that applies SwiGLU and the
       quant; GEMM2's by the combine, which adds each row's partials as it adds the token's rows.
+    stream_k: above 0 (GEMM1 only), GEMM1 as `stream_k.gemm1_swiglu`: this many programs per SM share the
+      used tiles' (N-tile, K step) work evenly, whatever the experts touched; items split between programs
+      are summed in a fixed order by a second kernel.
   """
 
   block_m: int = 64
@@ -40,6 +43,7 @@ class GemmTiling:
   num_warps: int = 4
   num_stages: int = 3
   split_k: int = 1
+  stream_k: int = 0
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -52,6 +56,9 @@ class GemmTiling:
       raise ValueError(f"group_m must be >= 1, got {self.group_m}")
     if self.split_k < 1:
       raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+    if self.stream_k < 0 or (self.stream_k and self.split_k != 1):
+      raise ValueError(f"stream_k must be >= 0, and 0 with a split_k above 1; got stream_k={self.stream_k}, "
+                       f"split_k={self.split_k}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +120,11 @@ class MoETiling:
         raise ValueError(f"gemm_kernels={self.gemm_kernels!r} needs block_m={mosaic_gemm.BLOCK_M}, "
                          f"gemm1.block_n={SCALE_BLOCK}, no split-K and no gemm1_busy; got (block_m, gemm1.block_n, split_k, gemm2 split_k) = "
                          f"{blocks}, gemm1_busy={self.gemm1_busy}")
+    if self.gemm2.stream_k:
+      raise ValueError(f"stream_k is GEMM1's only, got gemm2.stream_k={self.gemm2.stream_k}")
+    if self.gemm1.stream_k and (self.mosaic or self.gemm1_busy is not None):
+      raise ValueError(f"gemm1.stream_k needs the Triton GEMMs and no gemm1_busy, got gemm_kernels="
+                       f"{self.gemm_kernels!r}, gemm1_busy={self.gemm1_busy}")
     if self.gemm1_busy is not None:
       blocks = lambda g: (g.block_m, g.block_n, g.block_k, g.split_k)
       if blocks(self.gemm1_busy) != blocks(self.gemm1) or self.gemm1.split_k != 1:
@@ -178,7 +190,11 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # combine (h200_2026-11-30/tune3_tiles.jsonl and h200_2026-11-30_s6/tune13.jsonl, GEMM2 + combine):
     # T=1 17.4 -> 15.4 and 17.3 -> 15.7 us, T=7 17.9 -> 17.3 and 17.7 -> 17.3 (16 K steps of 128 are too
     # few for a program's pipeline to reach the weights' bandwidth).
-    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, split_k=4),
+    # GEMM1 as the stream-K kernel, one program per SM with 4 stages, in place of the 4 K ranges (2026-11-30,
+    # h200_2026-11-30_s7/tune17.jsonl): T=1 30.3 -> 28.6 us, T=7 30.6 -> 29.3 (2 programs per SM: 31.4;
+    # 5 stages: 30.0). From 8 experts up, stream-K lost to the programs per tile as often as it won
+    # (T=16 80.8 -> 74.9, T=62 151.3 -> 141.3; T=14 113.7 -> 119.4, T=57 153.3 -> 165.3).
+    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, stream_k=1),
                      gemm2=dataclasses.replace(gemm2, split_k=2), combine=combine)
   if rows_per_expert <= 32:
     # GEMM1's best launch depends on the experts touched: with 8 warps up to 14 experts (T=14: 116.5 ->

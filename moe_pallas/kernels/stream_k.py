@@ -1,0 +1,151 @@
+"""GEMM1 (+ SwiGLU + FP8 quant) as a stream-K kernel: a fixed grid that splits the used tiles' work evenly.
+
+Why: at small T the GEMMs stream the touched experts' weights, and one program per (M-tile, N-tile) leaves
+the SMs unevenly loaded whenever the programs are not a multiple of the SMs (T=14: 224 programs for 132
+SMs, 40 of which run one program while 92 run two; H200, results/h200_2026-11-30_s6). Here the grid is
+`stream_k` programs per SM, and program p takes the p-th equal share of the flat (item, K step) range,
+items = used M-tiles x N-tiles (M-tile major). An item that falls whole into one program is computed and
+stored with the SwiGLU + quant epilogue as in `grouped_gemm.gemm1_swiglu`; the pieces of an item split
+between programs go to float32 slots (two a program: its first item and its last), which a second kernel
+sums in program order (no atomics: bit-identical repeats) before the same epilogue.
+
+Each piece is one K loop with dynamic bounds (Triton pipelines it); a program runs a few of them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from moe_pallas.kernels import grouped_gemm, schedule
+from moe_pallas.kernels.tiling import GemmTiling
+from moe_pallas.quant import FP8_DTYPE
+
+
+def _share_start(program, total, num_programs):
+  """First step of a program's share of `total` steps (shares differ by at most one step)."""
+  return program * total // num_programs
+
+
+def _program_of_step(step, total, num_programs):
+  """The program whose share holds `step` (the largest p with p * total // P <= step)."""
+  return ((step + 1) * num_programs - 1) // total
+
+
+def _stream_k_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, used_tiles_ref,
+                     out_ref, *rest, num_programs, num_n_tiles, num_k_steps, intermediate, tiling,
+                     quantize_output):
+  *out_scale_refs, slots_ref = rest
+  program = pl.program_id(0)
+  total = used_tiles_ref[0] * num_n_tiles * num_k_steps
+  start = _share_start(program, total, num_programs)
+  stop = _share_start(program + 1, total, num_programs)
+  first_item = start // num_k_steps
+  end_item = jnp.where(stop > start, (stop + num_k_steps - 1) // num_k_steps, first_item)
+  bm, bn = tiling.block_m, tiling.block_n
+
+  def piece(item, carry):
+    i, j = item // num_n_tiles, item % num_n_tiles
+    k_start = jnp.maximum(start - item * num_k_steps, 0)
+    k_stop = jnp.minimum(stop - item * num_k_steps, num_k_steps)
+    acc_up, acc_gate = grouped_gemm.gemm1_accumulate(
+        tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, i=i, j=j, k_start=k_start,
+        num_k_steps=k_stop - k_start, intermediate=intermediate, tiling=tiling)
+    whole = (k_start == 0) & (k_stop == num_k_steps)
+
+    @pl.when(whole)
+    def _():
+      grouped_gemm.store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
+                                quantize_output=quantize_output)
+
+    @pl.when(jnp.logical_not(whole))
+    def _():
+      slot = jnp.where(item == first_item, 2 * program, 2 * program + 1)
+      rows = pl.ds(pl.multiple_of(slot * bm, bm), bm)
+      slots_ref[rows, pl.ds(0, bn)] = acc_up
+      slots_ref[rows, pl.ds(bn, bn)] = acc_gate
+    return carry
+
+  jax.lax.fori_loop(first_item, end_item, piece, 0)
+
+
+def _fixup_kernel(used_tiles_ref, slots_ref, *refs, num_programs, num_n_tiles, num_k_steps, tiling,
+                  quantize_output):
+  out_ref, *out_scale_refs = refs[len(refs) // 2:]  # the stream-K kernel's outputs, written in place
+  # Program `item`: if the item was split between programs, the sum of its pieces in program order, then
+  # the epilogue. Program p_lo (holding the item's first step) has it as its last item (slot 1) unless its
+  # share starts at the item (slot 0); every later one, p_lo < p <= p_hi, as its first (slot 0). Programs
+  # with an empty share (fewer steps than programs) wrote nothing and are skipped.
+  item = pl.program_id(0)
+  num_items = used_tiles_ref[0] * num_n_tiles
+  total = num_items * num_k_steps
+  first_step = item * num_k_steps
+  p_lo = _program_of_step(first_step, total, num_programs)
+  p_hi = _program_of_step(first_step + num_k_steps - 1, total, num_programs)
+
+  @pl.when((item < num_items) & (p_hi > p_lo))
+  def _():
+    bm, bn = tiling.block_m, tiling.block_n
+
+    def slot(index):
+      rows = pl.ds(pl.multiple_of(index * bm, bm), bm)
+      return slots_ref[rows, pl.ds(0, bn)], slots_ref[rows, pl.ds(bn, bn)]
+
+    lo_slot = jnp.where(_share_start(p_lo, total, num_programs) == first_step, 2 * p_lo, 2 * p_lo + 1)
+    acc_up, acc_gate = slot(lo_slot)
+
+    def add_piece(p, accs):
+      up, gate = slot(2 * p)
+      written = _share_start(p + 1, total, num_programs) > _share_start(p, total, num_programs)
+      return (accs[0] + jnp.where(written, up, 0.0), accs[1] + jnp.where(written, gate, 0.0))
+
+    acc_up, acc_gate = jax.lax.fori_loop(p_lo + 1, p_hi + 1, add_piece, (acc_up, acc_gate))
+    grouped_gemm.store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=item // num_n_tiles,
+                              j=item % num_n_tiles, tiling=tiling, quantize_output=quantize_output)
+
+
+def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used_tiles, *, tiling: GemmTiling,
+                 out_dtype=FP8_DTYPE, interpret=False):
+  """`grouped_gemm.gemm1_swiglu` (same arguments and outputs) as `tiling.stream_k` programs per SM.
+
+  used_tiles: [] or [1] int32, the count of leading M-tiles in use (`TileSchedule.num_used_tiles`): the
+  work that the programs share. Rows of tiles past it are left unwritten.
+  """
+  if tiling.stream_k < 1 or tiling.split_k != 1:
+    raise ValueError(f"stream_k.gemm1_swiglu needs tiling.stream_k >= 1 and split_k = 1, got "
+                     f"stream_k={tiling.stream_k}, split_k={tiling.split_k}")
+  _, hidden = a.shape
+  num_rows = row_token.shape[0]
+  num_local, two_i, _ = w13.shape
+  intermediate = two_i // 2
+  num_m_tiles = tile_expert.shape[0]
+  if num_rows != num_m_tiles * tiling.block_m:
+    raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = "
+                     f"{num_m_tiles * tiling.block_m}")
+  num_n_tiles = intermediate // tiling.block_n
+  num_k_steps = hidden // tiling.block_k
+  quantize_output = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
+  num_programs = tiling.stream_k * schedule.num_sms(interpret)
+  used = schedule.used_tiles_operand(used_tiles, num_m_tiles)
+  out_shape = grouped_gemm.swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype)
+  statics = dict(num_programs=num_programs, num_n_tiles=num_n_tiles, num_k_steps=num_k_steps,
+                 tiling=tiling, quantize_output=quantize_output)
+  *outs, slots = pl.pallas_call(
+      functools.partial(_stream_k_kernel, intermediate=intermediate, **statics),
+      out_shape=(*out_shape, jax.ShapeDtypeStruct((2 * num_programs * tiling.block_m, 2 * tiling.block_n),
+                                                  jnp.float32)),
+      grid=(num_programs,), interpret=interpret,
+      name="moe_gemm1_stream_k_fp8" if quantize_output else "moe_gemm1_stream_k_bf16",
+      compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+  )(tile_expert, row_token, a, a_scale, w13, w13_scale, used)
+  outs = pl.pallas_call(
+      functools.partial(_fixup_kernel, **statics),
+      out_shape=out_shape, grid=(num_m_tiles * num_n_tiles,), interpret=interpret,
+      input_output_aliases={2 + k: k for k in range(len(outs))},
+      name="moe_gemm1_stream_k_fixup", compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+  )(used, slots, *outs)
+  return (outs[0], outs[1]) if quantize_output else (outs[0], None)
