@@ -69,8 +69,6 @@ def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
     return
   if tiles.gemm1.stream_k:  # the H200 at T=1
     gemm1 = ["moe_gemm1_stream_k_fp8", "moe_gemm1_stream_k_fixup"]
-  elif tiles.gemm1.split_k > 1:
-    gemm1 = ["moe_gemm1_split_k", "moe_gemm1_split_k_swiglu_fp8"]
   else:
     gemm1 = ["moe_gemm1_swiglu_fp8"] * (1 + (tiles.gemm1_busy is not None))  # the used-tile count picks one
   assert kernels == ROUTING_KERNELS + gemm1 + ["moe_gemm2_fp8", "moe_combine"]
