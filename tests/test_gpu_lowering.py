@@ -21,6 +21,12 @@ from moe_pallas.kernels import fused_routing, grouped_moe, schedule, tiling, tri
 CONFIG = mp.DEEPSEEK_V3
 # The fused routing: `layout` folded into `place` while the blocks' counts fit one tile (T <= 1024), else three.
 ROUTING_KERNELS = ["moe_route", "moe_layout_place"]
+ROUTING_KERNELS_ONE_BLOCK = ["moe_route_layout_place"]  # T <= 2: one block of tokens, one program
+
+
+def _routing_kernels(num_tokens):
+  """The fused routing's kernels at DeepSeek-V3's shape up to one tile of blocks (T <= 1024)."""
+  return ROUTING_KERNELS_ONE_BLOCK if num_tokens <= 2 else ROUTING_KERNELS
 ROUTING_KERNELS_SEPARATE = ["moe_route", "moe_layout", "moe_place"]  # layout_in_place=False
 ROUTING_KERNELS_PAST_ONE_TILE = ["moe_route", "moe_layout_sums", "moe_layout", "moe_place"]
 MOSAIC_CALL, MOSAIC_GEMM = "mosaic_gpu_v2", "mosaic_gemm"
@@ -71,7 +77,7 @@ def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
     gemm1 = ["moe_gemm1_stream_k_fp8", "moe_gemm1_stream_k_fixup"]
   else:
     gemm1 = ["moe_gemm1_swiglu_fp8"] * (1 + (tiles.gemm1_busy is not None))  # the used-tile count picks one
-  assert kernels == ROUTING_KERNELS + gemm1 + ["moe_gemm2_fp8", "moe_combine"]
+  assert kernels == _routing_kernels(num_tokens) + gemm1 + ["moe_gemm2_fp8", "moe_combine"]
   if tiles.gemm1_busy is not None:  # the launch for fewer than busy_min_tiles has programs for those only
     grids = [int(g) for g in re.findall(r"grid_x = (\d+)", _lowered_text(num_tokens, device_kind))]
     num_n_tiles = CONFIG.intermediate // tiles.gemm1.block_n
@@ -177,9 +183,10 @@ def test_mosaic_path_lowers_without_xla_kernels(flags, xla_ops):
 
 
 @pytest.mark.parametrize("layout_in_place", [True, False])
-@pytest.mark.parametrize("num_tokens", [57, 901])
+@pytest.mark.parametrize("num_tokens", [1, 2, 57, 901])
 def test_fused_routing_kernels_lower(num_tokens, layout_in_place):
-  """`route_and_schedule`: route, then layout + place as one kernel (the default) or two (lowered for cuda)."""
+  """`route_and_schedule`: route, then layout + place as one kernel (the default; for one block of tokens, T <= 2,
+  all three in one) or two (lowered for cuda)."""
   def schedule(logits, bias):
     return fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=CONFIG,
                                             num_local_experts=CONFIG.num_local_experts, block_m=16,
@@ -187,7 +194,7 @@ def test_fused_routing_kernels_lower(num_tokens, layout_in_place):
   shapes = _layer_shapes(num_tokens)[:2]
   with triton_internals.abstract_gpu("NVIDIA H200"):
     text = jax.jit(schedule).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-  expected = ROUTING_KERNELS if layout_in_place else ROUTING_KERNELS_SEPARATE
+  expected = _routing_kernels(num_tokens) if layout_in_place else ROUTING_KERNELS_SEPARATE
   assert re.findall(r'name = "(moe_[a-z_]+)"', text) == expected
 
 
@@ -205,10 +212,10 @@ def test_stream_k_gemm1_lowers(num_tokens):
   tiles = dataclasses.replace(base, gemm1=dataclasses.replace(base.gemm1, split_k=1, stream_k=2), gemm1_busy=None,
                               busy_min_tiles=0)
   kernels = _lowered_kernels(num_tokens, "NVIDIA H200", tiles=tiles)
-  assert kernels == ROUTING_KERNELS + ["moe_gemm1_stream_k_fp8", "moe_gemm1_stream_k_fixup", "moe_gemm2_fp8",
-                                       "moe_combine"]
+  routing = _routing_kernels(num_tokens)
+  assert kernels == routing + ["moe_gemm1_stream_k_fp8", "moe_gemm1_stream_k_fixup", "moe_gemm2_fp8", "moe_combine"]
   text = _lowered_text(num_tokens, "NVIDIA H200", tiles=tiles)
-  assert re.findall(r"grid_x = (\d+)", text)[2] == "264"  # 2 programs per SM of the H200's 132
+  assert re.findall(r"grid_x = (\d+)", text)[len(routing)] == "264"  # 2 programs per SM of the H200's 132
 
 
 def test_bf16_intermediate_lowers():

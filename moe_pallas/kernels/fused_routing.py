@@ -1,4 +1,4 @@
-"""Routing, plan and tile schedule in two to four small Pallas kernels.
+"""Routing, plan and tile schedule in one to four small Pallas kernels.
 
 Why: at small T the ~20 small XLA kernels of `route` -> `plan_local` -> `make_tile_schedule` (sorts,
 scatters, cumsums) take ~28-33 us of GPU time on the H200 whatever the token count, as much as a third of
@@ -25,7 +25,9 @@ sort:
 itself and writes the tile -> expert entries of its own tiles: one kernel and one launch gap fewer a call.
 Measured on the H200 (2026-11-30, results/h200_2026-11-30_s6/tune_routing.jsonl, kernel sums, the span
 with the gaps in brackets): T=1 7.1 -> 5.7 us (22.9 -> 13.6), T=16 7.5 -> 5.9, T=57 7.4 -> 6.2 (30.1 ->
-20.7), T=80 7.4 -> 6.1, T=901 (4 tokens a block) 12.2 -> 9.4 (26.1 -> 21.6).
+20.7), T=80 7.4 -> 6.1, T=901 (4 tokens a block) 12.2 -> 9.4 (26.1 -> 21.6). With one block of tokens
+(T <= 2 at 2 tokens a block) route and layout_place are one program, `route_layout_place` (2026-11-30,
+results/h200_2026-11-30_s7/call6_*: T=1 4.2 + 1.7 -> 4.6 us, one launch fewer).
 
 Every output element is written by exactly one program (a row is a pick's or padding, never both): no
 atomics, no barriers, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
@@ -305,17 +307,32 @@ def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, tile_
     used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
 
 
+def _route_layout_place_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref,
+                               poison_ref, tile_expert_ref, used_tiles_ref, row_token_ref, row_weight_ref,
+                               pair_row_ref, *, route, layout_place, interpret):
+  """`route` and `layout_place` as one program, for calls of one block of tokens (T <= tokens_per_block):
+  the picks, weights and counts that route stores are read back by layout_place, after a barrier (other
+  threads of the program read them; interpret mode runs the program in order and has no barrier rule)."""
+  route(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref, poison_ref)
+  if not interpret:
+    pltriton.debug_barrier()
+  layout_place(counts_ref, ids_ref, weights_ref, offset_ref, tile_expert_ref, used_tiles_ref, row_token_ref,
+               row_weight_ref, pair_row_ref)
+
+
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
                        config: MoEConfig, num_local_experts: int, block_m: int, interpret=False,
                        tokens_per_block: int | None = None, num_warps: int = 4, tiles_per_step: int = 256,
                        layout_in_place: bool = True):
-  """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as two kernels (four past T=512-1024).
+  """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as two kernels (one for one block of tokens, four
+  past T=512-1024).
 
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
   two; None: 2 up to T=128, else 4), num_warps (all three), tiles_per_step (layout's tile loop, a power
   of two), layout_in_place (`layout` folded into `place` where the blocks' counts fit one tile, T <= 512
   or 1024 by tokens_per_block: every place program sums them itself; one kernel fewer, 1.3-2.8 us less
-  GPU time a call on the H200; False: the three kernels up to one tile of blocks). Past one tile of blocks,
+  GPU time a call on the H200; with one block of tokens, route and layout_place as one program; False: the
+  three kernels up to one tile of blocks). Past one tile of blocks,
   `layout` is two kernels with a program per chunk of 256 blocks, the chunks' sums then each chunk's
   starts (measured on the H200, experiments/results/h200_2026-11-30_s7/tune_routing15.jsonl: the routing
   kernels at T=11948 94.1 -> 53.4 us, at T=14107 110.0 -> 60.4, against one program looping over the
@@ -350,27 +367,38 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   # The layout program holds up to _BLOCKS_PER_CHUNK blocks' counts as one tile, more in chunks of that.
   blocks_per_chunk = min(_next_pow2(num_blocks), _BLOCKS_PER_CHUNK)
   counts_shape = (pl.cdiv(num_blocks, blocks_per_chunk) * blocks_per_chunk, lanes)
-  ids, weights, counts, poison = pl.pallas_call(
-      functools.partial(_route_kernel, num_tokens=num_tokens, config=config, num_local=num_local_experts,
-                        lanes=lanes, tokens_per_block=tokens_per_block),
-      grid=(num_blocks,), interpret=interpret, name="moe_route", compiler_params=params,
-      out_shape=(jax.ShapeDtypeStruct((num_pairs,), jnp.int32), jax.ShapeDtypeStruct((num_pairs,), jnp.float32),
-                 jax.ShapeDtypeStruct(counts_shape, jnp.int32), jax.ShapeDtypeStruct((num_tokens,), jnp.float32)),
-  )(routing_logits.astype(jnp.float32), routing_bias,
-    jnp.reshape(jnp.asarray(routed_scaling_factor, jnp.float32), (1,)), offset)
-
+  route = functools.partial(_route_kernel, num_tokens=num_tokens, config=config, num_local=num_local_experts,
+                            lanes=lanes, tokens_per_block=tokens_per_block)
+  route_outputs = (jax.ShapeDtypeStruct((num_pairs,), jnp.int32), jax.ShapeDtypeStruct((num_pairs,), jnp.float32),
+                   jax.ShapeDtypeStruct(counts_shape, jnp.int32), jax.ShapeDtypeStruct((num_tokens,), jnp.float32))
+  route_inputs = (routing_logits.astype(jnp.float32), routing_bias,
+                  jnp.reshape(jnp.asarray(routed_scaling_factor, jnp.float32), (1,)), offset)
   pick_outputs = (jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32),
                   jax.ShapeDtypeStruct((num_pairs,), jnp.int32))
   tiles_per_program = _next_pow2(pl.cdiv(num_tiles, num_blocks))
+  layout_place = functools.partial(_layout_and_place_kernel, num_blocks=num_blocks, num_pairs=num_pairs,
+                                   top_k=top_k, num_local=num_local_experts, lanes=lanes, block_m=block_m,
+                                   num_tiles=num_tiles, tokens_per_block=tokens_per_block,
+                                   tiles_per_program=tiles_per_program, blocks_per_chunk=blocks_per_chunk)
+  layout_place_outputs = (jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
+                          *pick_outputs)
+  if layout_in_place and num_blocks == 1:  # T <= tokens_per_block: one kernel
+    ids, weights, _, poison, tile_expert, used_tiles, row_token, row_weight, pair_row = pl.pallas_call(
+        functools.partial(_route_layout_place_kernel, route=route, layout_place=layout_place, interpret=interpret),
+        grid=(1,), interpret=interpret, name="moe_route_layout_place", compiler_params=params,
+        out_shape=(*route_outputs, *layout_place_outputs),
+    )(*route_inputs)
+    return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens,
+                   top_k)
+
+  ids, weights, counts, poison = pl.pallas_call(
+      route, grid=(num_blocks,), interpret=interpret, name="moe_route", compiler_params=params,
+      out_shape=route_outputs,
+  )(*route_inputs)
   if layout_in_place and num_blocks <= blocks_per_chunk:
     tile_expert, used_tiles, row_token, row_weight, pair_row = pl.pallas_call(
-        functools.partial(_layout_and_place_kernel, num_blocks=num_blocks, num_pairs=num_pairs, top_k=top_k,
-                          num_local=num_local_experts, lanes=lanes, block_m=block_m, num_tiles=num_tiles,
-                          tokens_per_block=tokens_per_block, tiles_per_program=tiles_per_program,
-                          blocks_per_chunk=blocks_per_chunk),
-        grid=(num_blocks,), interpret=interpret, name="moe_layout_place", compiler_params=params,
-        out_shape=(jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
-                   *pick_outputs),
+        layout_place, grid=(num_blocks,), interpret=interpret, name="moe_layout_place", compiler_params=params,
+        out_shape=layout_place_outputs,
     )(counts, ids, weights, offset)
     return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens,
                    top_k)

@@ -8,11 +8,11 @@ epilogue, or as a kernel after a [rows, 2I] float32 GEMM1) -> GEMM2 (the routing
 scales) -> combine. Two entries:
 
 - `moe_layer_triton`: the whole layer from the router logits. Up to `fused_routing.MAX_FUSED_PAIRS`
-  picks (T <= 16384 at DeepSeek-V3's top-8), routing + plan + schedule run as small Pallas kernels: two
-  up to T=512-1024, four above (six kernels per call in all with the Triton GEMMs; with the Mosaic ones
-  also the row gather, and three small XLA ops of scale layout and routing weight unless the tiling's
-  `scales_in_gather` and `weights_in_gemm2` move them into the kernels); above 16384 picks, as
-  XLA's routing and sort-based plan (~40 small kernels, a small share of a large call).
+  picks (T <= 16384 at DeepSeek-V3's top-8), routing + plan + schedule run as small Pallas kernels: one
+  at T <= 2, two up to T=512-1024, four above (five or six kernels per call in all with the Triton
+  GEMMs; with the Mosaic ones also the row gather, and three small XLA ops of scale layout and routing
+  weight unless the tiling's `scales_in_gather` and `weights_in_gemm2` move them into the kernels); above
+  16384 picks, as XLA's routing and sort-based plan (~40 small kernels, a small share of a large call).
 - `apply_local_experts_triton`: from a RoutingPlan (the public `apply_local_experts`, used by sharded
   callers that route once for all ranks).
 """
