@@ -81,3 +81,13 @@ def test_stream_k_tiling_is_checked():
                      gemm1_busy=tiling.GemmTiling(block_m=16, num_warps=8), busy_min_tiles=3)
   with pytest.raises(ValueError, match="stream_k.gemm1_swiglu needs tiling.stream_k >= 1"):
     stream_k.gemm1_swiglu(*([None] * 7), tiling=tiling.GemmTiling(block_m=16))
+
+
+def test_stream_k_gemm1_checks_its_operands(weights):
+  acts, sched = _inputs(3, 20)
+  w1, w1s, _, _ = weights
+  args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s, sched.num_used_tiles)
+  with pytest.raises(ValueError, match="gemm1_swiglu needs block_k = 128"):
+    stream_k.gemm1_swiglu(*args, tiling=tiling.GemmTiling(block_m=16, block_k=64, stream_k=1), interpret=True)
+  with pytest.raises(ValueError, match="row_token has .* rows, expected num_tiles \\* block_m"):
+    stream_k.gemm1_swiglu(*args, tiling=tiling.GemmTiling(block_m=32, stream_k=1), interpret=True)

@@ -162,6 +162,20 @@ def _swiglu_of_partials_kernel(tile_expert_ref, partial_ref, out_ref, *out_scale
                   quantize_output=quantize_output)
 
 
+def gemm1_geometry(tile_expert, row_token, a, w13, tiling: GemmTiling):
+  """(rows, E_local, 2I, M-tiles, N-tiles, K steps) of a GEMM1 call, its rows and K step checked."""
+  num_rows = row_token.shape[0]
+  num_local, two_i, _ = w13.shape
+  num_m_tiles = tile_expert.shape[0]
+  if num_rows != num_m_tiles * tiling.block_m:
+    raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = "
+                     f"{num_m_tiles * tiling.block_m}")
+  if tiling.block_k != _SCALE_BLOCK:
+    raise ValueError(f"gemm1_swiglu needs block_k = {_SCALE_BLOCK} (one activation scale per K step), got "
+                     f"{tiling.block_k}")
+  return num_rows, num_local, two_i, num_m_tiles, (two_i // 2) // tiling.block_n, a.shape[1] // tiling.block_k
+
+
 def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: GemmTiling,
                  out_dtype=FP8_DTYPE, interpret=False, used_tiles=None, used_tiles_range=None, into=None):
   """Grouped `swiglu(a[row_token] @ W13[e].T)` per M-tile, quantized to FP8 in 1 x block_n blocks or bf16.
@@ -181,20 +195,11 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
   Returns:
     (values, scales or None). Rows of tiles of no expert are left unwritten.
   """
-  _, hidden = a.shape
-  num_rows = row_token.shape[0]
-  num_local, two_i, _ = w13.shape
+  num_rows, num_local, two_i, num_m_tiles, num_n_tiles, num_k_steps = gemm1_geometry(tile_expert, row_token, a,
+                                                                                     w13, tiling)
   intermediate = two_i // 2
-  num_m_tiles = tile_expert.shape[0]
-  if num_rows != num_m_tiles * tiling.block_m:
-    raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = "
-                     f"{num_m_tiles * tiling.block_m}")
-  if tiling.block_k != _SCALE_BLOCK:
-    raise ValueError(f"gemm1_swiglu needs block_k = {_SCALE_BLOCK} (one activation scale per K step), got "
-                     f"{tiling.block_k}")
-  num_n_tiles = intermediate // tiling.block_n
+  hidden = a.shape[1]
   quantize_output = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
-  num_k_steps = hidden // tiling.block_k
   if num_k_steps % tiling.split_k:
     raise ValueError(f"tiling.split_k must divide the {num_k_steps} K steps of H={hidden}, got {tiling.split_k}")
   params = pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)

@@ -118,16 +118,9 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used_tiles,
   if tiling.stream_k < 1 or tiling.split_k != 1:
     raise ValueError(f"stream_k.gemm1_swiglu needs tiling.stream_k >= 1 and split_k = 1, got "
                      f"stream_k={tiling.stream_k}, split_k={tiling.split_k}")
-  _, hidden = a.shape
-  num_rows = row_token.shape[0]
-  num_local, two_i, _ = w13.shape
+  num_rows, _, two_i, num_m_tiles, num_n_tiles, num_k_steps = grouped_gemm.gemm1_geometry(tile_expert, row_token,
+                                                                                         a, w13, tiling)
   intermediate = two_i // 2
-  num_m_tiles = tile_expert.shape[0]
-  if num_rows != num_m_tiles * tiling.block_m:
-    raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = "
-                     f"{num_m_tiles * tiling.block_m}")
-  num_n_tiles = intermediate // tiling.block_n
-  num_k_steps = hidden // tiling.block_k
   quantize_output = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
   num_programs = tiling.stream_k * schedule.num_sms(interpret)
   used = schedule.used_tiles_operand(used_tiles, num_m_tiles)
