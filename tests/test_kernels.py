@@ -238,6 +238,14 @@ def test_h200_default_tiling_runs_the_small_shape(seed, num_tokens, monkeypatch)
   _check_layer(mp.SMALL, num_tokens, seed, "uniform", 8, jnp.float8_e4m3fn)
 
 
+def test_h200_default_tiling_with_no_local_pick(seed, monkeypatch):
+  """T=1 (the stream-K GEMM1) with no pick of a local expert: no used tile to share, exact zeros out."""
+  h200 = lambda *args, **kwargs: tiling.default_tiling(*args, **{**kwargs, "device_kind": "NVIDIA H200"})
+  monkeypatch.setattr(grouped_moe, "default_tiling", h200)
+  assert tiling.default_tiling(1, mp.SMALL.top_k, mp.SMALL.num_local_experts, "NVIDIA H200").gemm1.stream_k
+  _check_layer(mp.SMALL, 1, seed, "no_local", 8, jnp.float8_e4m3fn)
+
+
 def test_gemm1_split_k_must_divide_k_steps(seed, small_weights):
   acts, plan = _kernel_inputs(seed)
   w1, w1s, _, _ = small_weights

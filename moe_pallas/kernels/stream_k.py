@@ -1,15 +1,16 @@
 """GEMM1 (+ SwiGLU + FP8 quant) as a stream-K kernel: a fixed grid that splits the used tiles' work evenly.
 
-Why: at small T the GEMMs stream the touched experts' weights, and one program per (M-tile, N-tile) leaves
-the SMs unevenly loaded whenever the programs are not a multiple of the SMs (T=14: 224 programs for 132
-SMs, 40 of which run one program while 92 run two; H200, results/h200_2026-11-30_s6). Here the grid is
-`stream_k` programs per SM, and program p takes the p-th equal share of the flat (item, K step) range,
-items = used M-tiles x N-tiles (M-tile major). An item that falls whole into one program is computed and
-stored with the SwiGLU + quant epilogue as in `grouped_gemm.gemm1_swiglu`; the pieces of an item split
+The grid is `stream_k` programs per SM, and program p takes the p-th equal share of the flat (item, K step)
+range, items = used M-tiles x N-tiles (M-tile major). An item that falls whole into one program is computed
+and stored with the SwiGLU + quant epilogue as in `grouped_gemm.gemm1_swiglu`; the pieces of an item split
 between programs go to float32 slots (two a program: its first item and its last), which a second kernel
-sums in program order (no atomics: bit-identical repeats) before the same epilogue.
+sums in program order (no atomics: bit-identical repeats) before the same epilogue. Each piece is one K
+loop with dynamic bounds (Triton pipelines it); a program runs a few of them.
 
-Each piece is one K loop with dynamic bounds (Triton pipelines it); a program runs a few of them.
+Why: with one program per (M-tile, N-tile), how many programs run depends on the experts the tokens picked.
+At T=1-7 (two experts, 32 items of 56 K steps) GEMM1 had 4 K ranges a program instead; one stream-K program
+per SM reads the weights faster (H200: T=1 30.3 -> 28.6 us with its fix-up, experiments/PERF.md 24). From
+8 experts up it wins or loses by 5-10 % with the experts touched, so the tables keep one program per tile.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _fixup_kernel(used_tiles_ref, slots_ref, *refs, num_programs, num_n_tiles, n
   # with an empty share (fewer steps than programs) wrote nothing and are skipped.
   item = pl.program_id(0)
   num_items = used_tiles_ref[0] * num_n_tiles
-  total = num_items * num_k_steps
+  total = jnp.maximum(num_items * num_k_steps, 1)  # no used tile (no local pick): every program exits below
   first_step = item * num_k_steps
   p_lo = _program_of_step(first_step, total, num_programs)
   p_hi = _program_of_step(first_step + num_k_steps - 1, total, num_programs)
