@@ -122,8 +122,8 @@ def no_xla_ops_variant():
 
 def stream_k_variants(base):
   """GEMM1 as the stream-K kernel (`GemmTiling.stream_k` programs per SM sharing the used tiles' work evenly),
-  in place of the table's launch(es); GEMM2 and the combine as the table has them. Why: at T=14 the 224
-  programs of 16 x 128 tiles leave 40 SMs with one program beside 92 with two (PERF 19, 24)."""
+  in place of the table's launch(es); GEMM2 and the combine as the table has them (PERF 24: the table's
+  choice at <= 2 rows per expert; from 8 experts up it wins or loses with the experts touched)."""
   import dataclasses
   out = []
   for per_sm, warps, stages in ((1, 8, 4), (1, 8, 5), (2, 8, 3), (2, 4, 3), (3, 4, 2)):

@@ -30,7 +30,7 @@ with the gaps in brackets): T=1 7.1 -> 5.7 us (22.9 -> 13.6), T=16 7.5 -> 5.9, T
 results/h200_2026-11-30_s7/call6_*: T=1 4.2 + 1.7 -> 4.6 us, one launch fewer).
 
 Every output element is written by exactly one program (a row is a pick's or padding, never both): no
-atomics, no barriers, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
+atomics, no barrier between programs, the same result on every run. Equal to `make_tile_schedule(plan_local(route(...)))`
 field by field in interpret mode (tests/test_fused_routing.py); on the GPU the routing weights may differ
 from XLA's in the last bit (the normalizing sum adds the top_k picks in another order).
 
@@ -311,8 +311,9 @@ def _route_layout_place_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids
                                poison_ref, tile_expert_ref, used_tiles_ref, row_token_ref, row_weight_ref,
                                pair_row_ref, *, route, layout_place, interpret):
   """`route` and `layout_place` as one program, for calls of one block of tokens (T <= tokens_per_block):
-  the picks, weights and counts that route stores are read back by layout_place, after a barrier (other
-  threads of the program read them; interpret mode runs the program in order and has no barrier rule)."""
+  the picks, weights and counts that route stores are read back by layout_place, by other threads of the
+  program, after a barrier (bar.sync: the program's global stores before it are visible to all its threads
+  after it). Interpret mode runs the program in order and has no barrier rule."""
   route(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref, poison_ref)
   if not interpret:
     pltriton.debug_barrier()
@@ -332,11 +333,10 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   of two), layout_in_place (`layout` folded into `place` where the blocks' counts fit one tile, T <= 512
   or 1024 by tokens_per_block: every place program sums them itself; one kernel fewer, 1.3-2.8 us less
   GPU time a call on the H200; with one block of tokens, route and layout_place as one program; False: the
-  three kernels up to one tile of blocks). Past one tile of blocks,
-  `layout` is two kernels with a program per chunk of 256 blocks, the chunks' sums then each chunk's
-  starts (measured on the H200, experiments/results/h200_2026-11-30_s7/tune_routing15.jsonl: the routing
-  kernels at T=11948 94.1 -> 53.4 us, at T=14107 110.0 -> 60.4, against one program looping over the
-  chunks twice).
+  three kernels up to one tile of blocks). Past one tile of blocks, `layout` is two kernels with a program
+  per chunk of 256 blocks, the chunks' sums then each chunk's starts (measured on the H200,
+  experiments/results/h200_2026-11-30_s7/tune_routing15.jsonl: the routing kernels at T=11948 94.1 -> 53.4
+  us, at T=14107 110.0 -> 60.4, against one program looping over the chunks twice).
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32, poison [T] float32: equal

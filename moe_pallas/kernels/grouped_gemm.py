@@ -39,7 +39,7 @@ def _tile_coordinates(num_m_tiles: int, num_n_tiles: int, group_m: int):
 
 
 def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *, i, j, k_start,
-                      num_k_steps, intermediate, tiling):
+                     num_k_steps, intermediate, tiling):
   """M-tile i's up and gate accumulators (N-tile j) over K steps k_start .. k_start + num_k_steps."""
   expert = tile_expert_ref[i]
   bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
@@ -113,10 +113,10 @@ def _gemm1_swiglu_kernel(*refs, num_m_tiles, num_n_tiles, num_k_steps, intermedi
   @pl.when(runs)
   def _():
     acc_up, acc_gate = gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
-                                         i=i, j=j, k_start=0, num_k_steps=num_k_steps,
-                                         intermediate=intermediate, tiling=tiling)
+                                        i=i, j=j, k_start=0, num_k_steps=num_k_steps,
+                                        intermediate=intermediate, tiling=tiling)
     store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
-                  quantize_output=quantize_output)
+                 quantize_output=quantize_output)
 
 
 def _gemm1_partial_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, partial_ref, *,
@@ -130,8 +130,8 @@ def _gemm1_partial_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_
   @pl.when(tile_expert_ref[i] < num_local_experts)
   def _():
     acc_up, acc_gate = gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
-                                         i=i, j=j, k_start=split * steps_per_split, num_k_steps=steps_per_split,
-                                         intermediate=intermediate, tiling=tiling)
+                                        i=i, j=j, k_start=split * steps_per_split, num_k_steps=steps_per_split,
+                                        intermediate=intermediate, tiling=tiling)
     bm, bn = tiling.block_m, tiling.block_n
     rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
     base = split * 2 * intermediate
@@ -159,7 +159,7 @@ def _swiglu_of_partials_kernel(tile_expert_ref, partial_ref, out_ref, *out_scale
       acc_up = acc_up + partial(split, 0)
       acc_gate = acc_gate + partial(split, intermediate)
     store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
-                  quantize_output=quantize_output)
+                 quantize_output=quantize_output)
 
 
 def gemm1_geometry(tile_expert, row_token, a, w13, tiling: GemmTiling):
