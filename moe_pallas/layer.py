@@ -151,7 +151,7 @@ def _moe_layer_core(checked: Checked, routing_logits, routing_bias, hidden_state
   if checked.implementation == "triton":
     from moe_pallas.kernels import grouped_moe  # the kernel tier imports Pallas internals: load it on use
     try:
-      # Routing included: up to fused_routing.MAX_FUSED_PAIRS picks it runs as two or three Pallas kernels
+      # Routing included: up to fused_routing.MAX_FUSED_PAIRS picks it runs as one to four Pallas kernels
       # instead of 20-44 XLA ones.
       return grouped_moe.moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_scale,
                                           *experts.arrays(), local_expert_offset, routed_scaling_factor,

@@ -207,7 +207,7 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
   # A call that computes only below `hi` used tiles needs programs for hi - 1 tiles at most: fewer to
   # launch where the other call computes and these all exit at once.
   grid_m_tiles = min(num_m_tiles, max(used_tiles_range[1] - 1, 1)) if selected else num_m_tiles
-  grid = (num_m_tiles * num_n_tiles,)
+  grid = (grid_m_tiles * num_n_tiles,)
 
   into = tuple(x for x in into if x is not None) if into is not None else None  # bf16: no scales
   if (selected or into is not None) and tiling.split_k > 1:
@@ -231,8 +231,7 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
       num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=num_local,
       tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases))
   outs = pl.pallas_call(
-      kernel, out_shape=swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype),
-      grid=(grid_m_tiles * num_n_tiles,),
+      kernel, out_shape=swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype), grid=grid,
       interpret=interpret, input_output_aliases=aliases,
       name="moe_gemm1_swiglu_fp8" if quantize_output else "moe_gemm1_swiglu_bf16", compiler_params=params,
   )(*operands, *extra)
