@@ -133,8 +133,31 @@ def stream_k_variants(base):
   return out
 
 
+def k_unroll_variants(base):
+  """K steps loaded together (`GemmTiling.k_unroll`: longer weight-row segments a stage, PERF 14, 27). GEMM1
+  with 64-wide N-tiles and 2 K steps a stage holds the SMEM of today's 128 x 128 stage (2 x 64 x 256 bytes)
+  and reads 256-byte row segments; its 1 x 64 output blocks make GEMM2's K step 64, unrolled 2 (128-byte
+  segments, as today) or 4 (256). `g1n64u2` keeps the table's two GEMM1 launches (8 warps below
+  `busy_min_tiles`, 4 from it); `w4`/`w8`: one launch with those warps."""
+  import dataclasses
+  out = []
+  for g1_warps in (None, 4, 8):
+    for g2_unroll, g2_n in ((2, 64), (4, 64), (4, 128)):
+      gemm1 = dataclasses.replace(base.gemm1, block_n=64, k_unroll=2)
+      gemm2 = dataclasses.replace(base.gemm2, block_n=g2_n, block_k=64, k_unroll=g2_unroll)
+      tiles = dataclasses.replace(base, gemm1=gemm1, gemm2=gemm2,
+                                  gemm1_busy=dataclasses.replace(base.gemm1_busy, block_n=64, k_unroll=2))
+      if g1_warps:
+        tiles = dataclasses.replace(tiles, gemm1=dataclasses.replace(gemm1, num_warps=g1_warps), gemm1_busy=None,
+                                    busy_min_tiles=0)
+      out.append((f"g1n64u2{f'w{g1_warps}' if g1_warps else ''}_g2n{g2_n}k64u{g2_unroll}", tiles, False, None))
+  # GEMM2 alone with 256-byte segments (128-wide K steps, 2 a stage), GEMM1 as the table has it.
+  out.append(("g2u2", dataclasses.replace(base, gemm2=dataclasses.replace(base.gemm2, k_unroll=2)), False, None))
+  return out
+
+
 def small_t_variants(base):
-  return [*gemm2_and_combine_variants(base), *stream_k_variants(base),
+  return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one
       # program beside SMs with two; more, shorter programs even that out, for a float32 partials

@@ -250,9 +250,55 @@ def test_gemm1_split_k_must_divide_k_steps(seed, small_weights):
   acts, plan = _kernel_inputs(seed)
   w1, w1s, _, _ = small_weights
   sched = schedule.make_tile_schedule(plan, block_m=16)
-  with pytest.raises(ValueError, match="split_k must divide the 2 K steps of H=256, got 3"):
+  with pytest.raises(ValueError, match=r"split_k \* tiling.k_unroll must divide the 2 K steps of H=256, got "
+                                       r"split_k=3, k_unroll=1"):
     grouped_gemm.gemm1_swiglu(sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s,
                               tiling=tiling.GemmTiling(block_m=16, split_k=3), interpret=True)
+
+
+def test_k_unroll_gives_the_same_bits(seed, small_weights, interpret):
+  """K steps loaded together (`GemmTiling.k_unroll`) run the same FMAs in the same order as one at a time."""
+  acts, plan = _kernel_inputs(seed)
+  w1, w1s, w2, w2s = small_weights
+  sched = schedule.make_tile_schedule(plan, block_m=16)
+  gemm1 = lambda **kw: grouped_gemm.gemm1_swiglu(sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s,
+                                                 tiling=tiling.GemmTiling(block_m=16, block_n=64, **kw),
+                                                 interpret=interpret)
+  values, scales = gemm1()
+  unrolled_values, unrolled_scales = gemm1(k_unroll=2)  # H=256: both K steps in one iteration
+  valid = np.asarray(sched.row_weight) != 0
+  assert np.isfinite(np.asarray(scales)[:, valid]).all() and np.asarray(scales)[:, valid].max() > 0
+  np.testing.assert_array_equal(np.asarray(unrolled_values)[valid], np.asarray(values)[valid])
+  np.testing.assert_array_equal(np.asarray(unrolled_scales)[:, valid], np.asarray(scales)[:, valid])
+
+  # GEMM1's 1 x 64 scales, read by a 32-wide K step: each covers two of GEMM2's steps.
+  scales = jnp.repeat(scales, 2, axis=0)
+  gemm2 = lambda **kw: np.asarray(grouped_gemm.gemm2_weighted(
+      sched.tile_expert, values, scales, w2, w2s, sched.row_weight,
+      tiling=tiling.GemmTiling(block_m=16, block_n=64, block_k=32, **kw), interpret=interpret))
+  rows = np.flatnonzero(np.repeat(np.asarray(sched.tile_expert), 16) < mp.SMALL.num_local_experts)
+  want = gemm2()
+  assert np.abs(want[rows]).max() > 0
+  for kw in (dict(k_unroll=2), dict(k_unroll=4), dict(k_unroll=2, split_k=2)):
+    got = gemm2(**kw)
+    if kw.get("split_k"):  # each K range's partials by themselves, as without k_unroll
+      np.testing.assert_array_equal(got, gemm2(split_k=2), err_msg=str(kw))
+    else:
+      np.testing.assert_array_equal(got[rows], want[rows], err_msg=str(kw))
+
+
+def test_k_unroll_must_divide_each_k_range(seed, small_weights):
+  acts, plan = _kernel_inputs(seed)
+  w1, w1s, _, _ = small_weights
+  sched = schedule.make_tile_schedule(plan, block_m=16)
+  with pytest.raises(ValueError, match=r"split_k \* tiling.k_unroll must divide the 2 K steps of H=256, got "
+                                       r"split_k=2, k_unroll=2"):
+    grouped_gemm.gemm1_swiglu(sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s,
+                              tiling=tiling.GemmTiling(block_m=16, split_k=2, k_unroll=2), interpret=True)
+  with pytest.raises(ValueError, match="k_unroll must be >= 1"):
+    tiling.GemmTiling(k_unroll=0)
+  with pytest.raises(ValueError, match="1 with stream_k"):
+    tiling.GemmTiling(k_unroll=2, stream_k=1)
 
 
 # ---- the whole layer against the float64 oracle ----------------------------------------------------------
@@ -315,8 +361,10 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
                      busy_min_tiles=10**6),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, stream_k=2),
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64)),
+    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, k_unroll=2),
+                     tiling.GemmTiling(block_m=16, block_n=64, block_k=64, k_unroll=2)),
 ], ids=["narrow", "grouped", "h200_small_t", "split_k", "gemm2_split_k", "busy_gemm1_picked",
-        "busy_gemm1_not_picked", "gemm1_stream_k"])
+        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 

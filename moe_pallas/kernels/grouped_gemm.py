@@ -57,20 +57,29 @@ def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, 
     return (row_scale * w_scale_ref[expert, up_scale_row, k],
             row_scale * w_scale_ref[expert, gate_scale_row, k])
 
-  def k_step(k, carry):
-    acc_up, acc_gate, up_scale, gate_scale = carry
-    # The next step's scales are loaded one step ahead (through the loop carry): Triton pipelines
-    # the tile loads that feed the dots, not these small ones, whose latency would otherwise stall
-    # every step. The last step reloads its own scales, an unused in-bounds load.
-    next_scales = scales_of_step(jnp.minimum(k + 1, k_stop - 1))
-    ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-    a = a_ref[tokens, ks]
-    acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
-    acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
-    return (acc_up, acc_gate, *next_scales)
+  unroll = tiling.k_unroll  # K steps per loop iteration (their tile loads issued together)
 
+  def scales_of_group(k):  # the scales of K steps k .. k + unroll - 1
+    return tuple(scales_of_step(k if u == 0 else k + u) for u in range(unroll))
+
+  def k_group(g, carry):
+    acc_up, acc_gate, scales = carry
+    k = g if unroll == 1 else g * unroll
+    # The next group's scales are loaded one group ahead (through the loop carry): Triton pipelines
+    # the tile loads that feed the dots, not these small ones, whose latency would otherwise stall
+    # every step. The last group reloads its own scales, an unused in-bounds load.
+    next_scales = scales_of_group(jnp.minimum(k + unroll, k_stop - unroll))
+    for u, (up_scale, gate_scale) in enumerate(scales):  # (Triton's pipeline issues the loads ahead)
+      ks = pl.ds(pl.multiple_of((k if u == 0 else k + u) * bk, bk), bk)
+      a = a_ref[tokens, ks]
+      acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
+      acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
+    return acc_up, acc_gate, next_scales
+
+  # Groups of `unroll` K steps: the callers' K ranges start and end on a group (`check_k_steps`).
+  groups = (k_start, k_stop) if unroll == 1 else (k_start // unroll, k_stop // unroll)
   zeros = jnp.zeros((bm, bn), jnp.float32)
-  acc_up, acc_gate, _, _ = jax.lax.fori_loop(k_start, k_stop, k_step, (zeros, zeros, *scales_of_step(k_start)))
+  acc_up, acc_gate, _ = jax.lax.fori_loop(*groups, k_group, (zeros, zeros, scales_of_group(k_start)))
   return acc_up, acc_gate
 
 
@@ -162,6 +171,13 @@ def _swiglu_of_partials_kernel(tile_expert_ref, partial_ref, out_ref, *out_scale
                  quantize_output=quantize_output)
 
 
+def check_k_steps(num_k_steps: int, tiling: GemmTiling, what: str) -> None:
+  """Each of the split_k K ranges must hold whole groups of k_unroll K steps."""
+  if num_k_steps % (tiling.split_k * tiling.k_unroll):
+    raise ValueError(f"tiling.split_k * tiling.k_unroll must divide the {num_k_steps} K steps of {what}, got "
+                     f"split_k={tiling.split_k}, k_unroll={tiling.k_unroll}")
+
+
 def gemm1_geometry(tile_expert, row_token, a, w13, tiling: GemmTiling):
   """(rows, E_local, 2I, M-tiles, N-tiles, K steps) of a GEMM1 call, its rows and K step checked."""
   num_rows = row_token.shape[0]
@@ -200,8 +216,7 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
   intermediate = two_i // 2
   hidden = a.shape[1]
   quantize_output = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
-  if num_k_steps % tiling.split_k:
-    raise ValueError(f"tiling.split_k must divide the {num_k_steps} K steps of H={hidden}, got {tiling.split_k}")
+  check_k_steps(num_k_steps, tiling, f"H={hidden}")
   params = pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
   selected = used_tiles_range is not None
   # A call that computes only below `hi` used tiles needs programs for hi - 1 tiles at most: fewer to
@@ -358,18 +373,26 @@ def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_w
         return c_scale_ref[k, rows] * weight_scale
       return jnp.full((bm,), weight_scale, jnp.float32)
 
-    def k_step(k, carry):
-      acc, scale = carry
-      next_scale = scale_of_step(jnp.minimum(k + 1, k_stop - 1))  # one step ahead, as in GEMM1
-      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-      w = w_ref[expert, cols, ks]
-      a = c_ref[rows, ks]
-      if not scaled_input:
-        w = w.astype(c_ref.dtype)
-      return fma(dot_nt(a, w), scale[:, None], acc), next_scale
+    unroll = tiling.k_unroll  # K steps per loop iteration, as in GEMM1
 
-    acc, _ = jax.lax.fori_loop(k_start, k_stop, k_step,
-                               (jnp.zeros((bm, bn), jnp.float32), scale_of_step(k_start)))
+    def scales_of_group(k):
+      return tuple(scale_of_step(k if u == 0 else k + u) for u in range(unroll))
+
+    def k_group(g, carry):
+      acc, scales = carry
+      k = g if unroll == 1 else g * unroll
+      next_scales = scales_of_group(jnp.minimum(k + unroll, k_stop - unroll))  # one group ahead, as in GEMM1
+      for u, scale in enumerate(scales):
+        ks = pl.ds(pl.multiple_of((k if u == 0 else k + u) * bk, bk), bk)
+        w = w_ref[expert, cols, ks]
+        a = c_ref[rows, ks]
+        if not scaled_input:
+          w = w.astype(c_ref.dtype)
+        acc = fma(dot_nt(a, w), scale[:, None], acc)
+      return acc, next_scales
+
+    groups = (k_start, k_stop) if unroll == 1 else (k_start // unroll, k_stop // unroll)
+    acc, _ = jax.lax.fori_loop(*groups, k_group, (jnp.zeros((bm, bn), jnp.float32), scales_of_group(k_start)))
     out_ref[out_rows, cols] = acc * row_weight_ref[rows][:, None]
 
 
@@ -397,9 +420,7 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
     raise ValueError(f"c_scale must be [I/block_k, rows] = {[intermediate // tiling.block_k, num_rows]}, "
                      f"got {list(c_scale.shape)}")
   num_k_steps = intermediate // tiling.block_k
-  if num_k_steps % tiling.split_k:
-    raise ValueError(f"tiling.split_k must divide the {num_k_steps} K steps of I={intermediate}, got "
-                     f"{tiling.split_k}")
+  check_k_steps(num_k_steps, tiling, f"I={intermediate}")
   kernel = functools.partial(
       _gemm2_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
       num_k_steps=num_k_steps, num_local_experts=num_local, tiling=tiling)

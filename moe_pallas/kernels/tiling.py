@@ -34,6 +34,9 @@ class GemmTiling:
     stream_k: above 0 (GEMM1 only), GEMM1 as `stream_k.gemm1_swiglu`: this many programs per SM share the
       used tiles' (N-tile, K step) work evenly, whatever the experts touched; items split between programs
       are summed in a fixed order by a second kernel.
+    k_unroll: K steps whose tiles one loop iteration loads together before their dots (the same FMAs in the
+      same order: the same bits). A weight row is then read k_unroll * block_k contiguous bytes at a time;
+      HBM streams longer row segments faster (experiments/PERF.md 14, 27).
   """
 
   block_m: int = 64
@@ -44,6 +47,7 @@ class GemmTiling:
   num_stages: int = 3
   split_k: int = 1
   stream_k: int = 0
+  k_unroll: int = 1
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -59,6 +63,9 @@ class GemmTiling:
     if self.stream_k < 0 or (self.stream_k and self.split_k != 1):
       raise ValueError(f"stream_k must be >= 0, and 0 with a split_k above 1; got stream_k={self.stream_k}, "
                        f"split_k={self.split_k}")
+    if self.k_unroll < 1 or (self.k_unroll > 1 and self.stream_k):
+      raise ValueError(f"k_unroll must be >= 1, and 1 with stream_k (its shares start at any K step); got "
+                       f"k_unroll={self.k_unroll}, stream_k={self.stream_k}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +122,13 @@ class MoETiling:
         raise ValueError(f"{name} needs the Mosaic GEMMs, got gemm_kernels={self.gemm_kernels!r}")
     if self.mosaic:
       from moe_pallas.kernels import mosaic_gemm  # Mosaic GPU imports: only where asked for
-      blocks = (self.gemm1.block_m, self.gemm1.block_n, self.gemm1.split_k, self.gemm2.split_k)
-      if blocks != (mosaic_gemm.BLOCK_M, SCALE_BLOCK, 1, 1) or self.gemm1_busy is not None:
+      blocks = (self.gemm1.block_m, self.gemm1.block_n, self.gemm1.split_k, self.gemm2.split_k,
+                self.gemm1.k_unroll, self.gemm2.k_unroll)
+      if blocks != (mosaic_gemm.BLOCK_M, SCALE_BLOCK, 1, 1, 1, 1) or self.gemm1_busy is not None:
         raise ValueError(f"gemm_kernels={self.gemm_kernels!r} needs block_m={mosaic_gemm.BLOCK_M}, "
-                         f"gemm1.block_n={SCALE_BLOCK}, no split-K and no gemm1_busy; got (block_m, gemm1.block_n, split_k, gemm2 split_k) = "
-                         f"{blocks}, gemm1_busy={self.gemm1_busy}")
+                         f"gemm1.block_n={SCALE_BLOCK}, no split-K, no k_unroll and no gemm1_busy; got (block_m, "
+                         f"gemm1.block_n, split_k, gemm2 split_k, k_unroll, gemm2 k_unroll) = {blocks}, "
+                         f"gemm1_busy={self.gemm1_busy}")
     if self.gemm2.stream_k:
       raise ValueError(f"stream_k is GEMM1's only, got gemm2.stream_k={self.gemm2.stream_k}")
     if self.gemm1.stream_k and (self.mosaic or self.gemm1_busy is not None):
