@@ -157,7 +157,7 @@ def k_unroll_variants(base):
 
 
 def small_t_variants(base):
-  return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
+  return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base), bf16_rows_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one
       # program beside SMs with two; more, shorter programs even that out, for a float32 partials
@@ -174,8 +174,14 @@ def small_t_variants(base):
   ]
 
 
+def bf16_rows_variant(base):
+  """GEMM2's weighted rows as bfloat16 into the combine (`MoETiling.bf16_rows`): half the combine's reads."""
+  import dataclasses
+  return ("bf16_rows", dataclasses.replace(base, bf16_rows=True), False, None)
+
+
 def large_t_variants(base, num_tokens):
-  out = [mosaic_variant(), mosaic_fused_variant(), mosaic_fused_split_variant(),
+  out = [bf16_rows_variant(base), mosaic_variant(), mosaic_fused_variant(), mosaic_fused_split_variant(),
          scales_in_gather_variant(), no_xla_ops_variant(),
          _with_combine(base, "default_c16x512", 16, 512),
          _with_combine(base, "default_c16x256", 16, 256),

@@ -287,6 +287,29 @@ def test_k_unroll_gives_the_same_bits(seed, small_weights, interpret):
       np.testing.assert_array_equal(got[rows], want[rows], err_msg=str(kw))
 
 
+def test_gemm2_bf16_rows_and_their_combine(seed, small_weights, interpret):
+  """GEMM2 with bfloat16 out: its float32 rows rounded once; the combine sums bfloat16 rows in float32."""
+  acts, plan = _kernel_inputs(seed)
+  _, _, w2, w2s = small_weights
+  sched = schedule.make_tile_schedule(plan, block_m=16)
+  key = jax.random.key(seed)
+  c = testing.inputs._fp8_normal(key, (sched.num_rows, mp.SMALL.intermediate))
+  c_scale = jax.random.normal(jax.random.fold_in(key, 1), (mp.SMALL.intermediate // 64, sched.num_rows))
+  gemm2 = functools.partial(grouped_gemm.gemm2_weighted, sched.tile_expert, c, c_scale, w2, w2s, sched.row_weight,
+                            tiling=tiling.GemmTiling(block_m=16, block_n=64, block_k=64), interpret=interpret)
+  rows = np.flatnonzero(np.repeat(np.asarray(sched.tile_expert), 16) < mp.SMALL.num_local_experts)
+  f32, bf16 = gemm2(), gemm2(out_dtype=jnp.bfloat16)
+  assert bf16.dtype == jnp.bfloat16 and np.abs(np.asarray(f32)[rows]).max() > 0
+  np.testing.assert_array_equal(np.asarray(bf16)[rows], np.asarray(f32)[rows].astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="out_dtype must be float32 or bfloat16, got float16"):
+    gemm2(out_dtype=jnp.float16)
+  pair_row = sched.pair_padded_row
+  summed = combine.combine_rows(bf16, pair_row, interpret=interpret)
+  np.testing.assert_array_equal(summed, combine.combine_rows(bf16.astype(jnp.float32), pair_row, interpret=interpret))
+  with pytest.raises(ValueError, match="rows must be float32 or bfloat16, got float16"):
+    combine.combine_rows(bf16.astype(jnp.float16), pair_row, interpret=interpret)
+
+
 def test_k_unroll_must_divide_each_k_range(seed, small_weights):
   acts, plan = _kernel_inputs(seed)
   w1, w1s, _, _ = small_weights
@@ -363,8 +386,10 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64)),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, k_unroll=2),
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64, k_unroll=2)),
+    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64),
+                     tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2), bf16_rows=True),
 ], ids=["narrow", "grouped", "h200_small_t", "split_k", "gemm2_split_k", "busy_gemm1_picked",
-        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll"])
+        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 

@@ -9,6 +9,7 @@ addition, rel-L2 ~1e-4 measured by experiments/mosaic_fp8_probe.py; 1e-3 used).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +246,48 @@ def test_row_factor_equals_scaled_activation_scales(rng, interpret):
   np.testing.assert_array_equal(got, want)
   with pytest.raises(ValueError, match=r"row_factor must be \[rows\] = \[192\] float32"):
     mosaic_gemm.grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, row_factor=factor[:10], interpret=interpret)
+
+
+def test_bf16_out_is_the_float32_out_rounded_once(rng, interpret):
+  """`grouped_fp8_gemm(out_dtype=bfloat16)`: the float32 result rounded to bfloat16 as it is stored."""
+  tile_expert = jnp.asarray([1, 0, 3], jnp.int32)  # the last tile belongs to no expert: left unwritten
+  rows = 3 * mosaic_gemm.BLOCK_M
+  a, w = _fp8(rng, (rows, 256)), _fp8(rng, (3, 256, 256))
+  a_scale = jnp.asarray(rng.standard_normal((2, rows)), jnp.float32)
+  w_scale = jnp.asarray(rng.standard_normal((3, 2, 2)), jnp.float32)
+  gemm = functools.partial(mosaic_gemm.grouped_fp8_gemm, tile_expert, a, a_scale, w, w_scale, interpret=interpret)
+  want = np.asarray(gemm())[:2 * mosaic_gemm.BLOCK_M]
+  got = gemm(out_dtype=jnp.bfloat16)
+  assert got.dtype == jnp.bfloat16 and np.abs(want).max() > 0
+  np.testing.assert_array_equal(np.asarray(got)[:2 * mosaic_gemm.BLOCK_M], want.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="out_dtype must be float32 or bfloat16, got float16"):
+    gemm(out_dtype=jnp.float16)
+
+
+@pytest.mark.parametrize("bf16_rows", [False, True])
+@pytest.mark.parametrize("gemm_kernels", ["mosaic", "mosaic_fused_swiglu_split"])
+def test_layer_with_bf16_rows_matches_oracle(seed, gemm_kernels, bf16_rows, interpret):
+  """GEMM2's rows as bfloat16 into the combine (`MoETiling.bf16_rows`): within SPEC.md's bound, and within
+  bfloat16 rounding of the float32-row output."""
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 120, seed=seed, scenario="skewed", local_expert_offset=8)
+  tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels=gemm_kernels, bf16_rows=bf16_rows)
+  run = lambda tiles: np.asarray(grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, interpret=interpret,
+                                                              tiling=tiles, out_dtype=jnp.float32))
+  out = run(tiles)
+  ref = oracle_moe(*inputs, local_expert_offset=8, routed_scaling_factor=2.5, top_k=config.top_k,
+                   n_group=config.n_group, topk_group=config.topk_group)
+  metrics = testing.acceptance_metrics(out, ref)
+  print(f"{gemm_kernels} bf16_rows={bf16_rows}: matched {metrics['matched_ratio']:.4f}, rel_l2 {metrics['rel_l2']:.2e}")
+  assert metrics["passed"] and metrics["rel_l2"] < FP8_BOUND, metrics
+  if bf16_rows:
+    f32_rows = run(dataclasses.replace(tiles, bf16_rows=False))
+    # Each of a token's <= top_k rows rounded once (<= 2^-9 relative), then summed in float32: the rows'
+    # rounding errors are independent, so the sum's is ~2^-9 of the rows' norm in L2 (elementwise, a sum
+    # that cancels can be off by more than 2^-9 of itself).
+    change = np.linalg.norm(out - f32_rows) / np.linalg.norm(f32_rows)
+    print(f"  against float32 rows: rel_l2 {change:.2e}")
+    assert 0 < change < 2.0**-8, change
 
 
 @pytest.mark.parametrize("num_tokens,scenario,offset", [(3, "uniform", 8), (50, "skewed", 8), (300, "all_local", 16),

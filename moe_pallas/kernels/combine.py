@@ -1,4 +1,4 @@
-"""Combine: each token's weighted expert rows summed in float32, as a Pallas kernel.
+"""Combine: each token's weighted expert rows (float32 or bfloat16) summed in float32, as a Pallas kernel.
 
 out[t] = sum over t's local picks j of rows[pair_padded_row[j, t]]. A gather with masked loads: a pick that is
 not local (pair_padded_row = num_rows) reads nothing, so the kernel moves only the rows that exist, once, and
@@ -38,7 +38,7 @@ def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_t
     safe_row = jnp.minimum(row, num_rows - 1)
     for split in range(num_splits):  # GEMM2's split-K partials of the row, in a fixed order
       acc += pltriton.load(rows_ref.at[split * num_rows + safe_row[:, None], cols[None, :]], mask=picked,
-                           other=0.0)
+                           other=0.0).astype(jnp.float32)
   store_ok = jnp.broadcast_to(token_ok[:, None], (bt, bh))
   # Tail lanes keep their out-of-range token index (masked, so Triton writes nothing there): clamping
   # them would alias token T-1 and make interpret mode's scatter race with the real row.
@@ -51,8 +51,9 @@ def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, poison: jax.Arr
   """Sums each token's rows.
 
   Args:
-    rows: [num_splits * num_rows, H] float32 weighted expert outputs: num_splits partial sums of each row
-      (GEMM2's split-K), split s at rows s * num_rows .. (s + 1) * num_rows - 1.
+    rows: [num_splits * num_rows, H] float32 or bfloat16 weighted expert outputs: num_splits partial sums
+      of each row (GEMM2's split-K), split s at rows s * num_rows .. (s + 1) * num_rows - 1. Summed in
+      float32 either way.
     pair_padded_row: [T, top_k] int32, the row of pick (t, j), or num_rows where the pick is not local
       (passed flat, as it lies: a pick's rows of a token tile are a strided load of a few bytes, cheaper
       than the XLA transpose kernel that would make them contiguous).
@@ -67,6 +68,8 @@ def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, poison: jax.Arr
   hidden = rows.shape[1]
   # Triton tensors have power-of-two sizes: the largest power of two dividing H (H = 384 gives 128).
   tiling = dataclasses.replace(tiling, block_h=min(tiling.block_h, hidden & -hidden))
+  if rows.dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"rows must be float32 or bfloat16, got {rows.dtype}")
   if num_splits < 1 or rows.shape[0] % num_splits:
     raise ValueError(f"rows ({rows.shape[0]}) must hold num_splits ({num_splits}) equal parts")
   kernel = functools.partial(_combine_kernel, num_tokens=num_tokens, top_k=top_k, num_splits=num_splits,

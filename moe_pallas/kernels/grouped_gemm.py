@@ -393,11 +393,12 @@ def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_w
 
     groups = (k_start, k_stop) if unroll == 1 else (k_start // unroll, k_stop // unroll)
     acc, _ = jax.lax.fori_loop(*groups, k_group, (jnp.zeros((bm, bn), jnp.float32), scales_of_group(k_start)))
-    out_ref[out_rows, cols] = acc * row_weight_ref[rows][:, None]
+    out_ref[out_rows, cols] = (acc * row_weight_ref[rows][:, None]).astype(out_ref.dtype)
 
 
-def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling: GemmTiling, interpret=False):
-  """Grouped `row_weight * (c @ W2[e].T)` per M-tile, float32 out.
+def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling: GemmTiling, interpret=False,
+                   out_dtype=jnp.float32):
+  """Grouped `row_weight * (c @ W2[e].T)` per M-tile, float32 (or bfloat16: rounded once) out.
 
   Args:
     tile_expert: [num_tiles] int32.
@@ -407,7 +408,7 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
     row_weight: [rows] float32 routing weight of each row.
 
   Returns:
-    [split_k * rows, H] float32: with `tiling.split_k > 1` the K range of split s gives rows
+    [split_k * rows, H] out_dtype: with `tiling.split_k > 1` the K range of split s gives rows
     s * rows .. (s + 1) * rows - 1, partial sums that the combine adds (`combine_rows(num_splits=...)`).
     Rows of tiles of no expert are left unwritten.
   """
@@ -421,12 +422,14 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
                      f"got {list(c_scale.shape)}")
   num_k_steps = intermediate // tiling.block_k
   check_k_steps(num_k_steps, tiling, f"I={intermediate}")
+  if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"out_dtype must be float32 or bfloat16, got {jnp.dtype(out_dtype)}")
   kernel = functools.partial(
       _gemm2_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
       num_k_steps=num_k_steps, num_local_experts=num_local, tiling=tiling)
   grid = (num_m_tiles * num_n_tiles,) + ((tiling.split_k,) if tiling.split_k > 1 else ())
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((tiling.split_k * num_rows, hidden), jnp.float32),
+      kernel, out_shape=jax.ShapeDtypeStruct((tiling.split_k * num_rows, hidden), out_dtype),
       grid=grid, interpret=interpret,
       name="moe_gemm2_fp8" if scaled_input else "moe_gemm2_bf16",
       compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),

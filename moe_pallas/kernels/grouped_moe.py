@@ -48,6 +48,11 @@ def _why_not_mosaic(hidden: int, intermediate: int, quantized: bool) -> str | No
           or mosaic_gemm.supports(hidden, intermediate, mosaic_gemm.BLOCK_M))
 
 
+def _rows_dtype(tiling: MoETiling):
+  """GEMM2's weighted rows, as the combine reads them."""
+  return jnp.bfloat16 if tiling.bf16_rows else jnp.float32
+
+
 def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                     gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
                     poison=None):
@@ -83,7 +88,8 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
                                                gemm2_weights_scale, used_tiles=schedule.num_used_tiles,
                                                name="moe_gemm2_mosaic", interpret=interpret,
                                                w_scale_rows=gemm2_scale_rows,
-                                               row_factor=schedule.row_weight if in_kernel else None)
+                                               row_factor=schedule.row_weight if in_kernel else None,
+                                               out_dtype=_rows_dtype(tiling))
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, interpret=interpret)
 
@@ -113,7 +119,7 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
                                                      interpret=interpret)
   weighted_rows = grouped_gemm.gemm2_weighted(
       schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights, gemm2_weights_scale, schedule.row_weight,
-      tiling=tiling.gemm2, interpret=interpret)
+      tiling=tiling.gemm2, interpret=interpret, out_dtype=_rows_dtype(tiling))
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, num_splits=tiling.gemm2.split_k, interpret=interpret)
 

@@ -24,7 +24,7 @@ in groups of `_GROUP_M` M-tiles per column sweep (weight tiles shared while in L
   back, then promoted on a float32 register carry: carry += product * (a_scale rows * w_scale) (the
   block scales applied once per K step, as DeepGEMM does: Hopper's FP8 wgmma accumulates a K step in
   reduced precision, the carry in full float32).
-- epilogue: the carry goes out in (block_m, 64) float32 chunks through SMEM + TMA.
+- epilogue: the carry goes out in (block_m, 64) float32 (or bfloat16) chunks through SMEM + TMA.
 
 Runs compiled on Hopper (sm_90a) and in Mosaic GPU's interpret mode on CPU (how CI tests it).
 """
@@ -178,8 +178,8 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
 
 
 def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, name: str = "moe_gemm_mosaic",
-                     interpret=False, w_scale_rows=None, row_factor=None):
-  """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 out.
+                     interpret=False, w_scale_rows=None, row_factor=None, out_dtype=jnp.float32):
+  """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 (or bfloat16) out.
 
   Args:
     tile_expert: [num_tiles] int32: each M-tile's local expert (E_local for tiles of no expert).
@@ -194,9 +194,11 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
       laid out here (an XLA kernel before this one).
     row_factor: optional [num_tiles * BLOCK_M] float32, multiplied into each row's activation scales (GEMM2:
       the routing weights), the same bits as passing `a_scale * row_factor`, without an XLA kernel for it.
+    out_dtype: float32, or bfloat16 (the float32 carry rounded once as it is stored: half the bytes for a
+      consumer that reads the rows back, such as the combine).
 
   Returns:
-    [num_tiles * BLOCK_M, N] float32. Rows of tiles of no expert are left unwritten.
+    [num_tiles * BLOCK_M, N] out_dtype. Rows of tiles of no expert are left unwritten.
   """
   num_rows, k = a.shape
   num_local, n, k_w = w.shape
@@ -213,10 +215,13 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
   if row_factor is not None and (row_factor.shape != (num_rows,) or row_factor.dtype != jnp.float32):
     raise ValueError(f"row_factor must be [rows] = [{num_rows}] float32, got {row_factor.dtype}"
                      f"{list(row_factor.shape)}")
+  if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"out_dtype must be float32 or bfloat16, got {jnp.dtype(out_dtype)}")
   k_steps = k // SCALE_BLOCK
   w_scale_rows = _scale_rows_operand(w_scale, w_scale_rows)
-  out_swizzle = plgpu.find_swizzle(_EPILOGUE_N * 32)
-  out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
+  out_bytes = jnp.dtype(out_dtype).itemsize
+  out_swizzle = plgpu.find_swizzle(_EPILOGUE_N * 8 * out_bytes)
+  out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_bytes)), plgpu.SwizzleTransform(out_swizzle))
   factored = row_factor is not None
 
   def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, *refs):
@@ -236,7 +241,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
         zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
         acc = eval_pipeline(zero)
         for e in range(SCALE_BLOCK // _EPILOGUE_N):
-          out_smem[wg] = acc[:, e * _EPILOGUE_N:(e + 1) * _EPILOGUE_N]
+          out_smem[wg] = acc[:, e * _EPILOGUE_N:(e + 1) * _EPILOGUE_N].astype(out_smem.dtype)
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(
               out_smem.at[wg],
@@ -253,8 +258,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
       run_pipeline(step, compute_context, expert < num_local, *operands(mi, ni, expert))
 
   return _persistent_call(
-      kernel, name=name, out_type=jax.ShapeDtypeStruct((num_rows, n), jnp.float32),
-      scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), jnp.float32, transforms=out_transforms)],
+      kernel, name=name, out_type=jax.ShapeDtypeStruct((num_rows, n), out_dtype),
+      scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), out_dtype, transforms=out_transforms)],
       interpret=interpret)(tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows,
                            *([row_factor.reshape(1, num_rows)] if factored else []))
 
