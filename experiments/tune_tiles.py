@@ -127,9 +127,11 @@ def stream_k_variants(base):
   import dataclasses
   out = []
   for per_sm, warps, stages in ((1, 8, 4), (1, 8, 5), (2, 8, 3), (2, 4, 3), (3, 4, 2)):
-    gemm1 = dataclasses.replace(base.gemm1, num_warps=warps, num_stages=stages, split_k=1, stream_k=per_sm)
-    out.append((f"g1_stream_k{per_sm}w{warps}s{stages}",
-                dataclasses.replace(base, gemm1=gemm1, gemm1_busy=None, busy_min_tiles=0), False, None))
+    for in_kernel in (False, True):  # the fix-up as a second kernel, or by the last piece to arrive
+      gemm1 = dataclasses.replace(base.gemm1, num_warps=warps, num_stages=stages, split_k=1, stream_k=per_sm,
+                                  fixup_in_kernel=in_kernel)
+      out.append((f"g1_stream_k{per_sm}w{warps}s{stages}" + ("_fixin" if in_kernel else ""),
+                  dataclasses.replace(base, gemm1=gemm1, gemm1_busy=None, busy_min_tiles=0), False, None))
   return out
 
 

@@ -204,16 +204,18 @@ def test_large_calls_route_with_xla():
   assert kernels == MOSAIC_EXPERTS
 
 
+@pytest.mark.parametrize("fixup_in_kernel", [False, True])
 @pytest.mark.parametrize("num_tokens", [1, 14, 80])
-def test_stream_k_gemm1_lowers(num_tokens):
-  """`GemmTiling.stream_k`: GEMM1 as the stream-K kernel and its fix-up (for cuda); each piece's K loop an
-  scf.for, which Triton pipelines."""
+def test_stream_k_gemm1_lowers(num_tokens, fixup_in_kernel):
+  """`GemmTiling.stream_k`: GEMM1 as the stream-K kernel and its fix-up (for cuda), or with the fix-up in the
+  kernel (its barrier and atomic lower); each piece's K loop an scf.for, which Triton pipelines."""
   base = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
-  tiles = dataclasses.replace(base, gemm1=dataclasses.replace(base.gemm1, split_k=1, stream_k=2), gemm1_busy=None,
-                              busy_min_tiles=0)
+  gemm1 = dataclasses.replace(base.gemm1, split_k=1, stream_k=2, fixup_in_kernel=fixup_in_kernel)
+  tiles = dataclasses.replace(base, gemm1=gemm1, gemm1_busy=None, busy_min_tiles=0)
   kernels = _lowered_kernels(num_tokens, "NVIDIA H200", tiles=tiles)
   routing = _routing_kernels(num_tokens)
-  assert kernels == routing + ["moe_gemm1_stream_k_fp8", "moe_gemm1_stream_k_fixup", "moe_gemm2_fp8", "moe_combine"]
+  fixup = [] if fixup_in_kernel else ["moe_gemm1_stream_k_fixup"]
+  assert kernels == routing + ["moe_gemm1_stream_k_fp8", *fixup, "moe_gemm2_fp8", "moe_combine"]
   text = _lowered_text(num_tokens, "NVIDIA H200", tiles=tiles)
   assert re.findall(r"grid_x = (\d+)", text)[len(routing)] == "264"  # 2 programs per SM of the H200's 132
 

@@ -3,6 +3,8 @@ shares that split items into two or more pieces, whole items, and more programs 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,8 +72,16 @@ def test_stream_k_gemm1_matches_one_program_per_tile(seed, weights, num_tokens, 
   err = np.linalg.norm(got[valid] - want) / np.linalg.norm(want)
   assert err < 4e-2, err
 
+  # The fix-up inside the kernel (the last piece to arrive sums them all): the same order, the same bits.
+  in_kernel = dataclasses.replace(streamed, fixup_in_kernel=True)
+  got_values, got_scales = stream_k.gemm1_swiglu(*args, sched.num_used_tiles, tiling=in_kernel, interpret=interpret)
+  np.testing.assert_array_equal(np.asarray(got_values)[valid], np.asarray(values)[valid])
+  np.testing.assert_array_equal(np.asarray(got_scales)[:, valid], np.asarray(scales)[:, valid])
+
 
 def test_stream_k_tiling_is_checked():
+  with pytest.raises(ValueError, match="fixup_in_kernel needs stream_k >= 1"):
+    tiling.GemmTiling(block_m=16, fixup_in_kernel=True)
   with pytest.raises(ValueError, match="stream_k must be >= 0, and 0 with a split_k above 1"):
     tiling.GemmTiling(block_m=16, split_k=2, stream_k=1)
   with pytest.raises(ValueError, match="stream_k is GEMM1's only"):

@@ -4,8 +4,11 @@ The grid is `stream_k` programs per SM, and program p takes the p-th equal share
 range, items = used M-tiles x N-tiles (M-tile major). An item that falls whole into one program is computed
 and stored with the SwiGLU + quant epilogue as in `grouped_gemm.gemm1_swiglu`; the pieces of an item split
 between programs go to float32 slots (two a program: its first item and its last), which a second kernel
-sums in program order (no atomics: bit-identical repeats) before the same epilogue. Each piece is one K
-loop with dynamic bounds (Triton pipelines it); a program runs a few of them.
+sums in program order (no float atomics: bit-identical repeats) before the same epilogue; or, with the
+tiling's `fixup_in_kernel`, the program whose piece of the item arrives last (an integer atomic count per
+item, zeroed by XLA before the call) sums them, in the same program order: the same bits, one launch fewer
+(not yet measured on a GPU, so no table sets it). Each piece is one K loop with dynamic bounds (Triton
+pipelines it); a program runs a few of them.
 
 Why: with one program per (M-tile, N-tile), how many programs run depends on the experts the tokens picked.
 At T=1-7 (two experts, 32 items of 56 K steps) GEMM1 had 4 K ranges a program instead; one stream-K program
@@ -37,10 +40,12 @@ def _program_of_step(step, total, num_programs):
   return ((step + 1) * num_programs - 1) // total
 
 
-def _stream_k_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, used_tiles_ref,
-                     out_ref, *rest, num_programs, num_n_tiles, num_k_steps, intermediate, tiling,
-                     quantize_output):
-  *out_scale_refs, slots_ref = rest
+def _stream_k_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, used_tiles_ref, *refs,
+                     num_programs, num_n_tiles, num_k_steps, intermediate, tiling, quantize_output, interpret):
+  if tiling.fixup_in_kernel:  # the zeroed arrival counters: an input, written through its aliased output
+    _, out_ref, *out_scale_refs, slots_ref, arrivals_ref = refs
+  else:
+    out_ref, *out_scale_refs, slots_ref = refs
   program = pl.program_id(0)
   total = used_tiles_ref[0] * num_n_tiles * num_k_steps
   start = _share_start(program, total, num_programs)
@@ -69,42 +74,83 @@ def _stream_k_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, 
       rows = pl.ds(pl.multiple_of(slot * bm, bm), bm)
       slots_ref[rows, pl.ds(0, bn)] = acc_up
       slots_ref[rows, pl.ds(bn, bn)] = acc_gate
+      if tiling.fixup_in_kernel:
+        _arrive(item, arrivals_ref, slots_ref, out_ref, out_scale_refs, total=total, num_programs=num_programs,
+                num_n_tiles=num_n_tiles, num_k_steps=num_k_steps, tiling=tiling, quantize_output=quantize_output,
+                interpret=interpret)
     return carry
 
   jax.lax.fori_loop(first_item, end_item, piece, 0)
+
+
+def _item_programs(item, total, num_programs, num_k_steps):
+  """(first K step, p_lo, p_hi) of an item: programs p_lo .. p_hi hold its steps (some maybe an empty share)."""
+  first_step = item * num_k_steps
+  return (first_step, _program_of_step(first_step, total, num_programs),
+          _program_of_step(first_step + num_k_steps - 1, total, num_programs))
+
+
+def _has_share(p, total, num_programs):
+  return _share_start(p + 1, total, num_programs) > _share_start(p, total, num_programs)
+
+
+def _sum_pieces(slots_ref, first_step, p_lo, p_hi, *, total, num_programs, tiling):
+  """A split item's up and gate sums: its pieces' slots added in program order (bit-identical repeats).
+  Program p_lo (holding the item's first step) has it as its last item (slot 1) unless its share starts at
+  the item (slot 0); every later one, p_lo < p <= p_hi, as its first (slot 0). Programs with an empty share
+  (fewer steps than programs) wrote nothing and are skipped."""
+  bm, bn = tiling.block_m, tiling.block_n
+
+  def slot(index):
+    rows = pl.ds(pl.multiple_of(index * bm, bm), bm)
+    return slots_ref[rows, pl.ds(0, bn)], slots_ref[rows, pl.ds(bn, bn)]
+
+  lo_slot = jnp.where(_share_start(p_lo, total, num_programs) == first_step, 2 * p_lo, 2 * p_lo + 1)
+  acc_up, acc_gate = slot(lo_slot)
+
+  def add_piece(p, accs):
+    up, gate = slot(2 * p)
+    written = _has_share(p, total, num_programs)
+    return (accs[0] + jnp.where(written, up, 0.0), accs[1] + jnp.where(written, gate, 0.0))
+
+  return jax.lax.fori_loop(p_lo + 1, p_hi + 1, add_piece, (acc_up, acc_gate))
+
+
+def _arrive(item, arrivals_ref, slots_ref, out_ref, out_scale_refs, *, total, num_programs, num_n_tiles, num_k_steps,
+            tiling, quantize_output, interpret):
+  """`fixup_in_kernel`: this program has stored its piece of a split item; the program whose piece arrives
+  last sums them all (in program order, as the fix-up kernel does) and stores the epilogue. The barrier
+  makes every thread's slot stores happen before the arrival; the arrival is one acquire-release atomic at
+  GPU scope (an integer count: which program sums is timing-dependent, the sum's order is not)."""
+  if not interpret:  # interpret mode runs the programs one after another and has no barrier rule
+    pltriton.debug_barrier()
+  arrived = pltriton.atomic_add(arrivals_ref, (item,), jnp.int32(1))
+  first_step, p_lo, p_hi = _item_programs(item, total, num_programs, num_k_steps)
+  pieces = jax.lax.fori_loop(p_lo, p_hi + 1, lambda p, n: n + _has_share(p, total, num_programs).astype(jnp.int32),
+                             jnp.int32(0))
+
+  @pl.when(arrived == pieces - 1)
+  def _():
+    acc_up, acc_gate = _sum_pieces(slots_ref, first_step, p_lo, p_hi, total=total, num_programs=num_programs,
+                                   tiling=tiling)
+    grouped_gemm.store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=item // num_n_tiles,
+                              j=item % num_n_tiles, tiling=tiling, quantize_output=quantize_output)
 
 
 def _fixup_kernel(used_tiles_ref, slots_ref, *refs, num_programs, num_n_tiles, num_k_steps, tiling,
                   quantize_output):
   out_ref, *out_scale_refs = refs[len(refs) // 2:]  # the stream-K kernel's outputs, written in place
   # Program `item`: if the item was split between programs, the sum of its pieces in program order, then
-  # the epilogue. Program p_lo (holding the item's first step) has it as its last item (slot 1) unless its
-  # share starts at the item (slot 0); every later one, p_lo < p <= p_hi, as its first (slot 0). Programs
-  # with an empty share (fewer steps than programs) wrote nothing and are skipped.
+  # the epilogue.
   item = pl.program_id(0)
   num_items = used_tiles_ref[0] * num_n_tiles
   total = jnp.maximum(num_items * num_k_steps, 1)  # no used tile (no local pick): every program exits below
-  first_step = item * num_k_steps
-  p_lo = _program_of_step(first_step, total, num_programs)
-  p_hi = _program_of_step(first_step + num_k_steps - 1, total, num_programs)
+  first_step, p_lo, p_hi = _item_programs(item, total, num_programs, num_k_steps)
 
   @pl.when((item < num_items) & (p_hi > p_lo))
   def _():
-    bm, bn = tiling.block_m, tiling.block_n
-
-    def slot(index):
-      rows = pl.ds(pl.multiple_of(index * bm, bm), bm)
-      return slots_ref[rows, pl.ds(0, bn)], slots_ref[rows, pl.ds(bn, bn)]
-
-    lo_slot = jnp.where(_share_start(p_lo, total, num_programs) == first_step, 2 * p_lo, 2 * p_lo + 1)
-    acc_up, acc_gate = slot(lo_slot)
-
-    def add_piece(p, accs):
-      up, gate = slot(2 * p)
-      written = _share_start(p + 1, total, num_programs) > _share_start(p, total, num_programs)
-      return (accs[0] + jnp.where(written, up, 0.0), accs[1] + jnp.where(written, gate, 0.0))
-
-    acc_up, acc_gate = jax.lax.fori_loop(p_lo + 1, p_hi + 1, add_piece, (acc_up, acc_gate))
+    acc_up, acc_gate = _sum_pieces(slots_ref, first_step, p_lo, p_hi, total=total, num_programs=num_programs,
+                                   tiling=tiling)
     grouped_gemm.store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=item // num_n_tiles,
                               j=item % num_n_tiles, tiling=tiling, quantize_output=quantize_output)
 
@@ -128,14 +174,18 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used_tiles,
   out_shape = grouped_gemm.swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype)
   statics = dict(num_programs=num_programs, num_n_tiles=num_n_tiles, num_k_steps=num_k_steps,
                  tiling=tiling, quantize_output=quantize_output)
+  slots_shape = jax.ShapeDtypeStruct((2 * num_programs * tiling.block_m, 2 * tiling.block_n), jnp.float32)
+  # fixup_in_kernel: one arrival counter per possible item, zero at the start of every call.
+  arrivals = (jnp.zeros((num_m_tiles * num_n_tiles,), jnp.int32),) if tiling.fixup_in_kernel else ()
   *outs, slots = pl.pallas_call(
-      functools.partial(_stream_k_kernel, intermediate=intermediate, **statics),
-      out_shape=(*out_shape, jax.ShapeDtypeStruct((2 * num_programs * tiling.block_m, 2 * tiling.block_n),
-                                                  jnp.float32)),
-      grid=(num_programs,), interpret=interpret,
+      functools.partial(_stream_k_kernel, intermediate=intermediate, interpret=interpret, **statics),
+      out_shape=(*out_shape, slots_shape, *[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrivals]),
+      grid=(num_programs,), interpret=interpret, input_output_aliases={7: len(out_shape) + 1} if arrivals else {},
       name="moe_gemm1_stream_k_fp8" if quantize_output else "moe_gemm1_stream_k_bf16",
       compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
-  )(tile_expert, row_token, a, a_scale, w13, w13_scale, used)
+  )(tile_expert, row_token, a, a_scale, w13, w13_scale, used, *arrivals)[:len(out_shape) + 1]
+  if tiling.fixup_in_kernel:
+    return (outs[0], outs[1]) if quantize_output else (outs[0], None)
   outs = pl.pallas_call(
       functools.partial(_fixup_kernel, **statics),
       out_shape=out_shape, grid=(num_m_tiles * num_n_tiles,), interpret=interpret,

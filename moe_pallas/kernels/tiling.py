@@ -34,6 +34,9 @@ class GemmTiling:
     stream_k: above 0 (GEMM1 only), GEMM1 as `stream_k.gemm1_swiglu`: this many programs per SM share the
       used tiles' (N-tile, K step) work evenly, whatever the experts touched; items split between programs
       are summed in a fixed order by a second kernel.
+    fixup_in_kernel: with stream_k, the split items summed inside the stream-K kernel, by the program whose
+      piece arrives last (an integer arrival counter per item; the same order, the same bits), instead of by
+      the second kernel.
     k_unroll: K steps whose tiles one loop iteration loads together before their dots (the same FMAs in the
       same order: the same bits). A weight row is then read k_unroll * block_k contiguous bytes at a time;
       HBM streams longer row segments faster (experiments/PERF.md 14, 27).
@@ -47,6 +50,7 @@ class GemmTiling:
   num_stages: int = 3
   split_k: int = 1
   stream_k: int = 0
+  fixup_in_kernel: bool = False
   k_unroll: int = 1
 
   def __post_init__(self):
@@ -63,6 +67,8 @@ class GemmTiling:
     if self.stream_k < 0 or (self.stream_k and self.split_k != 1):
       raise ValueError(f"stream_k must be >= 0, and 0 with a split_k above 1; got stream_k={self.stream_k}, "
                        f"split_k={self.split_k}")
+    if self.fixup_in_kernel and not self.stream_k:
+      raise ValueError("fixup_in_kernel needs stream_k >= 1 (it is the stream-K kernel's fix-up)")
     if self.k_unroll < 1 or (self.k_unroll > 1 and self.stream_k):
       raise ValueError(f"k_unroll must be >= 1, and 1 with stream_k (its shares start at any K step); got "
                        f"k_unroll={self.k_unroll}, stream_k={self.stream_k}")
