@@ -246,14 +246,16 @@ def test_h200_default_tiling_with_no_local_pick(seed, monkeypatch):
   _check_layer(mp.SMALL, 1, seed, "no_local", 8, jnp.float8_e4m3fn)
 
 
-def test_gemm1_split_k_must_divide_k_steps(seed, small_weights):
+@pytest.mark.parametrize("split_k,k_unroll", [(3, 1), (2, 2)])
+def test_gemm1_k_ranges_must_divide_k_steps(seed, small_weights, split_k, k_unroll):
+  """Each of the split_k K ranges holds whole groups of k_unroll K steps (H=256: 2 K steps)."""
   acts, plan = _kernel_inputs(seed)
   w1, w1s, _, _ = small_weights
   sched = schedule.make_tile_schedule(plan, block_m=16)
-  with pytest.raises(ValueError, match=r"split_k \* tiling.k_unroll must divide the 2 K steps of H=256, got "
-                                       r"split_k=3, k_unroll=1"):
+  with pytest.raises(ValueError, match=rf"split_k \* tiling.k_unroll must divide the 2 K steps of H=256, got "
+                                       rf"split_k={split_k}, k_unroll={k_unroll}"):
     grouped_gemm.gemm1_swiglu(sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s,
-                              tiling=tiling.GemmTiling(block_m=16, split_k=3), interpret=True)
+                              tiling=tiling.GemmTiling(block_m=16, split_k=split_k, k_unroll=k_unroll), interpret=True)
 
 
 def test_k_unroll_gives_the_same_bits(seed, small_weights, interpret):
@@ -310,14 +312,7 @@ def test_gemm2_bf16_rows_and_their_combine(seed, small_weights, interpret):
     combine.combine_rows(bf16.astype(jnp.float16), pair_row, interpret=interpret)
 
 
-def test_k_unroll_must_divide_each_k_range(seed, small_weights):
-  acts, plan = _kernel_inputs(seed)
-  w1, w1s, _, _ = small_weights
-  sched = schedule.make_tile_schedule(plan, block_m=16)
-  with pytest.raises(ValueError, match=r"split_k \* tiling.k_unroll must divide the 2 K steps of H=256, got "
-                                       r"split_k=2, k_unroll=2"):
-    grouped_gemm.gemm1_swiglu(sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s,
-                              tiling=tiling.GemmTiling(block_m=16, split_k=2, k_unroll=2), interpret=True)
+def test_k_unroll_is_checked():
   with pytest.raises(ValueError, match="k_unroll must be >= 1"):
     tiling.GemmTiling(k_unroll=0)
   with pytest.raises(ValueError, match="1 with stream_k"):
