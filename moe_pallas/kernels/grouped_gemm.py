@@ -349,13 +349,19 @@ def gather_rows(tile_expert, row_token, a, a_scale, *, block_m: int, num_local_e
   )(tile_expert, row_token, a, a_scale, *[w for w, _ in transposed_scales])
 
 
-def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref, *, num_m_tiles,
-                  num_n_tiles, num_k_steps, num_local_experts, tiling):
-  scaled_input = c_scale_ref is not None  # None: a bf16 intermediate, no activation scales
+def gemm2_program(num_m_tiles: int, num_n_tiles: int, tiling: GemmTiling):
+  """(M-tile, N-tile, K range) of this GEMM2 program (the grid of `gemm2_weighted`)."""
   i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
+  return i, j, pl.program_id(1) if tiling.split_k > 1 else 0
+
+
+def gemm2_tile(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref, *, i, j, split,
+               num_m_tiles, num_k_steps, num_local_experts, tiling):
+  """GEMM2's (M-tile i, N-tile j) over K range `split`, weighted by the rows' routing weights, stored at rows
+  split * num_rows + ... of out_ref (a tile of no expert stores nothing)."""
+  scaled_input = c_scale_ref is not None  # None: a bf16 intermediate, no activation scales
   expert = tile_expert_ref[i]
   # Split-K: program (tile, split) sums K steps split*S .. (split+1)*S - 1 into rows split*num_rows + ...
-  split = pl.program_id(1) if tiling.split_k > 1 else 0
   steps = num_k_steps // tiling.split_k
   k_start, k_stop = split * steps, split * steps + steps
 
@@ -396,6 +402,27 @@ def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_w
     out_ref[out_rows, cols] = (acc * row_weight_ref[rows][:, None]).astype(out_ref.dtype)
 
 
+def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref, *, num_m_tiles,
+                  num_n_tiles, num_k_steps, num_local_experts, tiling):
+  i, j, split = gemm2_program(num_m_tiles, num_n_tiles, tiling)
+  gemm2_tile(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref, i=i, j=j, split=split,
+             num_m_tiles=num_m_tiles, num_k_steps=num_k_steps, num_local_experts=num_local_experts, tiling=tiling)
+
+
+def gemm2_geometry(tile_expert, c, c_scale, w2, tiling: GemmTiling, out_dtype):
+  """(rows, E_local, H, M-tiles, N-tiles, K steps) of a GEMM2 call, its scales, K steps and out_dtype checked."""
+  num_rows, intermediate = c.shape
+  num_local, hidden, _ = w2.shape
+  if c_scale is not None and c_scale.shape != (intermediate // tiling.block_k, num_rows):
+    raise ValueError(f"c_scale must be [I/block_k, rows] = {[intermediate // tiling.block_k, num_rows]}, "
+                     f"got {list(c_scale.shape)}")
+  num_k_steps = intermediate // tiling.block_k
+  check_k_steps(num_k_steps, tiling, f"I={intermediate}")
+  if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"out_dtype must be float32 or bfloat16, got {jnp.dtype(out_dtype)}")
+  return num_rows, num_local, hidden, tile_expert.shape[0], hidden // tiling.block_n, num_k_steps
+
+
 def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling: GemmTiling, interpret=False,
                    out_dtype=jnp.float32):
   """Grouped `row_weight * (c @ W2[e].T)` per M-tile, float32 (or bfloat16: rounded once) out.
@@ -412,18 +439,9 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
     s * rows .. (s + 1) * rows - 1, partial sums that the combine adds (`combine_rows(num_splits=...)`).
     Rows of tiles of no expert are left unwritten.
   """
-  num_rows, intermediate = c.shape
-  num_local, hidden, _ = w2.shape
-  num_m_tiles = tile_expert.shape[0]
-  num_n_tiles = hidden // tiling.block_n
+  num_rows, num_local, hidden, num_m_tiles, num_n_tiles, num_k_steps = gemm2_geometry(tile_expert, c, c_scale, w2,
+                                                                                      tiling, out_dtype)
   scaled_input = c_scale is not None
-  if scaled_input and c_scale.shape != (intermediate // tiling.block_k, num_rows):
-    raise ValueError(f"c_scale must be [I/block_k, rows] = {[intermediate // tiling.block_k, num_rows]}, "
-                     f"got {list(c_scale.shape)}")
-  num_k_steps = intermediate // tiling.block_k
-  check_k_steps(num_k_steps, tiling, f"I={intermediate}")
-  if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-    raise ValueError(f"out_dtype must be float32 or bfloat16, got {jnp.dtype(out_dtype)}")
   kernel = functools.partial(
       _gemm2_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
       num_k_steps=num_k_steps, num_local_experts=num_local, tiling=tiling)
