@@ -142,6 +142,8 @@ def k_unroll_variants(base):
   segments, as today) or 4 (256). `g1n64u2` keeps the table's two GEMM1 launches (8 warps below
   `busy_min_tiles`, 4 from it); `w4`/`w8`: one launch with those warps."""
   import dataclasses
+  if base.gemm1.stream_k or base.gemm1_busy is None:  # variants of the T=14-80 table's two GEMM1 launches
+    return []
   out = []
   for g1_warps in (None, 4, 8):
     for g2_unroll, g2_n in ((2, 64), (4, 64), (4, 128)):
@@ -160,6 +162,7 @@ def k_unroll_variants(base):
 
 def small_t_variants(base):
   return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base), bf16_rows_variant(base),
+      combine_in_gemm2_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one
       # program beside SMs with two; more, shorter programs even that out, for a float32 partials
@@ -174,6 +177,12 @@ def small_t_variants(base):
       _variant(16, (128, 8, 4), (128, 128, 8, 3)),
       _with_combine(base, "default_c16x512", 16, 512),
   ]
+
+
+def combine_in_gemm2_variant(base):
+  """The combine in GEMM2's kernel (`MoETiling.combine_in_gemm2`): one launch fewer at small T."""
+  import dataclasses
+  return ("combine_in_gemm2", dataclasses.replace(base, combine_in_gemm2=True), False, None)
 
 
 def bf16_rows_variant(base):
