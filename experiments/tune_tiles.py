@@ -161,8 +161,8 @@ def k_unroll_variants(base):
 
 
 def small_t_variants(base):
-  return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base), bf16_rows_variant(base),
-      combine_in_gemm2_variant(base),
+  return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
+      bf16_rows_variant(base), combine_in_gemm2_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one
       # program beside SMs with two; more, shorter programs even that out, for a float32 partials
