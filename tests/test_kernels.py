@@ -5,6 +5,7 @@ bounds below hold for both (they come from SPEC.md's FP8/bf16 arithmetic, not fr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -345,6 +346,25 @@ def test_gemm2_and_combine_gives_the_bits_of_the_two_kernels(seed, small_weights
   with pytest.raises(ValueError, match="gemm2_and_combine is for T <= 1024"):
     big = jnp.zeros((1025, sched.pair_padded_row.shape[1]), jnp.int32)
     gemm2_combine.gemm2_and_combine(*gemm2, sched.row_token, big, tiling=tiles, interpret=interpret)
+
+
+def test_in_kernel_fixup_and_combine_give_the_layers_bits(seed):
+  """The whole layer with the stream-K fix-up and the combine done by their last-arriving programs
+  (`fixup_in_kernel`, `combine_in_gemm2`) gives the bits of their separate kernels, a NaN-poisoned row included."""
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 24, seed=seed, scenario="skewed", local_expert_offset=8)
+  logits = np.asarray(inputs.routing_logits).copy()
+  logits[3, 0] = np.nan  # token 3's row NaN (routing.nan_poison)
+  inputs = inputs._replace(routing_logits=jnp.asarray(logits))
+  base = tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, stream_k=2),
+                          tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2))
+  in_kernel = dataclasses.replace(base, gemm1=dataclasses.replace(base.gemm1, fixup_in_kernel=True),
+                                  combine_in_gemm2=True)
+  run = lambda tiles: np.asarray(grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, tiling=tiles,
+                                                              interpret=testing.interpret_mode()), np.float32)
+  want, got = run(base), run(in_kernel)
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+  assert np.isnan(got[3]).all() and np.abs(np.delete(got, 3, axis=0)).max() > 0
 
 
 def test_combine_in_gemm2_needs_the_triton_gemms():
