@@ -19,6 +19,26 @@ from jax.experimental.pallas import triton as pltriton
 from moe_pallas.kernels.tiling import CombineTiling
 
 
+def sum_token_rows(rows_ref, poison_ref, pick_row, tokens, cols, *, top_k, num_rows, num_splits, take=None):
+  """[len(tokens), len(cols)] float32: each token's poison value (or 0), then its picks' rows in pick order,
+  each pick's K-range partials in order (bit-identical repeats). pick_row(j): [len(tokens)] padded row of
+  pick j (num_rows: not local); take: optional [len(tokens)] bool, the tokens to load rows for."""
+  shape = (tokens.shape[0], cols.shape[0])
+  if poison_ref is None:
+    acc = jnp.zeros(shape, jnp.float32)
+  else:  # NaN for tokens whose routing inputs hold a NaN (routing.nan_poison), else 0
+    acc = jnp.broadcast_to(pltriton.load(poison_ref.at[tokens])[:, None], shape)
+  for j in range(top_k):
+    row = pick_row(j)
+    local = row < num_rows
+    picked = jnp.broadcast_to((local if take is None else local & take)[:, None], shape)
+    safe_row = jnp.minimum(row, num_rows - 1)
+    for split in range(num_splits):  # GEMM2's split-K partials of the row, in a fixed order
+      acc += pltriton.load(rows_ref.at[split * num_rows + safe_row[:, None], cols[None, :]], mask=picked,
+                           other=0.0).astype(jnp.float32)
+  return acc
+
+
 def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_tokens, top_k, num_splits, tiling):
   # Whole-array (gather) indices everywhere: masked loads with mixed slice/array indices have no
   # interpret-mode rule, and these lower to the same coalesced pointer arithmetic in Triton.
@@ -28,17 +48,9 @@ def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_t
   token_ok = tokens < num_tokens
   num_rows = rows_ref.shape[0] // num_splits
   safe_tokens = jnp.minimum(tokens, num_tokens - 1)
-  if poison_ref is None:
-    acc = jnp.zeros((bt, bh), jnp.float32)
-  else:  # NaN for tokens whose routing inputs hold a NaN (routing.nan_poison), else 0
-    acc = jnp.broadcast_to(pltriton.load(poison_ref.at[safe_tokens])[:, None], (bt, bh))
-  for j in range(top_k):
-    row = pltriton.load(pair_padded_row_ref.at[safe_tokens * top_k + j], mask=token_ok, other=num_rows)
-    picked = jnp.broadcast_to((row < num_rows)[:, None], (bt, bh))
-    safe_row = jnp.minimum(row, num_rows - 1)
-    for split in range(num_splits):  # GEMM2's split-K partials of the row, in a fixed order
-      acc += pltriton.load(rows_ref.at[split * num_rows + safe_row[:, None], cols[None, :]], mask=picked,
-                           other=0.0).astype(jnp.float32)
+  pick_row = lambda j: pltriton.load(pair_padded_row_ref.at[safe_tokens * top_k + j], mask=token_ok, other=num_rows)
+  acc = sum_token_rows(rows_ref, poison_ref, pick_row, safe_tokens, cols, top_k=top_k, num_rows=num_rows,
+                       num_splits=num_splits)
   store_ok = jnp.broadcast_to(token_ok[:, None], (bt, bh))
   # Tail lanes keep their out-of-range token index (masked, so Triton writes nothing there): clamping
   # them would alias token T-1 and make interpret mode's scatter race with the real row.

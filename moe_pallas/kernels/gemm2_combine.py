@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from moe_pallas.kernels import grouped_gemm
+from moe_pallas.kernels import combine, grouped_gemm
 from moe_pallas.kernels.tiling import GemmTiling
 
 MAX_TOKENS = 1024  # the programs of M-tile 0 write the rows of tokens with no local pick, in a loop over all T
@@ -33,20 +33,6 @@ _TOKENS_PER_STEP = 32  # that loop's step
 def _token_rows(pair_row_ref, tokens, token_ok, *, top_k, num_rows):
   """[top_k] arrays of [len(tokens)]: the padded row of each pick of each token (num_rows: not local)."""
   return [pltriton.load(pair_row_ref.at[tokens * top_k + j], mask=token_ok, other=num_rows) for j in range(top_k)]
-
-
-def _summed_rows(rows_ref, poison_ref, picks, tokens, cols, take, *, num_rows, num_splits):
-  """The combine's sum for these tokens and columns: poison, then each pick's rows (all K ranges) in order."""
-  shape = (tokens.shape[0], cols.shape[0])
-  acc = (jnp.zeros(shape, jnp.float32) if poison_ref is None
-         else jnp.broadcast_to(pltriton.load(poison_ref.at[tokens])[:, None], shape))
-  for row in picks:
-    picked = jnp.broadcast_to(((row < num_rows) & take)[:, None], shape)
-    safe_row = jnp.minimum(row, num_rows - 1)
-    for split in range(num_splits):
-      acc += pltriton.load(rows_ref.at[split * num_rows + safe_row[:, None], cols[None, :]], mask=picked,
-                           other=0.0).astype(jnp.float32)
-  return acc
 
 
 def _kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, row_token_ref, pair_row_ref,
@@ -60,7 +46,10 @@ def _kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_
                           split=split, num_m_tiles=num_m_tiles, num_k_steps=num_k_steps,
                           num_local_experts=num_local_experts, tiling=tiling)
   token_rows = functools.partial(_token_rows, pair_row_ref, top_k=top_k, num_rows=num_rows)
-  summed = functools.partial(_summed_rows, rows_ref, poison_ref, num_rows=num_rows, num_splits=tiling.split_k)
+  # The combine's own sum (the same order, the same bits), over this program's tokens and columns.
+  summed = lambda picks, tokens, take: combine.sum_token_rows(
+      rows_ref, poison_ref, lambda pick: picks[pick], tokens, cols, top_k=top_k, num_rows=num_rows,
+      num_splits=tiling.split_k, take=take)
 
   @pl.when(tile_expert_ref[i] < num_local_experts)
   def _():
@@ -77,7 +66,7 @@ def _kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_
     last = real & (arrived == local_picks * tiling.split_k - 1)
     if not interpret:  # the last arrivals' acquires before any thread reads the other programs' rows
       pltriton.debug_barrier()
-    out = summed(picks, tokens, cols, last)
+    out = summed(picks, tokens, last)
     # Masked-off lanes at an out-of-range token: at a real one (padding rows read token 0) interpret mode's
     # scatter would race with that token's own store.
     store_tokens = jnp.where(last, tokens, num_tokens)
@@ -92,7 +81,7 @@ def _kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_
       safe_tokens = jnp.minimum(tokens, num_tokens - 1)
       picks = token_rows(safe_tokens, token_ok)
       none = token_ok & functools.reduce(jnp.logical_and, [row >= num_rows for row in picks])
-      out = summed(picks, safe_tokens, cols, none)
+      out = summed(picks, safe_tokens, none)
       # Lanes past T keep their out-of-range token (masked off): clamped, they would alias token T-1.
       pltriton.store(out_ref.at[tokens[:, None], cols[None, :]], out.astype(out_ref.dtype),
                      mask=jnp.broadcast_to(none[:, None], out.shape))
