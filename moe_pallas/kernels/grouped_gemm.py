@@ -38,6 +38,28 @@ def _tile_coordinates(num_m_tiles: int, num_n_tiles: int, group_m: int):
   return first_m + within % group_size, within // group_size
 
 
+def _k_loop(k_start, k_stop, scales_of_step, k_step, acc, *, unroll):
+  """acc after `k_step(k, scales, acc)` for K steps k_start .. k_stop - 1, `unroll` steps a loop iteration
+  (their tile loads issued together: `GemmTiling.k_unroll`; the range starts and ends on a group,
+  `check_k_steps`). Each step's scales are loaded one group ahead, through the loop carry: Triton pipelines
+  the tile loads that feed the dots, not these small ones, whose latency would otherwise stall every step.
+  The last group reloads its own scales, an unused in-bounds load."""
+  def scales_of_group(k):  # the scales of K steps k .. k + unroll - 1
+    return tuple(scales_of_step(k if u == 0 else k + u) for u in range(unroll))
+
+  def group(g, carry):
+    acc, scales = carry
+    k = g if unroll == 1 else g * unroll
+    next_scales = scales_of_group(jnp.minimum(k + unroll, k_stop - unroll))
+    for u, step_scales in enumerate(scales):
+      acc = k_step(k if u == 0 else k + u, step_scales, acc)
+    return acc, next_scales
+
+  bounds = (k_start, k_stop) if unroll == 1 else (k_start // unroll, k_stop // unroll)
+  acc, _ = jax.lax.fori_loop(*bounds, group, (acc, scales_of_group(k_start)))
+  return acc
+
+
 def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *, i, j, k_start,
                      num_k_steps, intermediate, tiling):
   """M-tile i's up and gate accumulators (N-tile j) over K steps k_start .. k_start + num_k_steps."""
@@ -57,29 +79,16 @@ def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, 
     return (row_scale * w_scale_ref[expert, up_scale_row, k],
             row_scale * w_scale_ref[expert, gate_scale_row, k])
 
-  unroll = tiling.k_unroll  # K steps per loop iteration (their tile loads issued together)
+  def k_step(k, scales, accs):
+    (up_scale, gate_scale), (acc_up, acc_gate) = scales, accs
+    ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+    a = a_ref[tokens, ks]
+    acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
+    acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
+    return acc_up, acc_gate
 
-  def scales_of_group(k):  # the scales of K steps k .. k + unroll - 1
-    return tuple(scales_of_step(k if u == 0 else k + u) for u in range(unroll))
-
-  def k_group(g, carry):
-    acc_up, acc_gate, scales = carry
-    k = g if unroll == 1 else g * unroll
-    # The next group's scales are loaded one group ahead (through the loop carry): Triton pipelines
-    # the tile loads that feed the dots, not these small ones, whose latency would otherwise stall
-    # every step. The last group reloads its own scales, an unused in-bounds load.
-    next_scales = scales_of_group(jnp.minimum(k + unroll, k_stop - unroll))
-    for u, (up_scale, gate_scale) in enumerate(scales):  # (Triton's pipeline issues the loads ahead)
-      ks = pl.ds(pl.multiple_of((k if u == 0 else k + u) * bk, bk), bk)
-      a = a_ref[tokens, ks]
-      acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
-      acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
-    return acc_up, acc_gate, next_scales
-
-  # Groups of `unroll` K steps: the callers' K ranges start and end on a group (`check_k_steps`).
-  groups = (k_start, k_stop) if unroll == 1 else (k_start // unroll, k_stop // unroll)
   zeros = jnp.zeros((bm, bn), jnp.float32)
-  acc_up, acc_gate, _ = jax.lax.fori_loop(*groups, k_group, (zeros, zeros, scales_of_group(k_start)))
+  acc_up, acc_gate = _k_loop(k_start, k_stop, scales_of_step, k_step, (zeros, zeros), unroll=tiling.k_unroll)
   return acc_up, acc_gate
 
 
@@ -379,26 +388,15 @@ def gemm2_tile(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weig
         return c_scale_ref[k, rows] * weight_scale
       return jnp.full((bm,), weight_scale, jnp.float32)
 
-    unroll = tiling.k_unroll  # K steps per loop iteration, as in GEMM1
+    def k_step(k, scale, acc):
+      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+      w = w_ref[expert, cols, ks]
+      a = c_ref[rows, ks]
+      if not scaled_input:
+        w = w.astype(c_ref.dtype)
+      return fma(dot_nt(a, w), scale[:, None], acc)
 
-    def scales_of_group(k):
-      return tuple(scale_of_step(k if u == 0 else k + u) for u in range(unroll))
-
-    def k_group(g, carry):
-      acc, scales = carry
-      k = g if unroll == 1 else g * unroll
-      next_scales = scales_of_group(jnp.minimum(k + unroll, k_stop - unroll))  # one group ahead, as in GEMM1
-      for u, scale in enumerate(scales):
-        ks = pl.ds(pl.multiple_of((k if u == 0 else k + u) * bk, bk), bk)
-        w = w_ref[expert, cols, ks]
-        a = c_ref[rows, ks]
-        if not scaled_input:
-          w = w.astype(c_ref.dtype)
-        acc = fma(dot_nt(a, w), scale[:, None], acc)
-      return acc, next_scales
-
-    groups = (k_start, k_stop) if unroll == 1 else (k_start // unroll, k_stop // unroll)
-    acc, _ = jax.lax.fori_loop(*groups, k_group, (jnp.zeros((bm, bn), jnp.float32), scales_of_group(k_start)))
+    acc = _k_loop(k_start, k_stop, scale_of_step, k_step, jnp.zeros((bm, bn), jnp.float32), unroll=tiling.k_unroll)
     out_ref[out_rows, cols] = (acc * row_weight_ref[rows][:, None]).astype(out_ref.dtype)
 
 
