@@ -25,10 +25,18 @@ _N = flags.DEFINE_integer("n", 4096, "Weight rows per expert (GEMM1: 2I = 4096).
 _K = flags.DEFINE_integer("k", 7168, "Weight columns (GEMM1: H = 7168).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
 _OUT = flags.DEFINE_string("out", "", "JSONL output (optional).")
+_SET = flags.DEFINE_enum("set", "tiles", ["tiles", "segments"],
+                         "tiles: the (block_n x block_k) grid of PERF 14; segments: narrow N-tiles whose K step "
+                         "is several 128-wide sub-tiles loaded together (as GEMM1's k_unroll), for long row "
+                         "segments.")
 
 
-def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, interpret=False):
-  """Reads all of w [E, N, K] in (block_n x block_k) tiles; returns a small per-program result."""
+def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, sub_k=None, interpret=False):
+  """Reads all of w [E, N, K] in (block_n x block_k) tiles; returns a small per-program result.
+
+  With sub_k (mode "dot" only), each K step loads block_k // sub_k tiles of (block_n x sub_k) and runs one
+  dot per sub-tile, as the block-scaled GEMM does for each 128-wide scale group.
+  """
   import jax
   import jax.numpy as jnp
   from jax.experimental import pallas as pl
@@ -47,6 +55,12 @@ def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, interpret=Fal
 
     def step(s, carry):
       ks = pl.ds(pl.multiple_of(s * block_k, block_k), block_k)
+      if sub_k:
+        subs = [pl.ds(pl.multiple_of(s * block_k + u * sub_k, sub_k), sub_k) for u in range(block_k // sub_k)]
+        tiles = [(a_ref[:, ds], w_ref[expert, cols, ds]) for ds in subs]  # every load before any dot
+        for a_tile, w_tile in tiles:
+          carry = carry + dot_nt(a_tile, w_tile)
+        return carry
       tile = w_ref[expert, cols, ks]
       if mode == "max":
         return jnp.maximum(carry, tile.view(jnp.uint8))
@@ -64,6 +78,17 @@ def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, interpret=Fal
       kernel, out_shape=jax.ShapeDtypeStruct((num_experts * n_tiles, block_n), jnp.float32),
       grid=(num_experts * n_tiles,), interpret=interpret, name=f"stream_{mode}",
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))(w, a)
+
+
+def segment_variants():
+  """Narrow N-tiles with long K steps of 128-wide sub-tiles: the row segment a program reads at once."""
+  out = []
+  for block_n, block_k in ((256, 128), (128, 256), (64, 512), (64, 1024), (32, 512), (32, 1024), (32, 2048),
+                           (16, 1024), (16, 2048)):
+    for num_warps, num_stages in ((4, 2), (4, 3), (8, 3)):
+      out.append(dict(mode="dot", block_n=block_n, block_k=block_k, sub_k=128, num_warps=num_warps,
+                      num_stages=num_stages))
+  return out
 
 
 def variants():
@@ -92,7 +117,7 @@ def main(argv):
   timer = GpuTimer()
   device = jax.devices()[0].device_kind
   out = open(_OUT.value, "w") if _OUT.value else None
-  for v in variants():
+  for v in (variants() if _SET.value == "tiles" else segment_variants()):
     try:
       fn = jax.jit(functools.partial(stream, **v))
       jax.block_until_ready(fn(w, a))

@@ -162,7 +162,7 @@ def k_unroll_variants(base):
 
 def small_t_variants(base):
   return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
-      bf16_rows_variant(base), combine_in_gemm2_variant(base),
+      bf16_rows_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one
       # program beside SMs with two; more, shorter programs even that out, for a float32 partials
@@ -177,12 +177,6 @@ def small_t_variants(base):
       _variant(16, (128, 8, 4), (128, 128, 8, 3)),
       _with_combine(base, "default_c16x512", 16, 512),
   ]
-
-
-def combine_in_gemm2_variant(base):
-  """The combine in GEMM2's kernel (`MoETiling.combine_in_gemm2`): one launch fewer at small T."""
-  import dataclasses
-  return ("combine_in_gemm2", dataclasses.replace(base, combine_in_gemm2=True), False, None)
 
 
 def bf16_rows_variant(base):

@@ -220,14 +220,6 @@ def test_stream_k_gemm1_lowers(num_tokens, fixup_in_kernel):
   assert re.findall(r"grid_x = (\d+)", text)[len(routing)] == "264"  # 2 programs per SM of the H200's 132
 
 
-@pytest.mark.parametrize("num_tokens", [1, 16])
-def test_combine_in_gemm2_lowers(num_tokens):
-  """`MoETiling.combine_in_gemm2`: GEMM2 and the combine as one kernel (its barriers and atomics lower)."""
-  base = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
-  kernels = _lowered_kernels(num_tokens, "NVIDIA H200", tiles=dataclasses.replace(base, combine_in_gemm2=True))
-  assert kernels[-1] == "moe_gemm2_combine" and "moe_combine" not in kernels and "moe_gemm2_fp8" not in kernels
-
-
 def test_bf16_intermediate_lowers():
   kernels = _lowered_kernels(16, "NVIDIA H200", intermediate_dtype=jnp.bfloat16)
   assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_bf16"] * 2 + ["moe_gemm2_bf16", "moe_combine"]

@@ -16,7 +16,7 @@ import pytest
 
 import moe_pallas as mp
 from moe_pallas import reference, testing
-from moe_pallas.kernels import combine, gemm2_combine, grouped_gemm, grouped_moe, schedule, tiling, triton_internals
+from moe_pallas.kernels import combine, grouped_gemm, grouped_moe, schedule, tiling, triton_internals
 from moe_pallas.testing.oracle import oracle_moe
 
 # A second small preset with other group geometry: 64 experts in 8 groups (keep 3), 16 local, top-6.
@@ -313,44 +313,9 @@ def test_gemm2_bf16_rows_and_their_combine(seed, small_weights, interpret):
     combine.combine_rows(bf16.astype(jnp.float16), pair_row, interpret=interpret)
 
 
-@pytest.mark.parametrize("num_tokens,scenario,split_k", [(40, "skewed", 1), (40, "skewed", 2), (3, "uniform", 1),
-                                                       (17, "no_local", 1)])
-def test_gemm2_and_combine_gives_the_bits_of_the_two_kernels(seed, small_weights, num_tokens, scenario, split_k,
-                                                              interpret):
-  """`gemm2_combine.gemm2_and_combine`: the combine summed by each (token, N-tile)'s last-arriving program, in
-  the combine's order; tokens with no local pick (their rows the poison value, NaN for token 1 here)."""
-  acts, plan = _kernel_inputs(seed, num_tokens, scenario)
-  _, _, w2, w2s = small_weights
-  sched = schedule.make_tile_schedule(plan, block_m=16)
-  key = jax.random.key(seed)
-  c = testing.inputs._fp8_normal(key, (sched.num_rows, mp.SMALL.intermediate))
-  c_scale = jax.random.normal(jax.random.fold_in(key, 1), (mp.SMALL.intermediate // 64, sched.num_rows))
-  tiles = tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=split_k)
-  poison = jnp.where(jnp.arange(num_tokens) == 1, jnp.nan, 0.0).astype(jnp.float32)
-  gemm2 = (sched.tile_expert, c, c_scale, w2, w2s, sched.row_weight)
-  for rows_dtype in (jnp.float32, jnp.bfloat16):
-    rows = grouped_gemm.gemm2_weighted(*gemm2, tiling=tiles, out_dtype=rows_dtype, interpret=interpret)
-    want = np.asarray(combine.combine_rows(rows, sched.pair_padded_row, poison=poison, out_dtype=jnp.float32,
-                                           num_splits=split_k, interpret=interpret))
-    got = np.asarray(gemm2_combine.gemm2_and_combine(*gemm2, sched.row_token, sched.pair_padded_row, tiling=tiles,
-                                                     poison=poison, out_dtype=jnp.float32, rows_dtype=rows_dtype,
-                                                     interpret=interpret))
-    np.testing.assert_array_equal(got, want)
-    assert np.isnan(got[1]).all() and np.isfinite(np.delete(got, 1, axis=0)).all()
-    picked = np.asarray(sched.pair_padded_row < sched.num_rows).any(axis=1)
-    picked[1] = False  # (the NaN row)
-    assert (got[~picked & (np.arange(num_tokens) != 1)] == 0).all()  # no local pick: exact zeros
-    assert picked.sum() == 0 or np.abs(got[picked]).min(axis=1).max() > 0
-  if scenario == "skewed":
-    assert picked.sum() > 10  # the case where the sums are of several programs' rows
-  with pytest.raises(ValueError, match="gemm2_and_combine is for T <= 1024"):
-    big = jnp.zeros((1025, sched.pair_padded_row.shape[1]), jnp.int32)
-    gemm2_combine.gemm2_and_combine(*gemm2, sched.row_token, big, tiling=tiles, interpret=interpret)
-
-
-def test_in_kernel_fixup_and_combine_give_the_layers_bits(seed):
-  """The whole layer with the stream-K fix-up and the combine done by their last-arriving programs
-  (`fixup_in_kernel`, `combine_in_gemm2`) gives the bits of their separate kernels, a NaN-poisoned row included."""
+def test_in_kernel_fixup_gives_the_layers_bits(seed):
+  """The whole layer with the stream-K fix-up done by the last-arriving program (`fixup_in_kernel`) gives the
+  bits of the fix-up kernel, a NaN-poisoned row included."""
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 24, seed=seed, scenario="skewed", local_expert_offset=8)
   logits = np.asarray(inputs.routing_logits).copy()
@@ -358,19 +323,12 @@ def test_in_kernel_fixup_and_combine_give_the_layers_bits(seed):
   inputs = inputs._replace(routing_logits=jnp.asarray(logits))
   base = tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, stream_k=2),
                           tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2))
-  in_kernel = dataclasses.replace(base, gemm1=dataclasses.replace(base.gemm1, fixup_in_kernel=True),
-                                  combine_in_gemm2=True)
+  in_kernel = dataclasses.replace(base, gemm1=dataclasses.replace(base.gemm1, fixup_in_kernel=True))
   run = lambda tiles: np.asarray(grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, tiling=tiles,
                                                               interpret=testing.interpret_mode()), np.float32)
   want, got = run(base), run(in_kernel)
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
   assert np.isnan(got[3]).all() and np.abs(np.delete(got, 3, axis=0)).max() > 0
-
-
-def test_combine_in_gemm2_needs_the_triton_gemms():
-  with pytest.raises(ValueError, match="combine_in_gemm2 needs the Triton GEMMs"):
-    tiling.MoETiling(tiling.GemmTiling(block_m=64), tiling.GemmTiling(block_m=64), gemm_kernels="mosaic",
-                     combine_in_gemm2=True)
 
 
 def test_k_unroll_is_checked():
@@ -445,9 +403,9 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64),
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2), bf16_rows=True),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, stream_k=2, fixup_in_kernel=True),
-                     tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2), combine_in_gemm2=True),
+                     tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2)),
 ], ids=["narrow", "grouped", "h200_small_t", "split_k", "gemm2_split_k", "busy_gemm1_picked",
-        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup_and_combine"])
+        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 

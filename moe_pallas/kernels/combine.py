@@ -19,10 +19,10 @@ from jax.experimental.pallas import triton as pltriton
 from moe_pallas.kernels.tiling import CombineTiling
 
 
-def sum_token_rows(rows_ref, poison_ref, pick_row, tokens, cols, *, top_k, num_rows, num_splits, take=None):
+def sum_token_rows(rows_ref, poison_ref, pick_row, tokens, cols, *, top_k, num_rows, num_splits):
   """[len(tokens), len(cols)] float32: each token's poison value (or 0), then its picks' rows in pick order,
   each pick's K-range partials in order (bit-identical repeats). pick_row(j): [len(tokens)] padded row of
-  pick j (num_rows: not local); take: optional [len(tokens)] bool, the tokens to load rows for."""
+  pick j (num_rows: not local)."""
   shape = (tokens.shape[0], cols.shape[0])
   if poison_ref is None:
     acc = jnp.zeros(shape, jnp.float32)
@@ -31,7 +31,7 @@ def sum_token_rows(rows_ref, poison_ref, pick_row, tokens, cols, *, top_k, num_r
   for j in range(top_k):
     row = pick_row(j)
     local = row < num_rows
-    picked = jnp.broadcast_to((local if take is None else local & take)[:, None], shape)
+    picked = jnp.broadcast_to(local[:, None], shape)
     safe_row = jnp.minimum(row, num_rows - 1)
     for split in range(num_splits):  # GEMM2's split-K partials of the row, in a fixed order
       acc += pltriton.load(rows_ref.at[split * num_rows + safe_row[:, None], cols[None, :]], mask=picked,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from moe_pallas.config import MoEConfig
-from moe_pallas.kernels import (combine, fused_routing, gemm2_combine, grouped_gemm, mosaic_gemm, stream_k,
+from moe_pallas.kernels import (combine, fused_routing, grouped_gemm, mosaic_gemm, stream_k,
                                 triton_internals)
 from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule
 from moe_pallas.kernels.tiling import MoETiling, default_tiling
@@ -118,11 +118,6 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
   else:
     swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(*gemm1_args, tiling=tiling.gemm1, out_dtype=intermediate_dtype,
                                                      interpret=interpret)
-  if tiling.combine_in_gemm2:
-    return gemm2_combine.gemm2_and_combine(
-        schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights, gemm2_weights_scale, schedule.row_weight,
-        schedule.row_token, schedule.pair_padded_row, tiling=tiling.gemm2, poison=poison, out_dtype=out_dtype,
-        rows_dtype=_rows_dtype(tiling), interpret=interpret)
   weighted_rows = grouped_gemm.gemm2_weighted(
       schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights, gemm2_weights_scale, schedule.row_weight,
       tiling=tiling.gemm2, interpret=interpret, out_dtype=_rows_dtype(tiling))

@@ -104,10 +104,6 @@ class MoETiling:
   rounded before the sum instead of only the sum after it: ~1e-3 relative, against SPEC.md's 3.5e-2 bound of
   the FP8 intermediate. The H200 table sets it above 2 rows per expert.
 
-  `combine_in_gemm2`: with the Triton GEMMs, the combine done in GEMM2's kernel by the program whose row of
-  a (token, N-tile) arrives last (`gemm2_combine.gemm2_and_combine`: the same bits, one launch fewer; for
-  T <= 1024). Not yet measured on a GPU, so no table sets it.
-
   `gemm_kernels`: which kernels run the two GEMMs (`GEMM_KERNELS`):
   - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
   - "mosaic": both as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the rows gathered
@@ -129,7 +125,6 @@ class MoETiling:
   scales_in_gather: bool = False
   weights_in_gemm2: bool = False
   bf16_rows: bool = False
-  combine_in_gemm2: bool = False
 
   def __post_init__(self):
     if self.gemm_kernels not in GEMM_KERNELS:
@@ -137,8 +132,6 @@ class MoETiling:
     for name in ("scales_in_gather", "weights_in_gemm2"):
       if getattr(self, name) and not self.mosaic:
         raise ValueError(f"{name} needs the Mosaic GEMMs, got gemm_kernels={self.gemm_kernels!r}")
-    if self.combine_in_gemm2 and self.mosaic:
-      raise ValueError(f"combine_in_gemm2 needs the Triton GEMMs, got gemm_kernels={self.gemm_kernels!r}")
     if self.mosaic:
       from moe_pallas.kernels import mosaic_gemm  # Mosaic GPU imports: only where asked for
       blocks = (self.gemm1.block_m, self.gemm1.block_n, self.gemm1.split_k, self.gemm2.split_k,
