@@ -25,17 +25,19 @@ _N = flags.DEFINE_integer("n", 4096, "Weight rows per expert (GEMM1: 2I = 4096).
 _K = flags.DEFINE_integer("k", 7168, "Weight columns (GEMM1: H = 7168).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
 _OUT = flags.DEFINE_string("out", "", "JSONL output (optional).")
-_SET = flags.DEFINE_enum("set", "tiles", ["tiles", "segments"],
+_SET = flags.DEFINE_enum("set", "tiles", ["tiles", "segments", "split"],
                          "tiles: the (block_n x block_k) grid of PERF 14; segments: narrow N-tiles whose K step "
                          "is several 128-wide sub-tiles loaded together (as GEMM1's k_unroll), for long row "
-                         "segments.")
+                         "segments; split: K split over several programs per N-tile, for few experts (T=1-7 "
+                         "touches 2: 32 N-tiles of 256 rows for 132 SMs).")
 
 
-def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, sub_k=None, interpret=False):
+def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, sub_k=None, splits=1, interpret=False):
   """Reads all of w [E, N, K] in (block_n x block_k) tiles; returns a small per-program result.
 
   With sub_k (mode "dot" only), each K step loads block_k // sub_k tiles of (block_n x sub_k) and runs one
-  dot per sub-tile, as the block-scaled GEMM does for each 128-wide scale group.
+  dot per sub-tile, as the block-scaled GEMM does for each 128-wide scale group. With splits, each N-tile's
+  K steps are split over that many programs (contiguous ranges), as split-K or stream-K GEMMs do.
   """
   import jax
   import jax.numpy as jnp
@@ -46,11 +48,13 @@ def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, sub_k=None, i
 
   num_experts, n, k = w.shape
   n_tiles, k_steps = n // block_n, k // block_k
+  steps_per_split = pl.cdiv(k_steps, splits)
   rows = a.shape[0]
 
   def kernel(w_ref, a_ref, out_ref):
     pid = pl.program_id(0)
-    expert, j = pid // n_tiles, pid % n_tiles
+    tile, split = pid // splits, pid % splits
+    expert, j = tile // n_tiles, tile % n_tiles
     cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
 
     def step(s, carry):
@@ -68,15 +72,16 @@ def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, sub_k=None, i
 
     init = (jnp.zeros((block_n, block_k), jnp.uint8) if mode == "max"
             else jnp.zeros((rows, block_n), jnp.float32))
-    result = jax.lax.fori_loop(0, k_steps, step, init)
+    result = jax.lax.fori_loop(split * steps_per_split, jnp.minimum((split + 1) * steps_per_split, k_steps), step,
+                               init)
     if mode == "max":
       out_ref[pid] = jnp.max(result.astype(jnp.float32), axis=1)
     else:
       out_ref[pid] = jnp.sum(result, axis=0)
 
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((num_experts * n_tiles, block_n), jnp.float32),
-      grid=(num_experts * n_tiles,), interpret=interpret, name=f"stream_{mode}",
+      kernel, out_shape=jax.ShapeDtypeStruct((num_experts * n_tiles * splits, block_n), jnp.float32),
+      grid=(num_experts * n_tiles * splits,), interpret=interpret, name=f"stream_{mode}",
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))(w, a)
 
 
@@ -88,6 +93,20 @@ def segment_variants():
     for num_warps, num_stages in ((4, 2), (4, 3), (8, 3)):
       out.append(dict(mode="dot", block_n=block_n, block_k=block_k, sub_k=128, num_warps=num_warps,
                       num_stages=num_stages))
+  return out
+
+
+def split_variants():
+  """Few experts' weights (T=1-7: 2 experts, 58.7 MB) over 128-1024 programs: K split in contiguous ranges."""
+  out = []
+  for block_n, block_k, sub_k in ((256, 128, None), (128, 128, None), (128, 256, 128), (64, 512, 128),
+                                  (64, 128, None)):
+    for splits in (2, 4, 8, 16):
+      if (4096 // block_n) * 2 * splits > 2048:
+        continue
+      for num_warps, num_stages in ((4, 3), (8, 4), (4, 4)):
+        out.append(dict(mode="dot", block_n=block_n, block_k=block_k, sub_k=sub_k, splits=splits,
+                        num_warps=num_warps, num_stages=num_stages))
   return out
 
 
@@ -117,7 +136,7 @@ def main(argv):
   timer = GpuTimer()
   device = jax.devices()[0].device_kind
   out = open(_OUT.value, "w") if _OUT.value else None
-  for v in (variants() if _SET.value == "tiles" else segment_variants()):
+  for v in {"tiles": variants, "segments": segment_variants, "split": split_variants}[_SET.value]():
     try:
       fn = jax.jit(functools.partial(stream, **v))
       jax.block_until_ready(fn(w, a))

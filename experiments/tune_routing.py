@@ -19,8 +19,9 @@ from absl import app, flags
 _WORKLOADS = flags.DEFINE_string("workloads", "1,16,80,901", "Workloads (benchmark.py --workloads syntax).")
 _VARIANTS = flags.DEFINE_list("variants", ["2/4/256", "2/4/256/in_place", "4/4/256", "4/4/256/in_place",
                                            "16/4/1024", "1/1/256", "8/2/256"],
-                              "tokens_per_block/num_warps/tiles_per_step[/in_place] variants "
-                              "(in_place: `layout_in_place=True`, layout folded into place).")
+                              "tokens_per_block/num_warps/tiles_per_step[/in_place][/rN] variants "
+                              "(in_place: `layout_in_place=True`, layout folded into place; rN: the route "
+                              "kernel on N warps, the others on num_warps).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
 _OUT = flags.DEFINE_string("out", "tune_routing.jsonl", "JSONL output.")
 
@@ -48,13 +49,15 @@ def main(argv):
 
   def fused(variant):
     tokens_per_block, num_warps, tiles_per_step, *options = variant.split("/")
-    if set(options) - {"in_place"}:
+    route_warps = [int(o[1:]) for o in options if o[:1] == "r" and o[1:].isdigit()]
+    if set(options) - {"in_place"} - {f"r{w}" for w in route_warps} or len(route_warps) > 1:
       raise ValueError(f"unknown options in variant {variant!r}: {options}")
 
     def run(logits, bias, offset):
       return fused_routing.route_and_schedule(logits, bias, jnp.float32(2.5), offset, config=config,
                                               num_local_experts=num_local, block_m=block_m,
                                               tokens_per_block=int(tokens_per_block), num_warps=int(num_warps),
+                                              route_warps=route_warps[0] if route_warps else int(num_warps),
                                               tiles_per_step=int(tiles_per_step),
                                               layout_in_place="in_place" in options)[0]
     return run

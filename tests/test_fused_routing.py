@@ -5,6 +5,8 @@ kernel's sigmoid and its sum of the top_k picks may round differently from XLA's
 the expert ids and every integer map must still be equal, the weights to 1e-6 relative.
 """
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,8 +76,29 @@ def test_layer_with_and_without_fused_routing_agrees(interpret):
                                atol=1e-6 * float(np.abs(np.asarray(runs[1], np.float32)).max()))
 
 
-@pytest.mark.parametrize("tokens_per_block,tiles_per_step", [(1, 256), (16, 1024)])
-def test_fused_schedule_tuning_variants_agree(tokens_per_block, tiles_per_step, interpret):
+@pytest.mark.parametrize("num_tokens,layout_in_place", [(1, True), (2, True), (40, True), (40, False)],
+                         ids=["route_layout_place", "route_layout_place_2", "layout_place", "three_kernels"])
+@pytest.mark.parametrize("num_zeros", [1, 700])
+def test_schedule_carries_zeroed_arrival_counters(num_tokens, layout_in_place, num_zeros, interpret):
+  """`num_zeros`: int32 zeros written by the routing kernels (by XLA where layout is its own kernel), for the
+  stream-K GEMM1's in-kernel fix-up; the schedule is unchanged. (Interpret mode fills outputs a kernel leaves
+  unwritten with iinfo(int32).min, so a missed store fails here.)"""
+  config = mp.SMALL
+  logits, bias, _, _ = testing.random_activations(config, num_tokens, seed=3, local_expert_offset=8)
+  route = functools.partial(fused_routing.route_and_schedule, logits, bias, 2.5, 8, config=config,
+                            num_local_experts=config.num_local_experts, block_m=16, layout_in_place=layout_in_place,
+                            interpret=interpret)
+  want, _, _, _ = route()
+  got, _, _, _ = route(num_zeros=num_zeros)
+  assert want.arrival_counters is None
+  counters = np.asarray(got.arrival_counters)
+  assert counters.dtype == np.int32 and counters.shape == (num_zeros,) and (counters == 0).all()
+  _assert_same_schedule(got._replace(arrival_counters=None), want, interpret)
+
+
+@pytest.mark.parametrize("tokens_per_block,tiles_per_step,route_warps", [(1, 256, None), (16, 1024, None),
+                                                                        (2, 256, 1)])
+def test_fused_schedule_tuning_variants_agree(tokens_per_block, tiles_per_step, route_warps, interpret):
   config = mp.DEEPSEEK_V3
   logits, bias, _, _ = testing.random_activations(config, 23, seed=5, local_expert_offset=96)
   ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
@@ -84,6 +107,7 @@ def test_fused_schedule_tuning_variants_agree(tokens_per_block, tiles_per_step, 
   got, _, _, _ = fused_routing.route_and_schedule(logits, bias, 2.5, 96, config=config,
                                                num_local_experts=config.num_local_experts, block_m=16,
                                                tokens_per_block=tokens_per_block, tiles_per_step=tiles_per_step,
+                                               route_warps=route_warps, layout_in_place=route_warps is None,
                                                interpret=interpret)
   _assert_same_schedule(got, want, interpret)
 

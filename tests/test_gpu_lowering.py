@@ -73,8 +73,8 @@ def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
   if tiles.mosaic:  # the H200 at T=901
     assert kernels == ROUTING_KERNELS + MOSAIC_EXPERTS
     return
-  if tiles.gemm1.stream_k:  # the H200 at T=1
-    gemm1 = ["moe_gemm1_stream_k_fp8", "moe_gemm1_stream_k_fixup"]
+  if tiles.gemm1.stream_k:  # the H200 at T=1 (its fix-up in the kernel: no second kernel)
+    gemm1 = ["moe_gemm1_stream_k_fp8"] + ([] if tiles.gemm1.fixup_in_kernel else ["moe_gemm1_stream_k_fixup"])
   else:
     gemm1 = ["moe_gemm1_swiglu_fp8"] * (1 + (tiles.gemm1_busy is not None))  # the used-tile count picks one
   assert kernels == _routing_kernels(num_tokens) + gemm1 + ["moe_gemm2_fp8", "moe_combine"]
@@ -117,9 +117,14 @@ def test_128_local_experts_lower_without_copies(num_tokens):
 
 
 def test_fused_routing_lowers_past_one_layout_tile():
-  """T=14107 asked for the fused routing: 3527 blocks, laid out in 14 chunks of 256, a program each."""
+  """T=14107 asked for the fused routing: 7054 blocks of 2 tokens, laid out in 28 chunks of 256, a program
+  each; `route` on one warp, the other routing kernels on four."""
   kernels = _lowered_kernels(14107, "NVIDIA H200", fused_routing_kernels=True)
   assert kernels == ROUTING_KERNELS_PAST_ONE_TILE + MOSAIC_EXPERTS
+  text = _lowered_text(14107, "NVIDIA H200", fused_routing_kernels=True)
+  warps = dict(re.findall(r'name = "(moe_[a-z_]+)", num_stages = \d+ : i32, num_warps = (\d+)', text))
+  assert warps["moe_route"] == "1" and warps["moe_layout"] == warps["moe_place"] == "4", warps
+  assert re.findall(r"grid_x = (\d+)", text)[:3] == ["7054", "28", "28"]
 
 
 def test_layout_past_one_tile_lowers_as_a_program_per_chunk():
@@ -130,7 +135,7 @@ def test_layout_past_one_tile_lowers_as_a_program_per_chunk():
   with triton_internals.abstract_gpu("NVIDIA H200"):
     text = jax.jit(schedule).trace(*_layer_shapes(14107)[:2]).lower(lowering_platforms=("cuda",)).as_text()
   assert re.findall(r'name = "(moe_[a-z_]+)"', text) == ["moe_route", "moe_layout_sums", "moe_layout", "moe_place"]
-  assert re.findall(r"grid_x = (\d+)", text)[1:3] == ["14", "14"]  # 3527 blocks: 14 chunks of 256
+  assert re.findall(r"grid_x = (\d+)", text)[1:3] == ["28", "28"]  # 7054 blocks of 2 tokens: 28 chunks of 256
 
 
 @pytest.mark.parametrize("num_tokens", [901, 14107])

@@ -99,5 +99,16 @@ def test_stream_k_gemm1_checks_its_operands(weights):
   args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s, sched.num_used_tiles)
   with pytest.raises(ValueError, match="gemm1_swiglu needs block_k = 128"):
     stream_k.gemm1_swiglu(*args, tiling=tiling.GemmTiling(block_m=16, block_k=64, stream_k=1), interpret=True)
+  in_kernel = tiling.GemmTiling(block_m=16, block_n=64, stream_k=1, fixup_in_kernel=True)
+  counters = stream_k.num_arrival_counters(in_kernel, sched.num_tiles, CONFIG.intermediate)
+  assert counters == sched.num_tiles * CONFIG.intermediate // 64
+  assert stream_k.num_arrival_counters(tiling.GemmTiling(block_m=16, stream_k=1), sched.num_tiles, 256) == 0
+  with pytest.raises(ValueError, match=f"arrival_counters must be int32\\[{counters}\\] \\(M-tiles x N-tiles\\), got "
+                                       f"int32\\[{counters - 1}\\]"):
+    stream_k.gemm1_swiglu(*args, tiling=in_kernel, arrival_counters=jnp.zeros((counters - 1,), jnp.int32),
+                          interpret=True)
+  with pytest.raises(ValueError, match="arrival_counters must be int32.*got float32"):
+    stream_k.gemm1_swiglu(*args, tiling=in_kernel, arrival_counters=jnp.zeros((counters,), jnp.float32),
+                          interpret=True)
   with pytest.raises(ValueError, match="row_token has .* rows, expected num_tiles \\* block_m"):
     stream_k.gemm1_swiglu(*args, tiling=tiling.GemmTiling(block_m=32, stream_k=1), interpret=True)

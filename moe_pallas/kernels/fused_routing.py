@@ -66,6 +66,14 @@ _BLOCKS_PER_CHUNK = 256
 
 _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
+# From this T, `route` runs 2 tokens a program on one warp (its row reductions then stay within the warp:
+# shuffles, no shared-memory round trips), the other kernels 2 tokens a block on num_warps. Measured on the
+# H200 (2026-11-30, results/h200_2026-11-30_s9/tune_routing26.jsonl, the kernels at 4 warps, 4 tokens:
+# route 40.4 us at T=11948, 46.6 at T=14107; 1 warp, 2 tokens: 32.7 and 38.2, with layout + place then
+# 4.1 + 7.7 and 4.3 + 8.8 us at 4 warps against 4.7 + 6.3 and 4.7 + 7.2; the kernels' sum
+# 53.3 -> ~46.4 and 60.5 -> ~53.3). Below, where layout folds into place (T <= 1024), not measured.
+_ONE_WARP_ROUTE_FROM = 2048
+
 
 def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
@@ -279,13 +287,18 @@ def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, tile_expert
 
 
 def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, tile_expert_ref, used_tiles_ref,
-                             row_token_ref, row_weight_ref, pair_row_ref, *, num_blocks, num_pairs, top_k,
+                             row_token_ref, row_weight_ref, pair_row_ref, *zeros_ref, num_blocks, num_pairs, top_k,
                              num_local, lanes, block_m, num_tiles, tokens_per_block, tiles_per_program,
-                             blocks_per_chunk):
+                             blocks_per_chunk, zeros_per_program):
   """`layout` and `place` in one kernel, for calls whose blocks' counts fit one tile (num_blocks <=
   blocks_per_chunk): every program sums all blocks' counts itself (at most a [256, lanes] tile) instead of
-  reading a layout kernel's results, so the call has one kernel and one launch gap fewer."""
+  reading a layout kernel's results, so the call has one kernel and one launch gap fewer. With `zeros_ref`,
+  each program also zeroes its share of it (`route_and_schedule`'s num_zeros)."""
   block = pl.program_id(0)
+  if zeros_ref:
+    (zeros_ref,) = zeros_ref
+    slots = block * zeros_per_program + jnp.arange(zeros_per_program, dtype=jnp.int32)
+    pltriton.store(zeros_ref.at[slots], jnp.zeros_like(slots), mask=slots < zeros_ref.shape[0])
   blocks, _, counts = _chunk_counts(counts_ref, 0, num_blocks=num_blocks, lanes=lanes,
                                     blocks_per_chunk=blocks_per_chunk)
   totals = jnp.sum(counts, axis=0)
@@ -309,7 +322,7 @@ def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, tile_
 
 def _route_layout_place_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref,
                                poison_ref, tile_expert_ref, used_tiles_ref, row_token_ref, row_weight_ref,
-                               pair_row_ref, *, route, layout_place, interpret):
+                               pair_row_ref, *zeros_ref, route, layout_place, interpret):
   """`route` and `layout_place` as one program, for calls of one block of tokens (T <= tokens_per_block):
   the picks, weights and counts that route stores are read back by layout_place, by other threads of the
   program, after a barrier (bar.sync: the program's global stores before it are visible to all its threads
@@ -318,18 +331,21 @@ def _route_layout_place_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids
   if not interpret:
     pltriton.debug_barrier()
   layout_place(counts_ref, ids_ref, weights_ref, offset_ref, tile_expert_ref, used_tiles_ref, row_token_ref,
-               row_weight_ref, pair_row_ref)
+               row_weight_ref, pair_row_ref, *zeros_ref)
 
 
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
                        config: MoEConfig, num_local_experts: int, block_m: int, interpret=False,
-                       tokens_per_block: int | None = None, num_warps: int = 4, tiles_per_step: int = 256,
-                       layout_in_place: bool = True):
+                       tokens_per_block: int | None = None, num_warps: int = 4, route_warps: int | None = None,
+                       tiles_per_step: int = 256, layout_in_place: bool = True, num_zeros: int = 0):
   """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as two kernels (one for one block of tokens, four
   past T=512-1024).
 
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
-  two; None: 2 up to T=128, else 4), num_warps (all three), tiles_per_step (layout's tile loop, a power
+  two; None: 2 up to T=128 and from T=2048, else 4), num_warps (all kernels), route_warps (the `route`
+  kernel's own, where it is a kernel of its own; None: num_warps, or 1 from T=2048 at 2 tokens a block),
+  tiles_per_step
+  (layout's tile loop, a power
   of two), layout_in_place (`layout` folded into `place` where the blocks' counts fit one tile, T <= 512
   or 1024 by tokens_per_block: every place program sums them itself; one kernel fewer, 1.3-2.8 us less
   GPU time a call on the H200; with one block of tokens, route and layout_place as one program; False: the
@@ -337,6 +353,9 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   per chunk of 256 blocks, the chunks' sums then each chunk's starts (measured on the H200,
   experiments/results/h200_2026-11-30_s7/tune_routing15.jsonl: the routing kernels at T=11948 94.1 -> 53.4
   us, at T=14107 110.0 -> 60.4, against one program looping over the chunks twice).
+  num_zeros: the schedule's `arrival_counters`, that many int32 zeros for the GEMM1 that counts arrivals
+  (`GemmTiling.fixup_in_kernel`); written by `layout_place` where it runs (so that no memset kernel runs
+  a call: PERF 33), else by XLA.
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32, poison [T] float32: equal
@@ -354,7 +373,9 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   if tokens_per_block is None:
     # Measured on H200 (tune_routing.py, 2026-11-30, experiments/results/h200_2026-11-30/): 2 tokens per
     # program take the three kernels from 9.2-9.7 to 7.9-8.6 us at T=1..80; at T=901, 4 do (13.2 vs 15.2).
-    tokens_per_block = 2 if num_tokens <= 128 else 4
+    tokens_per_block = 2 if num_tokens <= 128 or num_tokens >= _ONE_WARP_ROUTE_FROM else 4
+  if route_warps is None:
+    route_warps = 1 if num_tokens >= _ONE_WARP_ROUTE_FROM and tokens_per_block <= 2 else num_warps
   top_k = config.top_k
   num_pairs = num_tokens * top_k
   num_blocks = pl.cdiv(num_tokens, tokens_per_block)
@@ -379,29 +400,32 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   layout_place = functools.partial(_layout_and_place_kernel, num_blocks=num_blocks, num_pairs=num_pairs,
                                    top_k=top_k, num_local=num_local_experts, lanes=lanes, block_m=block_m,
                                    num_tiles=num_tiles, tokens_per_block=tokens_per_block,
-                                   tiles_per_program=tiles_per_program, blocks_per_chunk=blocks_per_chunk)
+                                   tiles_per_program=tiles_per_program, blocks_per_chunk=blocks_per_chunk,
+                                   zeros_per_program=_next_pow2(pl.cdiv(max(num_zeros, 1), num_blocks)))
+  zeros_output = (jax.ShapeDtypeStruct((num_zeros,), jnp.int32),) if num_zeros else ()
   layout_place_outputs = (jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
-                          *pick_outputs)
+                          *pick_outputs, *zeros_output)
   if layout_in_place and num_blocks == 1:  # T <= tokens_per_block: one kernel
-    ids, weights, _, poison, tile_expert, used_tiles, row_token, row_weight, pair_row = pl.pallas_call(
+    ids, weights, _, poison, tile_expert, used_tiles, row_token, row_weight, pair_row, *zeros = pl.pallas_call(
         functools.partial(_route_layout_place_kernel, route=route, layout_place=layout_place, interpret=interpret),
         grid=(1,), interpret=interpret, name="moe_route_layout_place", compiler_params=params,
         out_shape=(*route_outputs, *layout_place_outputs),
     )(*route_inputs)
     return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens,
-                   top_k)
+                   top_k, zeros)
 
   ids, weights, counts, poison = pl.pallas_call(
-      route, grid=(num_blocks,), interpret=interpret, name="moe_route", compiler_params=params,
+      route, grid=(num_blocks,), interpret=interpret, name="moe_route",
+      compiler_params=pltriton.CompilerParams(num_warps=route_warps, num_stages=1),
       out_shape=route_outputs,
   )(*route_inputs)
   if layout_in_place and num_blocks <= blocks_per_chunk:
-    tile_expert, used_tiles, row_token, row_weight, pair_row = pl.pallas_call(
+    tile_expert, used_tiles, row_token, row_weight, pair_row, *zeros = pl.pallas_call(
         layout_place, grid=(num_blocks,), interpret=interpret, name="moe_layout_place", compiler_params=params,
         out_shape=layout_place_outputs,
     )(counts, ids, weights, offset)
     return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens,
-                   top_k)
+                   top_k, zeros)
 
   layout_outputs = (jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct(counts_shape, jnp.int32),
                     jax.ShapeDtypeStruct((2, lanes), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
@@ -434,11 +458,13 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
                         tiles_per_program=tiles_per_program),
       grid=(num_blocks,), interpret=interpret, name="moe_place", compiler_params=params, out_shape=pick_outputs,
   )(ids, weights, offset, block_start, tile_expert, expert_rows)
-  return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens, top_k)
+  zeros = [jnp.zeros((num_zeros,), jnp.int32)] if num_zeros else []
+  return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens, top_k,
+                 zeros)
 
 
-def _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens, top_k):
+def _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens, top_k, zeros):
   schedule = TileSchedule(tile_expert=tile_expert, row_token=row_token, row_weight=row_weight,
                           pair_padded_row=pair_row.reshape(num_tokens, top_k),
-                          num_used_tiles=used_tiles.reshape(()))
+                          num_used_tiles=used_tiles.reshape(()), arrival_counters=zeros[0] if zeros else None)
   return schedule, ids.reshape(num_tokens, top_k), weights.reshape(num_tokens, top_k), poison

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from moe_pallas.config import MoEConfig
 from moe_pallas.kernels import (combine, fused_routing, grouped_gemm, mosaic_gemm, stream_k,
                                 triton_internals)
-from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule
+from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule, max_tiles
 from moe_pallas.kernels.tiling import MoETiling, default_tiling
 from moe_pallas.routing import RoutingPlan, grouped_topk, nan_poison, sort_local_pairs
 
@@ -114,7 +114,8 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
         **select)
   elif tiling.gemm1.stream_k:
     swiglu, swiglu_scale = stream_k.gemm1_swiglu(*gemm1_args, schedule.num_used_tiles, tiling=tiling.gemm1,
-                                                 out_dtype=intermediate_dtype, interpret=interpret)
+                                                 out_dtype=intermediate_dtype, interpret=interpret,
+                                                 arrival_counters=schedule.arrival_counters)
   else:
     swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(*gemm1_args, tiling=tiling.gemm1, out_dtype=intermediate_dtype,
                                                      interpret=interpret)
@@ -179,9 +180,11 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
     fused_routing_kernels = (num_tokens * config.top_k <= fused_routing.MAX_FUSED_PAIRS
                              and fused_routing.supports(config))
   if fused_routing_kernels:
+    num_tiles = max_tiles(num_tokens * config.top_k, num_local, tiling.block_m)
     schedule, _, _, poison = fused_routing.route_and_schedule(
         routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, config=config,
-        num_local_experts=num_local, block_m=tiling.block_m, interpret=interpret)
+        num_local_experts=num_local, block_m=tiling.block_m, interpret=interpret,
+        num_zeros=stream_k.num_arrival_counters(tiling.gemm1, num_tiles, gemm2_weights.shape[2]))
   else:
     topk_ids, topk_weights = grouped_topk(routing_logits, routing_bias, config=config,
                                           routed_scaling_factor=routed_scaling_factor)

@@ -30,6 +30,9 @@ class TileSchedule(NamedTuple):
   row_weight: jax.Array      # [num_tiles * block_m] float32: routing weight of each padded row (0 for padding)
   pair_padded_row: jax.Array  # [T, top_k] int32: padded row holding pick (t, j); num_rows if not local
   num_used_tiles: jax.Array  # [] int32: tiles that belong to an expert
+  # int32 zeros for a GEMM that counts arrivals in its kernel (`GemmTiling.fixup_in_kernel`), written by the
+  # routing kernels where they run (no memset kernel a call); None: the GEMM zeroes its own.
+  arrival_counters: jax.Array | None = None
 
   @property
   def num_tiles(self) -> int:

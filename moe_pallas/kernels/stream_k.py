@@ -155,12 +155,19 @@ def _fixup_kernel(used_tiles_ref, slots_ref, *refs, num_programs, num_n_tiles, n
                               j=item % num_n_tiles, tiling=tiling, quantize_output=quantize_output)
 
 
+def num_arrival_counters(tiling: GemmTiling, num_m_tiles: int, intermediate: int) -> int:
+  """How many zeroed int32 counters `gemm1_swiglu` counts arrivals on (0 without `fixup_in_kernel`)."""
+  return num_m_tiles * (intermediate // tiling.block_n) if tiling.stream_k and tiling.fixup_in_kernel else 0
+
+
 def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used_tiles, *, tiling: GemmTiling,
-                 out_dtype=FP8_DTYPE, interpret=False):
+                 out_dtype=FP8_DTYPE, interpret=False, arrival_counters=None):
   """`grouped_gemm.gemm1_swiglu` (same arguments and outputs) as `tiling.stream_k` programs per SM.
 
   used_tiles: [] or [1] int32, the count of leading M-tiles in use (`TileSchedule.num_used_tiles`): the
   work that the programs share. Rows of tiles past it are left unwritten.
+  arrival_counters: with `tiling.fixup_in_kernel`, [num_arrival_counters(...)] int32 zeros (consumed: the
+  kernel writes them); None: zeros made here (an XLA memset kernel).
   """
   if tiling.stream_k < 1 or tiling.split_k != 1:
     raise ValueError(f"stream_k.gemm1_swiglu needs tiling.stream_k >= 1 and split_k = 1, got "
@@ -176,7 +183,15 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used_tiles,
                  tiling=tiling, quantize_output=quantize_output)
   slots_shape = jax.ShapeDtypeStruct((2 * num_programs * tiling.block_m, 2 * tiling.block_n), jnp.float32)
   # fixup_in_kernel: one arrival counter per possible item, zero at the start of every call.
-  arrivals = (jnp.zeros((num_m_tiles * num_n_tiles,), jnp.int32),) if tiling.fixup_in_kernel else ()
+  arrivals = ()
+  if tiling.fixup_in_kernel:
+    num_counters = num_arrival_counters(tiling, num_m_tiles, intermediate)
+    if arrival_counters is None:
+      arrival_counters = jnp.zeros((num_counters,), jnp.int32)
+    if arrival_counters.shape != (num_counters,) or arrival_counters.dtype != jnp.int32:
+      raise ValueError(f"arrival_counters must be int32[{num_counters}] (M-tiles x N-tiles), got "
+                       f"{arrival_counters.dtype}{list(arrival_counters.shape)}")
+    arrivals = (arrival_counters,)
   *outs, slots = pl.pallas_call(
       functools.partial(_stream_k_kernel, intermediate=intermediate, interpret=interpret, **statics),
       out_shape=(*out_shape, slots_shape, *[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrivals]),

@@ -102,7 +102,8 @@ class MoETiling:
   `bf16_rows`: GEMM2's weighted rows stored as bfloat16 (each rounded once from its float32 sum) instead of
   float32, for the combine to read half the bytes; the combine still sums them in float32. The rows are
   rounded before the sum instead of only the sum after it: ~1e-3 relative, against SPEC.md's 3.5e-2 bound of
-  the FP8 intermediate. The H200 table sets it above 2 rows per expert.
+  the FP8 intermediate (with GEMM2's split-K, each K range's partial row is rounded). The H200 table sets
+  it at every T.
 
   `gemm_kernels`: which kernels run the two GEMMs (`GEMM_KERNELS`):
   - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
@@ -215,8 +216,13 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # h200_2026-11-30_s7/tune17.jsonl): T=1 30.3 -> 28.6 us, T=7 30.6 -> 29.3 (2 programs per SM: 31.4;
     # 5 stages: 30.0). From 8 experts up, stream-K lost to the programs per tile as often as it won
     # (T=16 80.8 -> 74.9, T=62 151.3 -> 141.3; T=14 113.7 -> 119.4, T=57 153.3 -> 165.3).
-    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, stream_k=1),
-                     gemm2=dataclasses.replace(gemm2, split_k=2), combine=combine)
+    # Its fix-up by the last-arriving program instead of a kernel, and GEMM2's (split-K) rows as bfloat16
+    # (2026-11-30, h200_2026-11-30_s9/tune23.jsonl, kernel sums with the counters' memset): T=1 50.4 ->
+    # 48.5 us, T=7 53.1 -> 51.6; rel-L2 2.22e-2 -> 2.23e-2 and 2.25e-2. The routing kernels write the
+    # zeroed counters (PERF 33: no memset kernel).
+    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, stream_k=1,
+                                      fixup_in_kernel=True),
+                     gemm2=dataclasses.replace(gemm2, split_k=2), combine=combine, bf16_rows=True)
   if rows_per_expert <= 32:
     # GEMM1's best launch depends on the experts touched: with 8 warps up to 14 experts (T=14: 116.5 ->
     # 114.7 us against 4 stages, T=32: 107.3 -> 95.7 and T=80: 112.0 -> 101.5 against 4 warps), with 4
@@ -231,8 +237,8 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
   # GEMM2's rows as bfloat16 into the combine (2026-11-30, h200_2026-11-30_s8/tune20.jsonl, GEMM2 +
   # combine): T=14107 599.4 -> 528.4 us, T=11948 455.5 -> 408.7, T=901 133.5 -> 125.7, all_local T=14107
   # 4454 -> 3714, all_local T=901 338.0 -> 281.6; T=55 83.2 -> 78.5, T=16 35.5 -> 35.6. rel-L2 against
-  # the float32 reference unchanged (2.3e-2). Not at <= 2 rows per expert (above), where GEMM2's split-K
-  # rows would each be rounded: not measured there.
+  # the float32 reference unchanged (2.3e-2). (At <= 2 rows per expert, above, with GEMM2's split-K partial
+  # rows each rounded: measured in session 9.)
   tiles = dataclasses.replace(_h100_tiling(rows_per_expert), combine=combine, bf16_rows=True)
   if rows_per_expert > 512:
     # M-tile groups of 32 (2026-11-30, h200_2026-11-30/tune3_tiles.jsonl): the sum of GEMM1 + GEMM2 +
