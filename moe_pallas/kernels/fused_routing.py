@@ -344,15 +344,14 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
   two; None: 2 up to T=128 and from T=2048, else 4), num_warps (all kernels), route_warps (the `route`
   kernel's own, where it is a kernel of its own; None: num_warps, or 1 from T=2048 at 2 tokens a block),
-  tiles_per_step
-  (layout's tile loop, a power
-  of two), layout_in_place (`layout` folded into `place` where the blocks' counts fit one tile, T <= 512
-  or 1024 by tokens_per_block: every place program sums them itself; one kernel fewer, 1.3-2.8 us less
-  GPU time a call on the H200; with one block of tokens, route and layout_place as one program; False: the
-  three kernels up to one tile of blocks). Past one tile of blocks, `layout` is two kernels with a program
-  per chunk of 256 blocks, the chunks' sums then each chunk's starts (measured on the H200,
-  experiments/results/h200_2026-11-30_s7/tune_routing15.jsonl: the routing kernels at T=11948 94.1 -> 53.4
-  us, at T=14107 110.0 -> 60.4, against one program looping over the chunks twice).
+  tiles_per_step (layout's tile loop, a power of two), layout_in_place (`layout` folded into `place` where
+  the blocks' counts fit one tile, T <= 512 or 1024 by tokens_per_block: every place program sums them
+  itself; one kernel fewer, 1.3-2.8 us less GPU time a call on the H200; with one block of tokens, route
+  and layout_place as one program; False: the three kernels up to one tile of blocks). Past one tile of
+  blocks, `layout` is two kernels with a program per chunk of 256 blocks, the chunks' sums then each
+  chunk's starts (measured on the H200, experiments/results/h200_2026-11-30_s7/tune_routing15.jsonl: the
+  routing kernels at T=11948 94.1 -> 53.4 us, at T=14107 110.0 -> 60.4, against one program looping over
+  the chunks twice).
   num_zeros: the schedule's `arrival_counters`, that many int32 zeros for the GEMM1 that counts arrivals
   (`GemmTiling.fixup_in_kernel`); written by `layout_place` where it runs (so that no memset kernel runs
   a call: PERF 33), else by XLA.
