@@ -152,6 +152,19 @@ def test_large_calls_on_the_h200_run_the_mosaic_gemms(num_tokens):
       "moe_gemm1_swiglu_fp8", "moe_gemm2_fp8", "moe_combine"]
 
 
+@pytest.mark.parametrize("num_tokens", [901, 14107])
+def test_chained_mosaic_items_lower(num_tokens):
+  """`MoETiling.chain_items`: both Mosaic GEMMs with each CTA's items as one chained pipeline lower for cuda
+  (another module than the unchained one: the chain's START / STEADY / STOP branches)."""
+  base = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
+  chained = dataclasses.replace(base, chain_items=True)
+  routing_kernels = ROUTING_KERNELS if num_tokens <= 1024 else ROUTING_KERNELS_PAST_ONE_TILE
+  assert _lowered_kernels(num_tokens, "NVIDIA H200", tiles=chained) == routing_kernels + MOSAIC_EXPERTS
+  text = _lowered_text(num_tokens, "NVIDIA H200", tiles=chained)
+  assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
+  assert text != _lowered_text(num_tokens, "NVIDIA H200", tiles=base)
+
+
 def test_unfused_mosaic_gemms_lower():
   """gemm_kernels="mosaic": GEMM1's float32 output, then SwiGLU + quant as a kernel of its own (lowered for cuda)."""
   tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,

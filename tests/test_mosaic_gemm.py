@@ -160,6 +160,54 @@ def test_fused_swiglu_epilogue_equals_the_separate_kernels(rng, split_epilogue, 
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 
 
+@pytest.mark.parametrize("n,k,used", [
+    (512, 512, 4),   # 8 items for 3 CTAs (interpret mode): chains of 3, 3 and 2 items, 4 K steps each
+    (256, 256, 2),   # 2 items: two CTAs of one item each (a pipeline alone), one CTA of none
+    (256, 384, 5),   # 3 K steps, 3 concurrent: chains of 2, 2 and 1 items
+    (256, 640, 3),   # 5 K steps, 4 concurrent: not chainable (chains_items False), items run unchained
+])
+def test_chained_items_give_the_same_bits(rng, n, k, used, interpret):
+  """`chain_items`: each CTA's items as one chained pipeline (START, STEADY..., STOP) give the unchained
+  kernels' bits, for both kernels; the tiles past `used_tiles` are left unwritten as before."""
+  num_local = 3
+  tile_expert = jnp.asarray([0, 2, 1, 1, 0, 2, 3][:max(used + 1, 2)], jnp.int32)
+  rows = tile_expert.shape[0] * mosaic_gemm.BLOCK_M
+  a, w = _fp8(rng, (rows, k)), _fp8(rng, (num_local, n, k))
+  a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, rows)), jnp.float32)
+  w_scale = jnp.asarray(rng.standard_normal((num_local, n // 128, k // 128)), jnp.float32)
+  args = (tile_expert, a, a_scale, w, w_scale)
+  computed = used * mosaic_gemm.BLOCK_M
+  assert mosaic_gemm.chains_items(k // 128) == (k != 640)
+  # The same wgmmas and promotions in the same order, only the loads issued earlier: the same bits, interpreted
+  # or compiled.
+  used_tiles = jnp.int32(used)
+  as_f32 = lambda x: np.asarray(x.astype(jnp.float32))
+  gemm = lambda chain: as_f32(mosaic_gemm.grouped_fp8_gemm(*args, used_tiles=used_tiles, chain_items=chain,
+                                                           interpret=interpret))[:computed]
+  want = gemm(False)
+  assert np.abs(want).max() > 0
+  np.testing.assert_array_equal(gemm(True), want)
+  swiglu = lambda chain: mosaic_gemm.grouped_fp8_gemm_swiglu(*args, used_tiles=used_tiles, split_epilogue=True,
+                                                             chain_items=chain, interpret=interpret)
+  (values, scales), (chained_values, chained_scales) = swiglu(False), swiglu(True)
+  np.testing.assert_array_equal(as_f32(chained_values)[:computed], as_f32(values)[:computed])
+  np.testing.assert_array_equal(np.asarray(chained_scales)[:, :computed], np.asarray(scales)[:, :computed])
+  with pytest.raises(ValueError, match="chain_items needs used_tiles"):
+    mosaic_gemm.grouped_fp8_gemm(*args, chain_items=True, interpret=interpret)
+
+
+def test_layer_with_chained_items_gives_the_same_bits(seed, interpret):
+  """The layer with `MoETiling.chain_items` (both Mosaic GEMMs chained): the same output, bit for bit."""
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 50, seed=seed, scenario="skewed", local_expert_offset=8)
+  tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels="mosaic_fused_swiglu_split")
+  run = lambda tiles: np.asarray(grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, interpret=interpret,
+                                                              tiling=tiles), np.float32)
+  base = run(tiles)
+  assert np.abs(base).max() > 0
+  np.testing.assert_array_equal(run(dataclasses.replace(tiles, chain_items=True)), base)
+
+
 def test_gather_rows_copies_the_rows_of_used_tiles(rng, interpret):
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 40, seed=int(rng.integers(2**31)), local_expert_offset=8)
@@ -211,9 +259,10 @@ def test_weight_scale_layout_is_checked():
     grouped_gemm.gather_rows(jnp.zeros((1,), jnp.int32), jnp.zeros((64,), jnp.int32),
                              jnp.zeros((4, 128), jnp.float8_e4m3fn), jnp.ones((1, 4), jnp.float32), block_m=64,
                              num_local_experts=4, transposed_scales=[(w_scale, 1)], interpret=True)
-  for flag in ("scales_in_gather", "weights_in_gemm2"):
+  for flag in ("scales_in_gather", "weights_in_gemm2", "chain_items"):
     with pytest.raises(ValueError, match=f"{flag} needs the Mosaic GEMMs"):
       tiling.MoETiling(**{flag: True})
+  assert not dataclasses.replace(MOSAIC_TILES, chain_items=True).with_triton_gemms().chain_items
 
 
 @pytest.mark.parametrize("flags", [dict(scales_in_gather=True), dict(weights_in_gemm2=True),

@@ -117,11 +117,17 @@ def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma, row_factor_
   return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
 
 
-def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_cols, row_factor=False):
+def _concurrent_steps(k_steps: int) -> int:
+  return min(_MAX_CONCURRENT_STEPS, k_steps)
+
+
+def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_cols, row_factor=False,
+                   pipeline_state=None):
   """The warp-specialized K pipeline of one work item: per K step the activation tile, each weight tile
   (rows x 128), the activation scales, with `row_factor` the tile's row factors (the same block every step),
   and the weight-scale row go to SMEM by TMA, and `step(_, a, *weights, a_scale, [row_factor,]
-  weight_scale_row, carry)` runs on each compute warpgroup."""
+  weight_scale_row, carry)` runs on each compute warpgroup. `pipeline_state` (plgpu.PipelinePipeline, or an
+  int32 array of one) chains the items of a CTA into one pipeline (`_over_used_items`' chain_items)."""
   fp8 = _fp8_transforms()
   return plgpu.emit_pipeline_warp_specialized(
       step,
@@ -138,18 +144,34 @@ def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_
       ],
       wg_axis="wg",
       num_compute_wgs=2,
-      max_concurrent_steps=min(_MAX_CONCURRENT_STEPS, k_steps),
+      max_concurrent_steps=_concurrent_steps(k_steps),
       compute_context=compute_context,
+      pipeline_state=pipeline_state,
   )
 
 
+def chains_items(k_steps: int) -> bool:
+  """Whether `chain_items` can chain work items of k_steps K steps (Pallas chains pipelines whose step count
+  is a multiple of their concurrent steps); where not, the kernels run each item's pipeline on its own."""
+  return k_steps % _concurrent_steps(k_steps) == 0
+
+
 def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_steps, weight_rows,
-                     row_factor=False):
+                     row_factor=False, chain_items=False):
   """Decorator: runs `item(mi, ni, run_pipeline)` for every work item (M-tile mi < the device-side count of
   used tiles, column block ni < n_blocks), spread over the persistent grid's CTAs ("sm"), in groups of
   _GROUP_M M-tiles per column sweep. `run_pipeline(step, compute_context, runs, *tile_operands)` runs the
   item's K pipeline (if `runs`) in SMEM allocated once for all items; `tile_operands` are one item's
-  operand views, which fix those allocations' shapes."""
+  operand views, which fix those allocations' shapes.
+
+  chain_items: a CTA's items as one chained pipeline (`plgpu.PipelinePipeline`: START, STEADY..., STOP; a
+  CTA of one item runs it alone): the TMA warpgroup loads the next item's first K steps as soon as this
+  item's last ones are consumed, while the compute warpgroups finish and run the epilogue, instead of
+  every item starting from an empty pipeline. Every item must then run (`runs` is not consulted: a skipped
+  item would break the chain's barrier sequence), so the caller passes operands of a valid expert for
+  every item (the used tiles all have one). Where `chains_items(k_steps)` is False, items run unchained.
+  """
+  chain_items = chain_items and chains_items(k_steps)
   weight_scale_cols = tile_operands[-1].shape[1]
   ignore = lambda *_, **__: None  # the allocations do not depend on the step or the context
   pipeline_of = functools.partial(_tile_pipeline, k_steps=k_steps, weight_rows=weight_rows,
@@ -161,10 +183,6 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
     def _(allocations):
       used = jnp.minimum(used_tiles_gmem[0], num_tiles)
 
-      def run_pipeline(step, compute_context, runs, *operands):
-        pipeline = pipeline_of(step, compute_context)
-        pl.when(runs)(lambda: pipeline(*operands, allocations=allocations))
-
       @plgpu.nd_loop((used * n_blocks,), collective_axes="sm")
       def _(loop_info):
         (index,) = loop_info.index
@@ -172,13 +190,27 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
         first_m = index // per_group * _GROUP_M
         group_size = jnp.minimum(used - first_m, _GROUP_M)
         within = index % per_group
+
+        def run_pipeline(step, compute_context, runs, *operands):
+          run = lambda state=None: pipeline_of(step, compute_context, pipeline_state=state)(
+              *operands, allocations=allocations)
+          if not chain_items:
+            pl.when(runs)(run)
+            return
+          first = loop_info.local_index == 0
+          last = loop_info.local_index == loop_info.num_local_steps - 1
+          states = plgpu.PipelinePipeline
+          state = jnp.where(first, int(states.START), jnp.where(last, int(states.STOP), int(states.STEADY)))
+          pl.when(first & last)(run)  # the CTA's only item: a pipeline of its own
+          pl.when(~(first & last))(lambda: run(state.astype(jnp.int32)))
+
         item(first_m + within % group_size, within // group_size, run_pipeline)
     return item
   return decorate
 
 
 def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, name: str = "moe_gemm_mosaic",
-                     interpret=False, w_scale_rows=None, row_factor=None, out_dtype=jnp.float32):
+                     interpret=False, w_scale_rows=None, row_factor=None, out_dtype=jnp.float32, chain_items=False):
   """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 (or bfloat16) out.
 
   Args:
@@ -196,6 +228,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
       the routing weights), the same bits as passing `a_scale * row_factor`, without an XLA kernel for it.
     out_dtype: float32, or bfloat16 (the float32 carry rounded once as it is stored: half the bytes for a
       consumer that reads the rows back, such as the combine).
+    chain_items: each CTA's work items as one chained TMA pipeline (`_over_used_items`; the same bits). Needs
+      used_tiles (every item visited is then a used tile, whose expert is valid).
 
   Returns:
     [num_tiles * BLOCK_M, N] out_dtype. Rows of tiles of no expert are left unwritten.
@@ -223,6 +257,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
   out_swizzle = plgpu.find_swizzle(_EPILOGUE_N * 8 * out_bytes)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_bytes)), plgpu.SwizzleTransform(out_swizzle))
   factored = row_factor is not None
+  _check_chain_items(chain_items, used_tiles)
 
   def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, *refs):
     row_factor_gmem, out_gmem, out_smem = refs if factored else (None, *refs)
@@ -233,9 +268,9 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
         *([row_factor_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)]] if factored else []), w_scale_gmem.at[expert])
 
     @_over_used_items(used_tiles_gmem, num_tiles, n // CTA_N, operands(0, 0, 0), k_steps=k_steps,
-                      weight_rows=[CTA_N], row_factor=factored)
+                      weight_rows=[CTA_N], row_factor=factored, chain_items=chain_items)
     def _(mi, ni, run_pipeline):
-      expert = tile_expert_gmem[mi]
+      expert = _item_expert(tile_expert_gmem, mi, num_local, chain_items)
 
       def compute_context(eval_pipeline):
         zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
@@ -262,6 +297,19 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
       scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), out_dtype, transforms=out_transforms)],
       interpret=interpret)(tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows,
                            *([row_factor.reshape(1, num_rows)] if factored else []))
+
+
+def _check_chain_items(chain_items, used_tiles):
+  if chain_items and used_tiles is None:
+    raise ValueError("chain_items needs used_tiles: chained items must all run, and only the used tiles "
+                     "(the leading used_tiles of the schedule) are sure to have an expert")
+
+
+def _item_expert(tile_expert_gmem, mi, num_local, chain_items):
+  """The item's expert; chained (every item runs), clamped to a valid one, so that a used-tile count past
+  the tiles of an expert (not what a schedule gives) reads a real expert's weights, not out of bounds."""
+  expert = tile_expert_gmem[mi]
+  return jnp.minimum(expert, num_local - 1) if chain_items else expert
 
 
 def _persistent_call(kernel, *, name, out_type, scratch_types, interpret):
@@ -365,7 +413,8 @@ def _epilogue_split_scratch():
 
 
 def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None, split_epilogue=False,
-                            name: str = "moe_gemm1_swiglu_mosaic", interpret=False, w_scale_rows=None):
+                            name: str = "moe_gemm1_swiglu_mosaic", interpret=False, w_scale_rows=None,
+                            chain_items=False):
   """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
 
   The CTA of M-tile i and column block j computes the up columns j*128.. (compute warpgroup 0) and the gate
@@ -375,7 +424,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   `grouped_gemm.swiglu_of_partials` does from float32 partials (no [rows, 2I] float32 round trip).
 
   Args:
-    tile_expert, a, a_scale, used_tiles, w_scale_rows: as `grouped_fp8_gemm`.
+    tile_expert, a, a_scale, used_tiles, w_scale_rows, chain_items: as `grouped_fp8_gemm`.
     w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
     split_epilogue: SwiGLU + quant split by columns over both warpgroups (`_epilogue_split`: the same
       bits, GEMM1 0-1.6 % faster on the H200: the table's choice) instead of on the up warpgroup alone.
@@ -397,6 +446,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   k_steps = k // SCALE_BLOCK
   i_blocks = intermediate // SCALE_BLOCK
   w_scale_rows = _scale_rows_operand(w13_scale, w_scale_rows)
+  _check_chain_items(chain_items, used_tiles)
 
   epilogue, epilogue_scratch = ((_epilogue_split, _epilogue_split_scratch()) if split_epilogue else
                                 (_epilogue_on_up, _epilogue_on_up_scratch()))
@@ -410,9 +460,9 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
         a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)], w_scale_gmem.at[expert])
 
     @_over_used_items(used_tiles_gmem, num_tiles, i_blocks, operands(0, 0, 0), k_steps=k_steps,
-                      weight_rows=[SCALE_BLOCK, SCALE_BLOCK])
+                      weight_rows=[SCALE_BLOCK, SCALE_BLOCK], chain_items=chain_items)
     def _(mi, ni, run_pipeline):
-      expert = tile_expert_gmem[mi]
+      expert = _item_expert(tile_expert_gmem, mi, num_local, chain_items)
 
       def compute_context(eval_pipeline):
         zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)

@@ -105,6 +105,10 @@ class MoETiling:
   the FP8 intermediate (with GEMM2's split-K, each K range's partial row is rounded). The H200 table sets
   it at every T.
 
+  `chain_items`: with the Mosaic GEMMs, each persistent CTA's work items as one chained TMA pipeline
+  (`mosaic_gemm`'s chain_items: the next item's first K steps load while this item's last ones compute and
+  its epilogue runs; the same bits). Not yet measured on a GPU, so no table sets it.
+
   `gemm_kernels`: which kernels run the two GEMMs (`GEMM_KERNELS`):
   - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
   - "mosaic": both as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the rows gathered
@@ -126,11 +130,12 @@ class MoETiling:
   scales_in_gather: bool = False
   weights_in_gemm2: bool = False
   bf16_rows: bool = False
+  chain_items: bool = False
 
   def __post_init__(self):
     if self.gemm_kernels not in GEMM_KERNELS:
       raise ValueError(f"gemm_kernels must be one of {GEMM_KERNELS}, got {self.gemm_kernels!r}")
-    for name in ("scales_in_gather", "weights_in_gemm2"):
+    for name in ("scales_in_gather", "weights_in_gemm2", "chain_items"):
       if getattr(self, name) and not self.mosaic:
         raise ValueError(f"{name} needs the Mosaic GEMMs, got gemm_kernels={self.gemm_kernels!r}")
     if self.mosaic:
@@ -172,7 +177,8 @@ class MoETiling:
 
   def with_triton_gemms(self) -> "MoETiling":
     """These tiles with the Pallas-Triton GEMMs (and so without the Mosaic path's options)."""
-    return dataclasses.replace(self, gemm_kernels="triton", scales_in_gather=False, weights_in_gemm2=False)
+    return dataclasses.replace(self, gemm_kernels="triton", scales_in_gather=False, weights_in_gemm2=False,
+                               chain_items=False)
 
   def check_intermediate(self, quantized: bool) -> None:
     """An FP8 SwiGLU output is quantized in 1 x gemm1.block_n blocks, so GEMM2 must step K by that block."""
