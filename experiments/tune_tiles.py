@@ -186,12 +186,16 @@ def small_t_variants(base):
   ]
 
 
-def chain_items_variant(base):
+def chain_items_variants(base):
   """Each Mosaic CTA's work items as one chained TMA pipeline (`MoETiling.chain_items`; PERF 37): the next
-  item's loads overlap this item's last K steps and epilogue."""
+  item's loads overlap this item's last K steps and epilogue; also with neither XLA op around the GEMMs
+  (`scales_in_gather`, `weights_in_gemm2`), which lost at T=14107 by the extra TMA of each GEMM2 item that
+  the chain may now hide (PERF 22)."""
   import dataclasses
-  tiles = base if base.mosaic else mosaic_fused_split_variant()[1]
-  return ("chain_items", dataclasses.replace(tiles, chain_items=True), False, None)
+  tiles = dataclasses.replace(base if base.mosaic else mosaic_fused_split_variant()[1], chain_items=True)
+  return [("chain_items", tiles, False, None),
+          ("chain_items_no_xla_ops", dataclasses.replace(tiles, scales_in_gather=True, weights_in_gemm2=True),
+           False, None)]
 
 
 def bf16_rows_variant(base):
@@ -209,7 +213,7 @@ def large_t_variants(base, num_tokens):
          _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3)),
          # L2 reuse of a weight tile across M-tiles (group_m) and a deeper pipeline, at the default tiles.
          _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=16), _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=32),
-         _variant(64, (128, 8, 4), (128, 128, 4, 4)), *combine_variants(base), chain_items_variant(base)]
+         _variant(64, (128, 8, 4), (128, 128, 4, 4)), *combine_variants(base), *chain_items_variants(base)]
   if num_tokens * 8 <= 8192:
     out += [("default_xlaroute", base, False, False)]
   else:  # the fused routing kernels past their default range (layout in chunks of 256 blocks)
