@@ -196,18 +196,6 @@ def test_chained_items_give_the_same_bits(rng, n, k, used, interpret):
     mosaic_gemm.grouped_fp8_gemm(*args, chain_items=True, interpret=interpret)
 
 
-def test_layer_with_chained_items_gives_the_same_bits(seed, interpret):
-  """The layer with `MoETiling.chain_items` (both Mosaic GEMMs chained): the same output, bit for bit."""
-  config = mp.SMALL
-  inputs = testing.random_layer_inputs(config, 50, seed=seed, scenario="skewed", local_expert_offset=8)
-  tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels="mosaic_fused_swiglu_split")
-  run = lambda tiles: np.asarray(grouped_moe.moe_layer_triton(*inputs, 8, 2.5, config=config, interpret=interpret,
-                                                              tiling=tiles), np.float32)
-  base = run(tiles)
-  assert np.abs(base).max() > 0
-  np.testing.assert_array_equal(run(dataclasses.replace(tiles, chain_items=True)), base)
-
-
 def test_gather_rows_copies_the_rows_of_used_tiles(rng, interpret):
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 40, seed=int(rng.integers(2**31)), local_expert_offset=8)
@@ -266,12 +254,12 @@ def test_weight_scale_layout_is_checked():
 
 
 @pytest.mark.parametrize("flags", [dict(scales_in_gather=True), dict(weights_in_gemm2=True),
-                                   dict(scales_in_gather=True, weights_in_gemm2=True)],
-                         ids=["scales_in_gather", "weights_in_gemm2", "both"])
-def test_layer_without_xla_ops_gives_the_same_bits(seed, flags, interpret):
+                                   dict(scales_in_gather=True, weights_in_gemm2=True), dict(chain_items=True)],
+                         ids=["scales_in_gather", "weights_in_gemm2", "both", "chain_items"])
+def test_layer_options_of_the_mosaic_path_give_the_same_bits(seed, flags, interpret):
   """`scales_in_gather` (the weight scales laid out by the row gather's programs) and `weights_in_gemm2` (the
-  routing weights multiplied into GEMM2's activation scales in the kernel), in place of XLA kernels: the
-  same output, bit for bit."""
+  routing weights multiplied into GEMM2's activation scales in the kernel), in place of XLA kernels, and
+  `chain_items` (both Mosaic GEMMs' items chained per CTA): the same output, bit for bit."""
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 50, seed=seed, scenario="skewed", local_expert_offset=8)
   tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels="mosaic_fused_swiglu_split")

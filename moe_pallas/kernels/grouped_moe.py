@@ -22,8 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from moe_pallas.config import MoEConfig
-from moe_pallas.kernels import (combine, fused_routing, grouped_gemm, mosaic_gemm, stream_k,
-                                triton_internals)
+from moe_pallas.kernels import combine, fused_routing, grouped_gemm, mosaic_gemm, stream_k, triton_internals
 from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule, max_tiles
 from moe_pallas.kernels.tiling import MoETiling, default_tiling
 from moe_pallas.routing import RoutingPlan, grouped_topk, nan_poison, sort_local_pairs
