@@ -167,30 +167,8 @@ def k_unroll_variants(base):
   return out
 
 
-def prefetch_variants(base):
-  """The Triton GEMMs asking the L2 for their weight rows `steps` K steps ahead (`GemmTiling.prefetch_steps`,
-  PERF 38): more weight bytes in flight than the pipeline's stages, where few rows per expert leave the
-  GEMMs reading the weights at 3.1-3.7 TB/s of the 4.3 a copy reaches. Both GEMMs (and the busy GEMM1
-  launch), or GEMM1 alone (`_g1`)."""
-  import dataclasses
-
-  def with_prefetch(gemm, steps, kind):
-    return None if gemm is None else dataclasses.replace(gemm, prefetch_steps=steps, prefetch_kind=kind)
-
-  out = []
-  for kind in ("line", "bulk"):
-    for steps in (2, 4, 8):
-      tiles = dataclasses.replace(base, gemm1=with_prefetch(base.gemm1, steps, kind),
-                                  gemm1_busy=with_prefetch(base.gemm1_busy, steps, kind))
-      out += [(f"prefetch_{kind}{steps}_g1", tiles, False, None),
-              (f"prefetch_{kind}{steps}", dataclasses.replace(tiles, gemm2=with_prefetch(base.gemm2, steps, kind)),
-               False, None)]
-  return out
-
-
 def small_t_variants(base):
   return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
-      *prefetch_variants(base),
       bf16_rows_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one

@@ -238,21 +238,6 @@ def test_stream_k_gemm1_lowers(num_tokens, fixup_in_kernel):
   assert re.findall(r"grid_x = (\d+)", text)[len(routing)] == "264"  # 2 programs per SM of the H200's 132
 
 
-@pytest.mark.parametrize("kind", ["line", "bulk"])
-@pytest.mark.parametrize("num_tokens", [1, 16])
-def test_prefetch_lowers_into_every_triton_gemm(num_tokens, kind):
-  """`GemmTiling.prefetch_steps`: the prefetch's PTX is in each GEMM kernel's Triton IR (the stream-K GEMM1 at
-  T=1, both GEMM1 launches at T=16, GEMM2), which lowers for cuda; the kernels stay the same."""
-  base = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
-  ahead = lambda gemm: gemm and dataclasses.replace(gemm, prefetch_steps=4, prefetch_kind=kind)
-  tiles = dataclasses.replace(base, gemm1=ahead(base.gemm1), gemm1_busy=ahead(base.gemm1_busy), gemm2=ahead(base.gemm2))
-  assert _lowered_kernels(num_tokens, "NVIDIA H200", tiles=tiles) == _lowered_kernels(num_tokens, "NVIDIA H200")
-  text = _lowered_text(num_tokens, "NVIDIA H200", tiles=tiles)
-  gemms = 2 + (base.gemm1_busy is not None)
-  assert text.count(triton_internals.PREFETCH_KINDS[kind]) == gemms
-  assert "prefetch" not in _lowered_text(num_tokens, "NVIDIA H200")  # off by default
-
-
 def test_bf16_intermediate_lowers():
   kernels = _lowered_kernels(16, "NVIDIA H200", intermediate_dtype=jnp.bfloat16)
   assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_bf16"] * 2 + ["moe_gemm2_bf16", "moe_combine"]

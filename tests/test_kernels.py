@@ -16,7 +16,7 @@ import pytest
 
 import moe_pallas as mp
 from moe_pallas import reference, testing
-from moe_pallas.kernels import combine, grouped_gemm, grouped_moe, schedule, stream_k, tiling, triton_internals
+from moe_pallas.kernels import combine, grouped_gemm, grouped_moe, schedule, tiling, triton_internals
 from moe_pallas.testing.oracle import oracle_moe
 
 # A second small preset with other group geometry: 64 experts in 8 groups (keep 3), 16 local, top-6.
@@ -37,7 +37,7 @@ def _plan(inputs, config, offset, factor=2.5):
 def test_dot_primitives_are_registered_with_pallas_triton():
   triton_internals.check_pallas_triton_internals()
   from jax._src.pallas.triton import lowering
-  for primitive in (triton_internals.dot_nt_p, triton_internals.fma_p, triton_internals.prefetch_l2_p):
+  for primitive in (triton_internals.dot_nt_p, triton_internals.fma_p):
     assert primitive in lowering.triton_lowering_rules, primitive
 
 
@@ -290,47 +290,6 @@ def test_k_unroll_gives_the_same_bits(seed, small_weights, interpret):
       np.testing.assert_array_equal(got[rows], want[rows], err_msg=str(kw))
 
 
-@pytest.mark.parametrize("steps,kind", [(1, "line"), (3, "bulk")])
-def test_prefetch_gives_the_same_bits(seed, small_weights, interpret, steps, kind):
-  """Weight rows asked of the L2 ahead of the loads (`GemmTiling.prefetch_steps`) change no value: GEMM1
-  (one program per tile, and stream-K whose pieces start mid-range) and GEMM2 (split-K too) give the bits
-  they give without it. H=256 and I=128 make 2 K steps each (1 a split-K range): the prefetches run past
-  the ranges' ends."""
-  acts, plan = _kernel_inputs(seed)
-  w1, w1s, w2, w2s = small_weights
-  sched = schedule.make_tile_schedule(plan, block_m=16)
-  valid = np.asarray(sched.row_weight) != 0
-  ahead = dict(prefetch_steps=steps, prefetch_kind=kind)
-  args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s)
-  for base, gemm1 in ((tiling.GemmTiling(block_m=16, block_n=64), grouped_gemm.gemm1_swiglu),
-                      (tiling.GemmTiling(block_m=16, block_n=64, stream_k=2, fixup_in_kernel=True),
-                       functools.partial(stream_k.gemm1_swiglu, used_tiles=sched.num_used_tiles))):
-    values, scales = gemm1(*args, tiling=base, interpret=interpret)
-    got_values, got_scales = gemm1(*args, tiling=dataclasses.replace(base, **ahead), interpret=interpret)
-    assert np.abs(np.asarray(values, np.float32)[valid]).max() > 0
-    np.testing.assert_array_equal(np.asarray(got_values, np.float32)[valid], np.asarray(values, np.float32)[valid])
-    np.testing.assert_array_equal(np.asarray(got_scales)[:, valid], np.asarray(scales)[:, valid])
-
-  rows = np.flatnonzero(np.repeat(np.asarray(sched.tile_expert), 16) < mp.SMALL.num_local_experts)
-  for base in (tiling.GemmTiling(block_m=16, block_n=64, block_k=64),
-               tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2)):
-    gemm2 = lambda tiles: np.asarray(grouped_gemm.gemm2_weighted(sched.tile_expert, values, scales, w2, w2s,
-                                                                 sched.row_weight, tiling=tiles, interpret=interpret))
-    want, got = gemm2(base), gemm2(dataclasses.replace(base, **ahead))
-    rows_of_splits = np.concatenate([rows + s * sched.num_rows for s in range(base.split_k)])
-    assert np.abs(want[rows_of_splits]).max() > 0
-    np.testing.assert_array_equal(got[rows_of_splits], want[rows_of_splits])
-
-
-def test_prefetch_is_checked():
-  with pytest.raises(ValueError, match="prefetch_steps must be >= 0"):
-    tiling.GemmTiling(prefetch_steps=-1)
-  with pytest.raises(ValueError, match="prefetch_kind 'line' or 'bulk', got prefetch_steps=2, prefetch_kind='l1'"):
-    tiling.GemmTiling(prefetch_steps=2, prefetch_kind="l1")
-  with pytest.raises(ValueError, match="prefetch kind must be one of"):
-    triton_internals.prefetch_l2(None, 0, jnp.zeros((4,), jnp.int32), kind="l1")
-
-
 def test_gemm2_bf16_rows_and_their_combine(seed, small_weights, interpret):
   """GEMM2 with bfloat16 out: its float32 rows rounded once; the combine sums bfloat16 rows in float32."""
   acts, plan = _kernel_inputs(seed)
@@ -445,10 +404,8 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2), bf16_rows=True),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, stream_k=2, fixup_in_kernel=True),
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2)),
-    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, prefetch_steps=2),
-                     tiling.GemmTiling(block_m=16, block_n=64, block_k=64, prefetch_steps=4, prefetch_kind="bulk")),
 ], ids=["narrow", "grouped", "h200_small_t", "split_k", "gemm2_split_k", "busy_gemm1_picked",
-        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup", "prefetch"])
+        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 

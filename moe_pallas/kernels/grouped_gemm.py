@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as pltriton
 from moe_pallas.config import SCALE_BLOCK as _SCALE_BLOCK
 from moe_pallas.kernels import swiglu_quant
 from moe_pallas.kernels.tiling import GemmTiling
-from moe_pallas.kernels.triton_internals import dot_nt, fma, prefetch_l2
+from moe_pallas.kernels.triton_internals import dot_nt, fma
 from moe_pallas.quant import FP8_DTYPE
 
 
@@ -38,32 +38,23 @@ def _tile_coordinates(num_m_tiles: int, num_n_tiles: int, group_m: int):
   return first_m + within % group_size, within // group_size
 
 
-def _k_loop(k_start, k_stop, scales_of_step, k_step, acc, *, unroll, prefetch=None, prefetch_steps=0):
+def _k_loop(k_start, k_stop, scales_of_step, k_step, acc, *, unroll):
   """acc after `k_step(k, scales, acc)` for K steps k_start .. k_stop - 1, `unroll` steps a loop iteration
   (their tile loads issued together: `GemmTiling.k_unroll`; the range starts and ends on a group,
   `check_k_steps`). Each step's scales are loaded one group ahead, through the loop carry: Triton pipelines
   the tile loads that feed the dots, not these small ones, whose latency would otherwise stall every step.
-  The last group reloads its own scales, an unused in-bounds load.
-  With `prefetch(k)` (the L2 asked for step k's weights) and prefetch_steps = D: steps k_start ..
-  k_start + D - 1 before the loop, then step k + D at step k (the last step again past the range)."""
+  The last group reloads its own scales, an unused in-bounds load."""
   def scales_of_group(k):  # the scales of K steps k .. k + unroll - 1
     return tuple(scales_of_step(k if u == 0 else k + u) for u in range(unroll))
-
-  def ahead(k):
-    return jnp.minimum(k, k_stop - 1)
 
   def group(g, carry):
     acc, scales = carry
     k = g if unroll == 1 else g * unroll
     next_scales = scales_of_group(jnp.minimum(k + unroll, k_stop - unroll))
     for u, step_scales in enumerate(scales):
-      if prefetch_steps:
-        prefetch(ahead(k + u + prefetch_steps))
       acc = k_step(k if u == 0 else k + u, step_scales, acc)
     return acc, next_scales
 
-  for d in range(prefetch_steps):
-    prefetch(ahead(k_start + d))
   bounds = (k_start, k_stop) if unroll == 1 else (k_start // unroll, k_stop // unroll)
   acc, _ = jax.lax.fori_loop(*bounds, group, (acc, scales_of_group(k_start)))
   return acc
@@ -96,19 +87,9 @@ def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, 
     acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
     return acc_up, acc_gate
 
-  # The weight rows this program reads: N-tile j of the up half, then of the gate half.
-  lanes = jnp.arange(2 * bn, dtype=jnp.int32)
-  weight_rows = jnp.where(lanes < bn, j * bn + lanes, intermediate + j * bn + lanes - bn)
   zeros = jnp.zeros((bm, bn), jnp.float32)
-  acc_up, acc_gate = _k_loop(k_start, k_stop, scales_of_step, k_step, (zeros, zeros), unroll=tiling.k_unroll,
-                             prefetch=functools.partial(_prefetch_step, w_ref, expert, weight_rows, tiling),
-                             prefetch_steps=tiling.prefetch_steps)
+  acc_up, acc_gate = _k_loop(k_start, k_stop, scales_of_step, k_step, (zeros, zeros), unroll=tiling.k_unroll)
   return acc_up, acc_gate
-
-
-def _prefetch_step(w_ref, expert, weight_rows, tiling, k):
-  """`tiling.prefetch_steps`: the L2 asked for K step k's segment of each of the program's weight rows."""
-  prefetch_l2(w_ref, expert, weight_rows * w_ref.shape[2] + k * tiling.block_k, kind=tiling.prefetch_kind)
 
 
 def store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, *, i, j, tiling, quantize_output):
@@ -415,10 +396,7 @@ def gemm2_tile(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weig
         w = w.astype(c_ref.dtype)
       return fma(dot_nt(a, w), scale[:, None], acc)
 
-    weight_rows = j * bn + jnp.arange(bn, dtype=jnp.int32)
-    acc = _k_loop(k_start, k_stop, scale_of_step, k_step, jnp.zeros((bm, bn), jnp.float32), unroll=tiling.k_unroll,
-                  prefetch=functools.partial(_prefetch_step, w_ref, expert, weight_rows, tiling),
-                  prefetch_steps=tiling.prefetch_steps)
+    acc = _k_loop(k_start, k_stop, scale_of_step, k_step, jnp.zeros((bm, bn), jnp.float32), unroll=tiling.k_unroll)
     out_ref[out_rows, cols] = (acc * row_weight_ref[rows][:, None]).astype(out_ref.dtype)
 
 

@@ -40,12 +40,6 @@ class GemmTiling:
     k_unroll: K steps whose tiles one loop iteration loads together before their dots (the same FMAs in the
       same order: the same bits). A weight row is then read k_unroll * block_k contiguous bytes at a time;
       HBM streams longer row segments faster (experiments/PERF.md 14, 27).
-    prefetch_steps: above 0, at each K step the program also asks the L2 for its weight rows' segment
-      this many steps ahead (`triton_internals.prefetch_l2`, nothing waits for it), and for the first
-      ones before the loop: more weight bytes in flight than the software pipeline's stages hold, for the
-      memory-bound GEMMs of few rows per expert. No value changes.
-    prefetch_kind: how: "line" (`prefetch.global.L2`, a 128-byte line per row) or "bulk" (the TMA unit's
-      `cp.async.bulk.prefetch.L2`, 128 bytes per row).
   """
 
   block_m: int = 64
@@ -58,8 +52,6 @@ class GemmTiling:
   stream_k: int = 0
   fixup_in_kernel: bool = False
   k_unroll: int = 1
-  prefetch_steps: int = 0
-  prefetch_kind: str = "line"
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -80,9 +72,6 @@ class GemmTiling:
     if self.k_unroll < 1 or (self.k_unroll > 1 and self.stream_k):
       raise ValueError(f"k_unroll must be >= 1, and 1 with stream_k (its shares start at any K step); got "
                        f"k_unroll={self.k_unroll}, stream_k={self.stream_k}")
-    if self.prefetch_steps < 0 or self.prefetch_kind not in ("line", "bulk"):
-      raise ValueError(f"prefetch_steps must be >= 0 and prefetch_kind 'line' or 'bulk', got "
-                       f"prefetch_steps={self.prefetch_steps}, prefetch_kind={self.prefetch_kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
