@@ -198,14 +198,6 @@ def chain_items_variants(base):
            False, None)]
 
 
-def overlap_promotion_variants(base):
-  """Each Mosaic K step promoting the previous step's product while its own wgmma runs
-  (`MoETiling.overlap_promotion`, PERF 41): ncu showed the tensor pipe ~55-60 % busy at T=14107."""
-  import dataclasses
-  tiles = base if base.mosaic else mosaic_fused_split_variant()[1]
-  return [("overlap_promotion", dataclasses.replace(tiles, overlap_promotion=True), False, None)]
-
-
 def bf16_rows_variant(base):
   """GEMM2's weighted rows as bfloat16 into the combine (`MoETiling.bf16_rows`): half the combine's reads."""
   import dataclasses
@@ -221,8 +213,7 @@ def large_t_variants(base, num_tokens):
          _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3)),
          # L2 reuse of a weight tile across M-tiles (group_m) and a deeper pipeline, at the default tiles.
          _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=16), _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=32),
-         _variant(64, (128, 8, 4), (128, 128, 4, 4)), *combine_variants(base), *chain_items_variants(base),
-         *overlap_promotion_variants(base)]
+         _variant(64, (128, 8, 4), (128, 128, 4, 4)), *combine_variants(base), *chain_items_variants(base)]
   if num_tokens * 8 <= 8192:
     out += [("default_xlaroute", base, False, False)]
   else:  # the fused routing kernels past their default range (layout in chunks of 256 blocks)

@@ -165,17 +165,6 @@ def test_chained_mosaic_items_lower(num_tokens):
   assert text != _lowered_text(num_tokens, "NVIDIA H200", tiles=base)
 
 
-def test_overlapped_promotion_lowers():
-  """`MoETiling.overlap_promotion`: both Mosaic GEMMs with each K step's promotion behind the next wgmma lower
-  for cuda (the carry holds the last product and its row scales: another module than the default's)."""
-  base = tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
-  overlapped = dataclasses.replace(base, overlap_promotion=True)
-  assert _lowered_kernels(14107, "NVIDIA H200", tiles=overlapped) == ROUTING_KERNELS_PAST_ONE_TILE + MOSAIC_EXPERTS
-  text = _lowered_text(14107, "NVIDIA H200", tiles=overlapped)
-  assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
-  assert text != _lowered_text(14107, "NVIDIA H200", tiles=base)
-
-
 def test_unfused_mosaic_gemms_lower():
   """gemm_kernels="mosaic": GEMM1's float32 output, then SwiGLU + quant as a kernel of its own (lowered for cuda)."""
   tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,

@@ -196,34 +196,6 @@ def test_chained_items_give_the_same_bits(rng, n, k, used, interpret):
     mosaic_gemm.grouped_fp8_gemm(*args, chain_items=True, interpret=interpret)
 
 
-@pytest.mark.parametrize("k", [128, 384])
-def test_overlapped_promotion_gives_the_same_bits(rng, k, interpret):
-  """`overlap_promotion`: each K step promotes the previous step's product behind its own wgmma; the same FMAs
-  in the same order give the same bits, for both kernels (1 K step: only the final promotion; 3 K steps), a
-  row factor and bf16 out too."""
-  num_local, n = 3, 256
-  tile_expert = jnp.asarray([0, 2, 1, 3], jnp.int32)  # the last tile belongs to no expert
-  rows = tile_expert.shape[0] * mosaic_gemm.BLOCK_M
-  computed = 3 * mosaic_gemm.BLOCK_M
-  a, w = _fp8(rng, (rows, k)), _fp8(rng, (num_local, n, k))
-  a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, rows)), jnp.float32)
-  w_scale = jnp.asarray(rng.standard_normal((num_local, n // 128, k // 128)), jnp.float32)
-  factor = jnp.asarray(rng.uniform(0.1, 2.5, rows), jnp.float32)
-  args = (tile_expert, a, a_scale, w, w_scale)
-  as_f32 = lambda x: np.asarray(x.astype(jnp.float32))[:computed]
-  for kwargs in (dict(), dict(row_factor=factor, out_dtype=jnp.bfloat16)):
-    gemm = lambda overlap: as_f32(mosaic_gemm.grouped_fp8_gemm(*args, overlap_promotion=overlap, interpret=interpret,
-                                                               **kwargs))
-    want = gemm(False)
-    assert np.abs(want).max() > 0
-    np.testing.assert_array_equal(gemm(True), want)
-  swiglu = lambda overlap: mosaic_gemm.grouped_fp8_gemm_swiglu(*args, split_epilogue=True, overlap_promotion=overlap,
-                                                               interpret=interpret)
-  (values, scales), (got_values, got_scales) = swiglu(False), swiglu(True)
-  np.testing.assert_array_equal(as_f32(got_values), as_f32(values))
-  np.testing.assert_array_equal(np.asarray(got_scales)[:, :computed], np.asarray(scales)[:, :computed])
-
-
 def test_gather_rows_copies_the_rows_of_used_tiles(rng, interpret):
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 40, seed=int(rng.integers(2**31)), local_expert_offset=8)
@@ -275,17 +247,15 @@ def test_weight_scale_layout_is_checked():
     grouped_gemm.gather_rows(jnp.zeros((1,), jnp.int32), jnp.zeros((64,), jnp.int32),
                              jnp.zeros((4, 128), jnp.float8_e4m3fn), jnp.ones((1, 4), jnp.float32), block_m=64,
                              num_local_experts=4, transposed_scales=[(w_scale, 1)], interpret=True)
-  for flag in ("scales_in_gather", "weights_in_gemm2", "chain_items", "overlap_promotion"):
+  for flag in ("scales_in_gather", "weights_in_gemm2", "chain_items"):
     with pytest.raises(ValueError, match=f"{flag} needs the Mosaic GEMMs"):
       tiling.MoETiling(**{flag: True})
-  triton_tiles = dataclasses.replace(MOSAIC_TILES, chain_items=True, overlap_promotion=True).with_triton_gemms()
-  assert not triton_tiles.chain_items and not triton_tiles.overlap_promotion
+  assert not dataclasses.replace(MOSAIC_TILES, chain_items=True).with_triton_gemms().chain_items
 
 
 @pytest.mark.parametrize("flags", [dict(scales_in_gather=True), dict(weights_in_gemm2=True),
-                                   dict(scales_in_gather=True, weights_in_gemm2=True), dict(chain_items=True),
-                                   dict(overlap_promotion=True)],
-                         ids=["scales_in_gather", "weights_in_gemm2", "both", "chain_items", "overlap_promotion"])
+                                   dict(scales_in_gather=True, weights_in_gemm2=True), dict(chain_items=True)],
+                         ids=["scales_in_gather", "weights_in_gemm2", "both", "chain_items"])
 def test_layer_options_of_the_mosaic_path_give_the_same_bits(seed, flags, interpret):
   """`scales_in_gather` (the weight scales laid out by the row gather's programs) and `weights_in_gemm2` (the
   routing weights multiplied into GEMM2's activation scales in the kernel), in place of XLA kernels, and

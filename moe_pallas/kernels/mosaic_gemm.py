@@ -32,7 +32,6 @@ Runs compiled on Hopper (sm_90a) and in Mosaic GPU's interpret mode on CPU (how 
 from __future__ import annotations
 
 
-import dataclasses
 import functools
 
 import jax
@@ -102,66 +101,20 @@ def _scale_rows_operand(w_scale, w_scale_rows):
 
 
 def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma, row_factor_smem=None):
-  """One K step of a compute warpgroup: `issue_wgmma(acc_ref)` into a fresh accumulator (zero-initialised),
-  read back, and added to the float32 carry times the step's scales (the activation scales times
-  `row_factor_smem`'s, where given: the routing weights).
-
-  The carry is a float32 array (promoted at once: the wgmma and the promotion one after the other), or, with
-  `overlap_promotion`, a `_Behind` (`initial_carry`, `promoted`): the step issues its wgmma, then promotes
-  the previous step's product while the tensor cores run it, and only then waits for its own; its product
-  and scales wait in the carry for the next step (the last for `promoted`). The same FMAs in the same order:
-  the same bits."""
+  """One K step of a compute warpgroup: `issue_wgmma(acc_ref)` into a fresh accumulator (zero-initialised:
+  the wgmma runs with scale-d = 0), read back, and added to the float32 carry times the step's scales (the
+  activation scales times `row_factor_smem`'s, where given: the routing weights)."""
   # The scale loads first, so that their latency overlaps the wgmma.
   row_scale = plgpu.load(a_scale_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
   if row_factor_smem is not None:
     row_scale = row_scale * plgpu.load(row_factor_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
-  step_factor = row_scale * weight_scale
-  acc_type = plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)
+  factor = lax.broadcast_in_dim(row_scale * weight_scale, (BLOCK_M, SCALE_BLOCK), [0])
 
-  if not isinstance(carry, _Behind):
-    def product(acc_ref):
-      issue_wgmma(acc_ref)
-      return acc_ref[...]
-
-    return carry + pl.run_scoped(product, acc_type) * _broadcast_rows(step_factor)
-
-  def product_behind(acc_ref):
+  def product(acc_ref):
     issue_wgmma(acc_ref)
-    promoted = carry.carry + carry.product * _broadcast_rows(carry.factor)  # while this step's wgmma runs
-    return promoted, acc_ref[...]  # the read waits for the wgmma
+    return acc_ref[...]
 
-  promoted, product = pl.run_scoped(product_behind, acc_type)
-  return _Behind(promoted, product, step_factor)
-
-
-def _broadcast_rows(row_factor):
-  return lax.broadcast_in_dim(row_factor, (BLOCK_M, SCALE_BLOCK), [0])
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Behind:
-  """`overlap_promotion`'s carry: the float32 carry so far, and the last step's product and row scales, not
-  yet added."""
-  carry: jax.Array
-  product: jax.Array
-  factor: jax.Array
-
-
-def initial_carry(overlap_promotion: bool):
-  """The pipeline's first carry: zeros in the wgmma layout (with `overlap_promotion`, a zero product and row
-  scales as well: 0 + 0 * 0 = +0, so the first step's promotion leaves the carry as it was)."""
-  zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
-  if not overlap_promotion:
-    return zero
-  return _Behind(zero, zero, plgpu.layout_cast(jnp.zeros((BLOCK_M,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-
-
-def promoted(final_carry):
-  """The item's float32 result from the pipeline's last carry (with `overlap_promotion`: its last product added)."""
-  if not isinstance(final_carry, _Behind):
-    return final_carry
-  return final_carry.carry + final_carry.product * _broadcast_rows(final_carry.factor)
+  return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
 
 
 def _concurrent_steps(k_steps: int) -> int:
@@ -257,8 +210,7 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
 
 
 def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, name: str = "moe_gemm_mosaic",
-                     interpret=False, w_scale_rows=None, row_factor=None, out_dtype=jnp.float32, chain_items=False,
-                     overlap_promotion=False):
+                     interpret=False, w_scale_rows=None, row_factor=None, out_dtype=jnp.float32, chain_items=False):
   """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 (or bfloat16) out.
 
   Args:
@@ -278,8 +230,6 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
       consumer that reads the rows back, such as the combine).
     chain_items: each CTA's work items as one chained TMA pipeline (`_over_used_items`; the same bits). Needs
       used_tiles (every item visited is then a used tile, whose expert is valid).
-    overlap_promotion: each K step promotes the previous step's product while its own wgmma runs
-      (`_promoted_k_step`; the same bits), instead of waiting for its wgmma and then promoting.
 
   Returns:
     [num_tiles * BLOCK_M, N] out_dtype. Rows of tiles of no expert are left unwritten.
@@ -323,7 +273,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
       expert = _item_expert(tile_expert_gmem, mi, num_local, chain_items)
 
       def compute_context(eval_pipeline):
-        acc = promoted(eval_pipeline(initial_carry(overlap_promotion)))
+        zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
+        acc = eval_pipeline(zero)
         for e in range(SCALE_BLOCK // _EPILOGUE_N):
           out_smem[wg] = acc[:, e * _EPILOGUE_N:(e + 1) * _EPILOGUE_N].astype(out_smem.dtype)
           plgpu.commit_smem()
@@ -463,7 +414,7 @@ def _epilogue_split_scratch():
 
 def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None, split_epilogue=False,
                             name: str = "moe_gemm1_swiglu_mosaic", interpret=False, w_scale_rows=None,
-                            chain_items=False, overlap_promotion=False):
+                            chain_items=False):
   """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
 
   The CTA of M-tile i and column block j computes the up columns j*128.. (compute warpgroup 0) and the gate
@@ -473,7 +424,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   `grouped_gemm.swiglu_of_partials` does from float32 partials (no [rows, 2I] float32 round trip).
 
   Args:
-    tile_expert, a, a_scale, used_tiles, w_scale_rows, chain_items, overlap_promotion: as `grouped_fp8_gemm`.
+    tile_expert, a, a_scale, used_tiles, w_scale_rows, chain_items: as `grouped_fp8_gemm`.
     w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
     split_epilogue: SwiGLU + quant split by columns over both warpgroups (`_epilogue_split`: the same
       bits, GEMM1 0-1.6 % faster on the H200: the table's choice) instead of on the up warpgroup alone.
@@ -514,8 +465,8 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
       expert = _item_expert(tile_expert_gmem, mi, num_local, chain_items)
 
       def compute_context(eval_pipeline):
-        acc = promoted(eval_pipeline(initial_carry(overlap_promotion)))
-        epilogue(acc, wg, pl.ds(mi * BLOCK_M, BLOCK_M), ni, out_gmem, out_scale_gmem, *scratch)
+        zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
+        epilogue(eval_pipeline(zero), wg, pl.ds(mi * BLOCK_M, BLOCK_M), ni, out_gmem, out_scale_gmem, *scratch)
 
       def step(_, a_smem, up_smem, gate_w_smem, a_scale_smem, w_scale_smem, carry):
         def issue_wgmma(acc_ref):

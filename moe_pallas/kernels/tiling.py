@@ -109,11 +109,6 @@ class MoETiling:
   (`mosaic_gemm`'s chain_items: the next item's first K steps load while this item's last ones compute and
   its epilogue runs; the same bits). Measured on the H200 (experiments/PERF.md 37): no gain; no table sets it.
 
-  `overlap_promotion`: with the Mosaic GEMMs, each K step issues its wgmma and promotes the previous step's
-  product (float32 FMAs with the block scales) while the tensor cores run it, instead of waiting for its
-  wgmma first (`mosaic_gemm._promoted_k_step`; the same bits). ncu on the H200 (PERF 41): the tensor pipe
-  ~55-60 % busy at T=14107 with the promotion behind each wgmma.
-
   `gemm_kernels`: which kernels run the two GEMMs (`GEMM_KERNELS`):
   - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
   - "mosaic": both as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the rows gathered
@@ -136,12 +131,11 @@ class MoETiling:
   weights_in_gemm2: bool = False
   bf16_rows: bool = False
   chain_items: bool = False
-  overlap_promotion: bool = False
 
   def __post_init__(self):
     if self.gemm_kernels not in GEMM_KERNELS:
       raise ValueError(f"gemm_kernels must be one of {GEMM_KERNELS}, got {self.gemm_kernels!r}")
-    for name in ("scales_in_gather", "weights_in_gemm2", "chain_items", "overlap_promotion"):
+    for name in ("scales_in_gather", "weights_in_gemm2", "chain_items"):
       if getattr(self, name) and not self.mosaic:
         raise ValueError(f"{name} needs the Mosaic GEMMs, got gemm_kernels={self.gemm_kernels!r}")
     if self.mosaic:
@@ -184,7 +178,7 @@ class MoETiling:
   def with_triton_gemms(self) -> "MoETiling":
     """These tiles with the Pallas-Triton GEMMs (and so without the Mosaic path's options)."""
     return dataclasses.replace(self, gemm_kernels="triton", scales_in_gather=False, weights_in_gemm2=False,
-                               chain_items=False, overlap_promotion=False)
+                               chain_items=False)
 
   def check_intermediate(self, quantized: bool) -> None:
     """An FP8 SwiGLU output is quantized in 1 x gemm1.block_n blocks, so GEMM2 must step K by that block."""
