@@ -1,4 +1,4 @@
-"""Does XLA (jax 0.11.2) launch a Pallas-Triton kernel as a programmatic dependent launch (PDL), and what is it worth?
+"""Does XLA (jax 0.11.2) launch a Pallas-Triton kernel as a programmatic dependent launch (PDL)?
 
 At T=14-80 our layer runs 6 kernels back to back and the pipelined figure carries 2-8 us over their sum
 (launch gaps and each kernel's ramp), which the peer's GEMM-path sum does not count. With PDL, a kernel's
@@ -12,8 +12,9 @@ whether it does so for Pallas-Triton kernels that contain the instruction, by ti
 
 If XLA launched `follow` with PDL, its earliest start precedes spin's latest end. Variants: the wait in
 `follow` or not; `launch_dependents` at the start of `spin` or not; a chain of 3 pairs (6 kernels, the
-command buffer's minimum) or one pair. Then the pipelined time of a chain of short kernels with and
-without the instructions, which is what our layer would gain per launch.
+command buffer's minimum) or one pair; each with XLA's default flags and with `--xla_gpu_enable_pdl=true`
+(`--xla_pdl`), in a process of its own. The same numbers give the gap between two kernels without PDL
+(measured on the H200: 576-768 ns; experiments/PERF.md 38).
 
     PYTHONPATH=. python3 experiments/pdl_probe.py --out=pdl.jsonl
 """
