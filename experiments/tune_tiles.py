@@ -198,6 +198,15 @@ def chain_items_variants(base):
            False, None)]
 
 
+def mosaic_fused_paired_variant(base):
+  """The fused GEMM1 with each compute warpgroup's 64 columns of up and gate (`gemm_kernels=
+  "mosaic_fused_swiglu_paired"`): no branch per warpgroup around the wgmma (PERF 41); the table's other
+  options where it has the Mosaic path."""
+  import dataclasses
+  tiles = base if base.mosaic else mosaic_fused_split_variant()[1]
+  return "mosaic_fused_paired", dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu_paired"), False, None
+
+
 def bf16_rows_variant(base):
   """GEMM2's weighted rows as bfloat16 into the combine (`MoETiling.bf16_rows`): half the combine's reads."""
   import dataclasses
@@ -213,7 +222,8 @@ def large_t_variants(base, num_tokens):
          _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3)),
          # L2 reuse of a weight tile across M-tiles (group_m) and a deeper pipeline, at the default tiles.
          _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=16), _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=32),
-         _variant(64, (128, 8, 4), (128, 128, 4, 4)), *combine_variants(base), *chain_items_variants(base)]
+         _variant(64, (128, 8, 4), (128, 128, 4, 4)), *combine_variants(base), *chain_items_variants(base),
+         mosaic_fused_paired_variant(base)]
   if num_tokens * 8 <= 8192:
     out += [("default_xlaroute", base, False, False)]
   else:  # the fused routing kernels past their default range (layout in chunks of 256 blocks)

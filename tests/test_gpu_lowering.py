@@ -174,11 +174,15 @@ def test_unfused_mosaic_gemms_lower():
                                                      "moe_combine"]
 
 
-def test_split_fused_epilogue_lowers():
-  """gemm_kernels="mosaic_fused_swiglu_split": the same kernels, the epilogue over both warpgroups (for cuda)."""
+@pytest.mark.parametrize("gemm_kernels", ["mosaic_fused_swiglu_split", "mosaic_fused_swiglu_paired"])
+def test_fused_epilogue_variants_lower(gemm_kernels):
+  """The fused GEMM1 with its epilogue split by columns over both warpgroups, or with each warpgroup's 64
+  columns of up and gate (64-wide wgmmas on slices of the weight tiles): the same kernels (for cuda)."""
   tiles = dataclasses.replace(tiling.default_tiling(14107, CONFIG.top_k, CONFIG.num_local_experts,
-                                                    device_kind="NVIDIA H200"), gemm_kernels="mosaic_fused_swiglu_split")
+                                                    device_kind="NVIDIA H200"), gemm_kernels=gemm_kernels)
   assert _lowered_kernels(14107, "NVIDIA H200", tiles=tiles) == ROUTING_KERNELS_PAST_ONE_TILE + MOSAIC_EXPERTS
+  if gemm_kernels == "mosaic_fused_swiglu_paired":
+    assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in _lowered_text(14107, "NVIDIA H200", tiles=tiles)
 
 
 @pytest.mark.parametrize("flags,xla_ops", [

@@ -131,21 +131,29 @@ def test_rejects_shapes_it_does_not_cover():
     tiling.MoETiling(tiling.GemmTiling(block_m=16), tiling.GemmTiling(block_m=16), gemm_kernels="mosaic")
   with pytest.raises(ValueError, match="gemm_kernels must be one of"):
     tiling.MoETiling(gemm_kernels="cutlass")
+  w13_scale = jnp.ones((1, 2, 2))
+  with pytest.raises(ValueError, match="paired has its own epilogue"):
+    mosaic_gemm.grouped_fp8_gemm_swiglu(jnp.zeros((1,), jnp.int32), a, scales(256)[0],
+                                        jnp.zeros((1, 256, 256), a.dtype), w13_scale, split_epilogue=True,
+                                        paired=True)
 
 
-@pytest.mark.parametrize("split_epilogue", [False, True], ids=["on_up", "split"])
-def test_fused_swiglu_epilogue_equals_the_separate_kernels(rng, split_epilogue, interpret):
-  """GEMM1 with SwiGLU + quant in its epilogue (on the up warpgroup, or split by columns over both) against
-  GEMM1 to float32 then `swiglu_of_partials`: the same products and promotion, so in interpret mode the
-  same bits; compiled, the two SwiGLUs' exp may differ in the last bit, which can flip an FP8 rounding."""
+@pytest.mark.parametrize("options", [dict(), dict(split_epilogue=True), dict(paired=True)],
+                         ids=["on_up", "split", "paired"])
+def test_fused_swiglu_epilogue_equals_the_separate_kernels(rng, options, interpret):
+  """GEMM1 with SwiGLU + quant in its epilogue (on the up warpgroup, split by columns over both, or each
+  warpgroup with up and gate of its 64 columns) against GEMM1 to float32 then `swiglu_of_partials`: the same
+  products and promotion, so in interpret mode the same bits; compiled, the two SwiGLUs' exp may differ in
+  the last bit, which can flip an FP8 rounding (and the paired kernel's 64-wide wgmmas may accumulate in
+  another order)."""
   num_local, intermediate, k = 3, 256, 384
   tile_expert = jnp.asarray([2, 0, 3, 2], jnp.int32)
   rows = tile_expert.shape[0] * mosaic_gemm.BLOCK_M
   a, w13 = _fp8(rng, (rows, k)), _fp8(rng, (num_local, 2 * intermediate, k))
   a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, rows)), jnp.float32)
   w13_scale = jnp.asarray(rng.standard_normal((num_local, 2 * intermediate // 128, k // 128)), jnp.float32)
-  fused, fused_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale,
-                                                           split_epilogue=split_epilogue, interpret=interpret)
+  fused, fused_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, **options,
+                                                           interpret=interpret)
   gate_up = mosaic_gemm.grouped_fp8_gemm(tile_expert, a, a_scale, w13, w13_scale, interpret=interpret)
   split, split_scale = grouped_gemm.swiglu_of_partials(tile_expert, gate_up, num_local_experts=num_local,
                                                        tiling=TRITON_TILES.gemm1, interpret=interpret)
@@ -347,7 +355,8 @@ def test_layer_with_mosaic_gemms_matches_oracle(seed, num_tokens, scenario, offs
   assert metrics["rel_l2"] < FP8_BOUND, metrics
 
 
-@pytest.mark.parametrize("gemm_kernels", ["mosaic_fused_swiglu", "mosaic_fused_swiglu_split"])
+@pytest.mark.parametrize("gemm_kernels", ["mosaic_fused_swiglu", "mosaic_fused_swiglu_split",
+                                          "mosaic_fused_swiglu_paired"])
 @pytest.mark.parametrize("num_tokens,scenario", [(50, "skewed"), (300, "all_local")])
 def test_layer_with_the_fused_swiglu_epilogue_matches_oracle(seed, num_tokens, scenario, gemm_kernels, interpret):
   config = mp.SMALL

@@ -57,8 +57,8 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
                     gemm2_weights_scale, schedule: TileSchedule, *, tiling: MoETiling, out_dtype, interpret,
                     poison=None):
   """`tiling.mosaic`: gather -> Mosaic GEMM1 [rows, 2I] float32 -> SwiGLU + quant -> Mosaic GEMM2 ->
-  combine ("mosaic_fused_swiglu" and its "_split" variant: GEMM1 with SwiGLU + quant in its epilogue). The
-  TMA-fed GEMM reads whole row tiles, so the rows are gathered first (tiles in use only)."""
+  combine ("mosaic_fused_swiglu" and its "_split" and "_paired" variants: GEMM1 with SwiGLU + quant in its
+  epilogue). The TMA-fed GEMM reads whole row tiles, so the rows are gathered first (tiles in use only)."""
   num_local = gemm1_weights.shape[0]
   weight_scales = (gemm1_weights_scale, gemm2_weights_scale)
   rows, rows_scale, *scale_rows = grouped_gemm.gather_rows(
@@ -67,11 +67,12 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
       transposed_scales=[(w, mosaic_gemm.weight_scale_cols(w.shape)) for w in weight_scales]
       if tiling.scales_in_gather else ())
   gemm1_scale_rows, gemm2_scale_rows = scale_rows or (None, None)  # None: each GEMM lays its scales out
-  if tiling.gemm_kernels in ("mosaic_fused_swiglu", "mosaic_fused_swiglu_split"):
+  if tiling.gemm_kernels != "mosaic":  # SwiGLU + quant in GEMM1's epilogue
     swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(
         schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
         used_tiles=schedule.num_used_tiles, split_epilogue=tiling.gemm_kernels == "mosaic_fused_swiglu_split",
-        interpret=interpret, w_scale_rows=gemm1_scale_rows, chain_items=tiling.chain_items)
+        paired=tiling.gemm_kernels == "mosaic_fused_swiglu_paired", interpret=interpret,
+        w_scale_rows=gemm1_scale_rows, chain_items=tiling.chain_items)
   else:
     gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
                                            used_tiles=schedule.num_used_tiles, name="moe_gemm1_mosaic",

@@ -50,6 +50,7 @@ _EPILOGUE_N = 64             # columns per epilogue store (float32 SMEM: 2 x 64 
 _PRODUCER_REGISTERS = 40     # the TMA warpgroup's registers; the compute warpgroups get the rest
 _MAX_CONCURRENT_STEPS = 4    # pipeline stages: 4 x ~40 KiB + the epilogue's 32 KiB fit the 227 KiB of SMEM
 _GROUP_M = 8                 # M-tiles visited together per column sweep (as the Triton kernels' group_m)
+_HALF = SCALE_BLOCK // 2     # a compute warpgroup's columns of a 128-column block (the split and paired GEMM1)
 
 
 def supports(n: int, k: int, block_m: int) -> str | None:
@@ -115,6 +116,24 @@ def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma, row_factor_
     return acc_ref[...]
 
   return carry + pl.run_scoped(product, plgpu.ACC((BLOCK_M, SCALE_BLOCK), jnp.float32)) * factor
+
+
+def _paired_k_step(carries, wg, a_smem, up_smem, gate_smem, a_scale_smem, weight_scales):
+  """`grouped_fp8_gemm_swiglu(paired=True)`'s K step on compute warpgroup wg: columns wg*64 .. of the up and
+  the gate tile, one 64-wide wgmma each into fresh accumulators, promoted as `_promoted_k_step` does (each
+  half with its own 128 x 128 weight-scale block: up's, gate's)."""
+  row_scale = plgpu.load(a_scale_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
+  cols = pl.ds(wg * _HALF, _HALF)
+
+  def products(up_acc, gate_acc):
+    plgpu.wgmma(up_acc, a_smem, up_smem.at[cols].transpose((1, 0)))
+    plgpu.wgmma(gate_acc, a_smem, gate_smem.at[cols].transpose((1, 0)))
+    return up_acc[...], gate_acc[...]
+
+  acc_type = plgpu.ACC((BLOCK_M, _HALF), jnp.float32)
+  up, gate = pl.run_scoped(products, acc_type, acc_type)
+  factor = lambda weight_scale: lax.broadcast_in_dim(row_scale * weight_scale, (BLOCK_M, _HALF), [0])
+  return carries[0] + up * factor(weight_scales[0]), carries[1] + gate * factor(weight_scales[1])
 
 
 def _concurrent_steps(k_steps: int) -> int:
@@ -352,8 +371,6 @@ def _epilogue_on_up_scratch():
           plgpu.Barrier(num_arrivals=2)]
 
 
-_HALF = SCALE_BLOCK // 2
-
 
 def _epilogue_split(acc, wg, rows, ni, out_gmem, out_scale_gmem, handoff, row_stats, out_smem, exchange):
   """SwiGLU + quant of one work item split by columns: warpgroup g forms columns g*64 .. g*64+63. The up
@@ -412,9 +429,40 @@ def _epilogue_split_scratch():
           plgpu.Barrier(num_arrivals=2)]
 
 
+def _epilogue_paired(accs, wg, rows, ni, out_gmem, out_scale_gmem, row_stats, out_smem, exchange):
+  """SwiGLU + quant of one work item whose warpgroups hold up AND gate of the same 64 columns (`paired`):
+  each forms silu(gate) * up of its columns in registers; only the row amax crosses warpgroups (the max of
+  the two halves', exact), so the bits are `_epilogue_split`'s, with no values handed over."""
+  up, gate = accs
+  swiglu = silu(gate) * up  # silu on the SECOND half of W13's output
+  row_stats[wg] = jnp.max(jnp.abs(swiglu), axis=1)
+  plgpu.barrier_arrive(exchange)  # both halves' row amax are in SMEM
+  plgpu.barrier_wait(exchange)
+  row_max = lambda i: plgpu.load(row_stats.at[i], layout=plgpu.Layout.WGMMA.reduce(1))
+  values, scale = quantized_rows(swiglu, jnp.maximum(row_max(0), row_max(1)))
+  out_smem[wg] = values.astype(out_smem.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, pl.ds(ni * SCALE_BLOCK + wg * _HALF, _HALF)])
+
+  @pl.when(wg == 0)
+  def _():
+    row_stats[2] = scale  # row 2 stages the scales (rows 0-1, the amax, are read by now)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(row_stats.at[2], out_scale_gmem.at[ni, rows])
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  # Both warpgroups have read the amax rows before either writes the next item's.
+  plgpu.barrier_arrive(exchange)
+  plgpu.barrier_wait(exchange)
+
+
+def _epilogue_paired_scratch():
+  return _epilogue_split_scratch()[1:]  # no hand-over buffer: row stats, FP8 staging, the barrier
+
+
 def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None, split_epilogue=False,
                             name: str = "moe_gemm1_swiglu_mosaic", interpret=False, w_scale_rows=None,
-                            chain_items=False):
+                            chain_items=False, paired=False):
   """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
 
   The CTA of M-tile i and column block j computes the up columns j*128.. (compute warpgroup 0) and the gate
@@ -428,6 +476,10 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
     w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
     split_epilogue: SwiGLU + quant split by columns over both warpgroups (`_epilogue_split`: the same
       bits, GEMM1 0-1.6 % faster on the H200: the table's choice) instead of on the up warpgroup alone.
+    paired: compute warpgroup g takes columns g*64 .. g*64+63 of both up and gate (two 64-wide wgmmas a K
+      step, `_epilogue_paired`) instead of all 128 of one: both warpgroups run the same code, with no
+      branch around the wgmma, which on the H200 kept ptxas from folding the accumulator's zeroing into the
+      wgmma and made it inject warpgroup.arrive's (experiments/PERF.md 41). Excludes split_epilogue.
 
   Returns:
     (values [rows, I] float8_e4m3fn, scales [I/128, rows] float32). Rows of tiles of no expert unwritten.
@@ -448,7 +500,10 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   w_scale_rows = _scale_rows_operand(w13_scale, w_scale_rows)
   _check_chain_items(chain_items, used_tiles)
 
-  epilogue, epilogue_scratch = ((_epilogue_split, _epilogue_split_scratch()) if split_epilogue else
+  if paired and split_epilogue:
+    raise ValueError("paired has its own epilogue: pass split_epilogue=False with paired=True")
+  epilogue, epilogue_scratch = ((_epilogue_paired, _epilogue_paired_scratch()) if paired else
+                                (_epilogue_split, _epilogue_split_scratch()) if split_epilogue else
                                 (_epilogue_on_up, _epilogue_on_up_scratch()))
 
   def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem,
@@ -465,10 +520,16 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
       expert = _item_expert(tile_expert_gmem, mi, num_local, chain_items)
 
       def compute_context(eval_pipeline):
-        zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, SCALE_BLOCK), jnp.float32), plgpu.Layout.WGMMA)
-        epilogue(eval_pipeline(zero), wg, pl.ds(mi * BLOCK_M, BLOCK_M), ni, out_gmem, out_scale_gmem, *scratch)
+        width = _HALF if paired else SCALE_BLOCK
+        zero = plgpu.layout_cast(jnp.zeros((BLOCK_M, width), jnp.float32), plgpu.Layout.WGMMA)
+        accs = eval_pipeline((zero, zero) if paired else zero)
+        epilogue(accs, wg, pl.ds(mi * BLOCK_M, BLOCK_M), ni, out_gmem, out_scale_gmem, *scratch)
 
       def step(_, a_smem, up_smem, gate_w_smem, a_scale_smem, w_scale_smem, carry):
+        if paired:
+          return _paired_k_step(carry, wg, a_smem, up_smem, gate_w_smem, a_scale_smem,
+                                (w_scale_smem[0, ni], w_scale_smem[0, i_blocks + ni]))
+
         def issue_wgmma(acc_ref):
           # Each warpgroup multiplies by its own half's tile (one TMA box of up and gate together would need
           # more than the 5 strided dimensions an async copy allows).

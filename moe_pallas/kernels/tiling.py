@@ -83,7 +83,7 @@ class CombineTiling:
   num_warps: int = 4
 
 
-GEMM_KERNELS = ("triton", "mosaic", "mosaic_fused_swiglu", "mosaic_fused_swiglu_split")
+GEMM_KERNELS = ("triton", "mosaic", "mosaic_fused_swiglu", "mosaic_fused_swiglu_split", "mosaic_fused_swiglu_paired")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +119,9 @@ class MoETiling:
   - "mosaic_fused_swiglu_split": as "mosaic_fused_swiglu", that epilogue split by columns over both compute
     warpgroups (`split_epilogue=True`: the same bits, GEMM1 0-1.6 % faster); the H200 table's choice above
     128 rows per expert.
+  - "mosaic_fused_swiglu_paired": as "mosaic_fused_swiglu", each compute warpgroup computing 64 columns of
+    both up and gate (`paired=True`: no branch per warpgroup around the wgmma, only the row amax exchanged
+    in the epilogue; the same bits in interpret mode). Prepared after the SASS of PERF 41, not yet measured.
   """
 
   gemm1: GemmTiling = GemmTiling()
