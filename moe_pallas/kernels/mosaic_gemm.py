@@ -371,7 +371,6 @@ def _epilogue_on_up_scratch():
           plgpu.Barrier(num_arrivals=2)]
 
 
-
 def _epilogue_split(acc, wg, rows, ni, out_gmem, out_scale_gmem, handoff, row_stats, out_smem, exchange):
   """SwiGLU + quant of one work item split by columns: warpgroup g forms columns g*64 .. g*64+63. The up
   warpgroup hands over up's second half, the gate warpgroup silu(gate)'s first half; the row amax is the
