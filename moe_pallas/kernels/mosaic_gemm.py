@@ -398,7 +398,12 @@ def _epilogue_split(acc, wg, rows, ni, out_gmem, out_scale_gmem, handoff, row_st
   def _():
     handoff[1] = silu(acc[:, _HALF:]) * handed(1)
 
-  swiglu = handed(wg)
+  _quantize_halves(handed(wg), wg, rows, ni, out_gmem, out_scale_gmem, row_stats, out_smem, exchange)
+
+
+def _quantize_halves(swiglu, wg, rows, ni, out_gmem, out_scale_gmem, row_stats, out_smem, exchange):
+  """Warpgroup wg's 64 columns of silu(gate) * up, quantized with the row amax over both warpgroups' columns
+  (the max of the two halves', exchanged through SMEM: exact) and stored with the rows' 1 x 128 scales."""
   row_stats[wg] = jnp.max(jnp.abs(swiglu), axis=1)
   plgpu.barrier_arrive(exchange)  # both halves' row amax are in SMEM
   plgpu.barrier_wait(exchange)
@@ -433,24 +438,9 @@ def _epilogue_paired(accs, wg, rows, ni, out_gmem, out_scale_gmem, row_stats, ou
   each forms silu(gate) * up of its columns in registers; only the row amax crosses warpgroups (the max of
   the two halves', exact), so the bits are `_epilogue_split`'s, with no values handed over."""
   up, gate = accs
-  swiglu = silu(gate) * up  # silu on the SECOND half of W13's output
-  row_stats[wg] = jnp.max(jnp.abs(swiglu), axis=1)
-  plgpu.barrier_arrive(exchange)  # both halves' row amax are in SMEM
-  plgpu.barrier_wait(exchange)
-  row_max = lambda i: plgpu.load(row_stats.at[i], layout=plgpu.Layout.WGMMA.reduce(1))
-  values, scale = quantized_rows(swiglu, jnp.maximum(row_max(0), row_max(1)))
-  out_smem[wg] = values.astype(out_smem.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, pl.ds(ni * SCALE_BLOCK + wg * _HALF, _HALF)])
-
-  @pl.when(wg == 0)
-  def _():
-    row_stats[2] = scale  # row 2 stages the scales (rows 0-1, the amax, are read by now)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(row_stats.at[2], out_scale_gmem.at[ni, rows])
-
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  # Both warpgroups have read the amax rows before either writes the next item's.
+  _quantize_halves(silu(gate) * up, wg, rows, ni, out_gmem, out_scale_gmem, row_stats, out_smem, exchange)
+  # Both warpgroups have read the amax rows before either writes the next item's (with few K steps one
+  # could otherwise run through a whole item meanwhile: no hand-over in between holds it back).
   plgpu.barrier_arrive(exchange)
   plgpu.barrier_wait(exchange)
 
