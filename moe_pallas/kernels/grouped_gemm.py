@@ -30,17 +30,7 @@ from moe_pallas.quant import FP8_DTYPE
 
 def _tile_coordinates(num_m_tiles: int, num_n_tiles: int, group_m: int):
   """(M-tile, N-tile) of this program in grouped order: group_m M-tiles share each N sweep."""
-  return _grouped_coordinates(pl.program_id(0), num_m_tiles, num_n_tiles, group_m)
-
-
-def _grouped_coordinates(index, num_m_tiles, num_n_tiles: int, group_m: int):
-  """(M-tile, N-tile) of work item `index` of num_m_tiles (static, or a device-side count) x num_n_tiles in
-  grouped order: group_m M-tiles share each N sweep."""
-  items_per_group = group_m * num_n_tiles
-  first_m = (index // items_per_group) * group_m
-  group_size = jnp.minimum(num_m_tiles - first_m, group_m)
-  within = index % items_per_group
-  return first_m + within % group_size, within // group_size
+  return schedule.grouped_coordinates(pl.program_id(0), num_m_tiles, num_n_tiles, group_m)
 
 
 def _k_loop(k_start, k_stop, scales_of_step, k_step, acc, *, unroll):
@@ -420,7 +410,7 @@ def _gemm2_persistent_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale
   program, num_programs = pl.program_id(0), pl.num_programs(0)
 
   def item(step, carry):
-    i, j = _grouped_coordinates(program + step * num_programs, used, num_n_tiles, tiling.group_m)
+    i, j = schedule.grouped_coordinates(program + step * num_programs, used, num_n_tiles, tiling.group_m)
     gemm2_tile(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref, i=i, j=j, split=0,
                num_m_tiles=num_m_tiles, num_k_steps=num_k_steps, num_local_experts=num_local_experts,
                tiling=tiling)

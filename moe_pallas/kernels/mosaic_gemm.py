@@ -205,10 +205,7 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
       @plgpu.nd_loop((used * n_blocks,), collective_axes="sm")
       def _(loop_info):
         (index,) = loop_info.index
-        per_group = _GROUP_M * n_blocks
-        first_m = index // per_group * _GROUP_M
-        group_size = jnp.minimum(used - first_m, _GROUP_M)
-        within = index % per_group
+        mi, ni = schedule.grouped_coordinates(index, used, n_blocks, _GROUP_M)
 
         def run_pipeline(step, compute_context, runs, *operands):
           run = lambda state=None: pipeline_of(step, compute_context, pipeline_state=state)(
@@ -223,7 +220,7 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
           pl.when(first & last)(run)  # the CTA's only item: a pipeline of its own
           pl.when(~(first & last))(lambda: run(state.astype(jnp.int32)))
 
-        item(first_m + within % group_size, within // group_size, run_pipeline)
+        item(mi, ni, run_pipeline)
     return item
   return decorate
 

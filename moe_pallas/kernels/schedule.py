@@ -106,3 +106,14 @@ def used_tiles_operand(used_tiles, num_tiles: int) -> jax.Array:
     raise ValueError(f"used_tiles must be one integer (the number of leading tiles in use), got "
                      f"{used_tiles.dtype} of shape {used_tiles.shape}")
   return jnp.reshape(used_tiles.astype(jnp.int32), (1,))
+
+
+def grouped_coordinates(index, num_m_tiles, num_n_tiles: int, group_m: int):
+  """(M-tile, N-tile) of work item `index` of num_m_tiles (static, or a device-side count of used tiles) x
+  num_n_tiles in grouped order: group_m M-tiles share each N sweep, so that a group's weight tiles and rows
+  stay in L2 (Triton's grouped ordering; the last group takes the M-tiles left)."""
+  items_per_group = group_m * num_n_tiles
+  first_m = index // items_per_group * group_m
+  group_size = jnp.minimum(num_m_tiles - first_m, group_m)
+  within = index % items_per_group
+  return first_m + within % group_size, within // group_size
