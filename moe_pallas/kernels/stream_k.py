@@ -7,8 +7,8 @@ between programs go to float32 slots (two a program: its first item and its last
 sums in program order (no float atomics: bit-identical repeats) before the same epilogue; or, with the
 tiling's `fixup_in_kernel`, the program whose piece of the item arrives last (an integer atomic count per
 item: zeros that the routing kernel writes, `TileSchedule.arrival_counters`, else an XLA memset) sums them,
-in the same program order: the same bits, one launch fewer (the H200 table's choice at T <= 8, PERF 33). Each piece is one K loop with dynamic bounds (Triton
-pipelines it); a program runs a few of them.
+in the same program order: the same bits, one launch fewer (the H200 table's choice at T <= 8, PERF 33).
+Each piece is one K loop with dynamic bounds (Triton pipelines it); a program runs a few of them.
 
 Why: with one program per (M-tile, N-tile), how many programs run depends on the experts the tokens picked.
 At T=1-7 (two experts, 32 items of 56 K steps) GEMM1 had 4 K ranges a program instead; one stream-K program
