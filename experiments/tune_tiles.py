@@ -204,7 +204,7 @@ def chain_items_variants(base):
   (`scales_in_gather`, `weights_in_gemm2`), which lost at T=14107 by the extra TMA of each GEMM2 item that
   the chain may now hide (PERF 22)."""
   import dataclasses
-  tiles = dataclasses.replace(base if base.mosaic else mosaic_fused_split_variant()[1], chain_items=True)
+  tiles = dataclasses.replace(_mosaic_tiles(base), chain_items=True)
   return [("chain_items", tiles, False, None),
           ("chain_items_no_xla_ops", dataclasses.replace(tiles, scales_in_gather=True, weights_in_gemm2=True),
            False, None)]
@@ -215,8 +215,14 @@ def mosaic_fused_paired_variant(base):
   "mosaic_fused_swiglu_paired"`): no branch per warpgroup around the wgmma (PERF 41); the table's other
   options where it has the Mosaic path."""
   import dataclasses
-  tiles = base if base.mosaic else mosaic_fused_split_variant()[1]
-  return "mosaic_fused_paired", dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu_paired"), False, None
+  return ("mosaic_fused_paired", dataclasses.replace(_mosaic_tiles(base), gemm_kernels="mosaic_fused_swiglu_paired"),
+          False, None)
+
+
+def _mosaic_tiles(base):
+  """The table's tiles where they are the Mosaic path's, else the Mosaic fused-split variant's: the base of a
+  variant that changes one Mosaic option."""
+  return base if base.mosaic else mosaic_fused_split_variant()[1]
 
 
 def bf16_rows_variant(base):
