@@ -30,7 +30,7 @@ def _routing_kernels(num_tokens):
 ROUTING_KERNELS_SEPARATE = ["moe_route", "moe_layout", "moe_place"]  # layout_in_place=False
 ROUTING_KERNELS_PAST_ONE_TILE = ["moe_route", "moe_layout_sums", "moe_layout", "moe_place"]
 MOSAIC_CALL, MOSAIC_GEMM = "mosaic_gpu_v2", "mosaic_gemm"
-# The H200 table's Mosaic path: SwiGLU + quant in GEMM1's epilogue ("mosaic_fused_swiglu_split"), no kernel of
+# The H200 table's Mosaic path: SwiGLU + quant in GEMM1's epilogue ("mosaic_fused_swiglu_paired"), no kernel of
 # its own.
 MOSAIC_EXPERTS = ["moe_gather_rows", MOSAIC_GEMM, MOSAIC_GEMM, "moe_combine"]
 

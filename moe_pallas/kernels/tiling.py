@@ -279,7 +279,10 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # Mosaic GEMM1 wins only at all_local T=14107 (11334 vs 11593). With that epilogue split by columns over
     # both warpgroups (h200_2026-11-30_s6/tune9.jsonl, GEMM1 alone): T=901 219.5 -> 219.8 us, T=11948
     # 664.1 -> 656.0, T=14107 886.2 -> 872.2, T=901 all_local 546.0 -> 539.1, all_local T=14107 7144 -> 7035.
-    tiles = dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu_split")
+    # With each compute warpgroup's 64 columns of both up and gate (2026-11-30, h200_2026-11-30_s11/tune34.jsonl,
+    # GEMM1 alone, PERF 44): T=901 211.8 -> 211.0 us, T=11948 638.2 -> 596.7, T=14107 853.6 -> 798.6,
+    # all_local T=14107 7045 -> 6369.
+    tiles = dataclasses.replace(tiles, gemm_kernels="mosaic_fused_swiglu_paired")
   if _H200_MOSAIC_ABOVE_ROWS < rows_per_expert <= 512:
     # No XLA kernel on the Mosaic path (2026-11-30, h200_2026-11-30_s7/tune15.jsonl, kernel sums): the
     # weight scales laid out by the row gather and the routing weights multiplied in GEMM2, T=901 378.1 ->
