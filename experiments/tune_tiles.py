@@ -167,20 +167,8 @@ def k_unroll_variants(base):
   return out
 
 
-def persistent_gemm2_variants(base):
-  """GEMM2 on a persistent grid over the used tiles' items (`GemmTiling.persistent`, PERF 45): at T=14-80 the
-  worst-case grid launches ~3-6x more programs than there are items (T=53: ~6500 for ~1800), the rest exiting
-  at once."""
-  import dataclasses
-  if base.gemm2.split_k != 1:
-    return []
-  return [(f"gemm2_persistent{k}", dataclasses.replace(base, gemm2=dataclasses.replace(base.gemm2, persistent=k)),
-           False, None) for k in (2, 4, 6)]
-
-
 def small_t_variants(base):
   return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
-      *persistent_gemm2_variants(base),
       bf16_rows_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one

@@ -242,18 +242,6 @@ def test_stream_k_gemm1_lowers(num_tokens, fixup_in_kernel):
   assert re.findall(r"grid_x = (\d+)", text)[len(routing)] == "264"  # 2 programs per SM of the H200's 132
 
 
-def test_persistent_gemm2_lowers():
-  """`GemmTiling.persistent` on GEMM2 (T=57): the same kernels, GEMM2's grid persistent.programs per SM of the
-  H200's 132 instead of a program per (M-tile, N-tile) of the worst case."""
-  base = tiling.default_tiling(57, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
-  tiles = dataclasses.replace(base, gemm2=dataclasses.replace(base.gemm2, persistent=4))
-  assert _lowered_kernels(57, "NVIDIA H200", tiles=tiles) == _lowered_kernels(57, "NVIDIA H200")
-  grids = lambda tiles: [int(g) for g in re.findall(r"grid_x = (\d+)", _lowered_text(57, "NVIDIA H200", tiles=tiles))]
-  num_m_tiles = schedule.max_tiles(57 * CONFIG.top_k, CONFIG.num_local_experts, base.block_m)
-  assert grids(base)[-2] == num_m_tiles * CONFIG.hidden // base.gemm2.block_n  # GEMM2, then the combine
-  assert grids(tiles)[-2] == 4 * 132
-
-
 def test_bf16_intermediate_lowers():
   kernels = _lowered_kernels(16, "NVIDIA H200", intermediate_dtype=jnp.bfloat16)
   assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_bf16"] * 2 + ["moe_gemm2_bf16", "moe_combine"]

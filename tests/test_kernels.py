@@ -290,39 +290,6 @@ def test_k_unroll_gives_the_same_bits(seed, small_weights, interpret):
       np.testing.assert_array_equal(got[rows], want[rows], err_msg=str(kw))
 
 
-def test_persistent_gemm2_gives_the_same_bits(seed, small_weights, interpret):
-  """`GemmTiling.persistent`: GEMM2's programs looping over the used tiles' items (3 SMs in interpret mode, so
-  each takes several) give the per-item grid's rows bit for bit; with no used-tile count they visit every
-  tile and skip those of no expert."""
-  acts, plan = _kernel_inputs(seed)
-  _, _, w2, w2s = small_weights
-  sched = schedule.make_tile_schedule(plan, block_m=16)
-  key = jax.random.key(seed)
-  c = testing.inputs._fp8_normal(key, (sched.num_rows, mp.SMALL.intermediate))
-  c_scale = jax.random.uniform(jax.random.fold_in(key, 1), (mp.SMALL.intermediate // 64, sched.num_rows),
-                               minval=0.5, maxval=2.0)
-  base = tiling.GemmTiling(block_m=16, block_n=64, block_k=64, group_m=2)
-  gemm2 = lambda tiles, **kw: np.asarray(grouped_gemm.gemm2_weighted(
-      sched.tile_expert, c, c_scale, w2, w2s, sched.row_weight, tiling=tiles, interpret=interpret, **kw))
-  rows = np.flatnonzero(np.repeat(np.asarray(sched.tile_expert), 16) < mp.SMALL.num_local_experts)
-  assert 1 < int(sched.num_used_tiles) < sched.tile_expert.shape[0]  # used and unused tiles both
-  want = gemm2(base)
-  assert np.abs(want[rows]).max() > 0
-  for persistent in (1, 2):
-    tiles = dataclasses.replace(base, persistent=persistent)
-    np.testing.assert_array_equal(gemm2(tiles, used_tiles=sched.num_used_tiles)[rows], want[rows])
-    np.testing.assert_array_equal(gemm2(tiles)[rows], want[rows])
-
-
-def test_persistent_is_checked():
-  with pytest.raises(ValueError, match="persistent must be >= 0, and 0 with split_k above 1 or stream_k"):
-    tiling.GemmTiling(persistent=1, split_k=2)
-  with pytest.raises(ValueError, match="persistent is GEMM2's only"):
-    tiling.MoETiling(gemm1=tiling.GemmTiling(persistent=1))
-  with pytest.raises(ValueError, match="gemm2.persistent is the Triton GEMM2's"):
-    tiling.MoETiling(gemm2=tiling.GemmTiling(persistent=1), gemm_kernels="mosaic")
-
-
 def test_gemm2_bf16_rows_and_their_combine(seed, small_weights, interpret):
   """GEMM2 with bfloat16 out: its float32 rows rounded once; the combine sums bfloat16 rows in float32."""
   acts, plan = _kernel_inputs(seed)
@@ -437,10 +404,8 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2), bf16_rows=True),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, stream_k=2, fixup_in_kernel=True),
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2)),
-    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64),
-                     tiling.GemmTiling(block_m=16, block_n=64, block_k=64, group_m=3, persistent=1)),
 ], ids=["narrow", "grouped", "h200_small_t", "split_k", "gemm2_split_k", "busy_gemm1_picked",
-        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup", "persistent_gemm2"])
+        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 

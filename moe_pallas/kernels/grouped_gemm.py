@@ -402,23 +402,6 @@ def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_w
              num_m_tiles=num_m_tiles, num_k_steps=num_k_steps, num_local_experts=num_local_experts, tiling=tiling)
 
 
-def _gemm2_persistent_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, used_tiles_ref,
-                             out_ref, *, num_m_tiles, num_n_tiles, num_k_steps, num_local_experts, tiling):
-  # `tiling.persistent`: program p takes work items p, p + P, ... of the used tiles' items (grouped order over
-  # the device-side count of used tiles): no program is launched for the unused tiles of the worst case.
-  used = jnp.minimum(used_tiles_ref[0], num_m_tiles)
-  program, num_programs = pl.program_id(0), pl.num_programs(0)
-
-  def item(step, carry):
-    i, j = schedule.grouped_coordinates(program + step * num_programs, used, num_n_tiles, tiling.group_m)
-    gemm2_tile(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, out_ref, i=i, j=j, split=0,
-               num_m_tiles=num_m_tiles, num_k_steps=num_k_steps, num_local_experts=num_local_experts,
-               tiling=tiling)
-    return carry
-
-  jax.lax.fori_loop(0, pl.cdiv(jnp.maximum(used * num_n_tiles - program, 0), num_programs), item, 0)
-
-
 def gemm2_geometry(tile_expert, c, c_scale, w2, tiling: GemmTiling, out_dtype):
   """(rows, E_local, H, M-tiles, N-tiles, K steps) of a GEMM2 call, its scales, K steps and out_dtype checked."""
   num_rows, intermediate = c.shape
@@ -434,7 +417,7 @@ def gemm2_geometry(tile_expert, c, c_scale, w2, tiling: GemmTiling, out_dtype):
 
 
 def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling: GemmTiling, interpret=False,
-                   out_dtype=jnp.float32, used_tiles=None):
+                   out_dtype=jnp.float32):
   """Grouped `row_weight * (c @ W2[e].T)` per M-tile, float32 (or bfloat16: rounded once) out.
 
   Args:
@@ -443,9 +426,6 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
       c_scale None.
     w2: [E_local, H, I] float8_e4m3fn; w2_scale: [E_local, H/128, I/128] float32.
     row_weight: [rows] float32 routing weight of each row.
-    used_tiles: with `tiling.persistent`, the count of leading M-tiles in use (`TileSchedule.num_used_tiles`)
-      whose items the persistent programs share; None: all tiles (those of no expert are skipped). Unused
-      without `tiling.persistent`.
 
   Returns:
     [split_k * rows, H] out_dtype: with `tiling.split_k > 1` the K range of split s gives rows
@@ -455,19 +435,13 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
   num_rows, num_local, hidden, num_m_tiles, num_n_tiles, num_k_steps = gemm2_geometry(tile_expert, c, c_scale, w2,
                                                                                       tiling, out_dtype)
   scaled_input = c_scale is not None
-  statics = dict(num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles, num_k_steps=num_k_steps,
-                 num_local_experts=num_local, tiling=tiling)
-  operands = (tile_expert, c, c_scale, w2, w2_scale, row_weight)
-  if tiling.persistent:
-    kernel = functools.partial(_gemm2_persistent_kernel, **statics)
-    grid = (min(num_m_tiles * num_n_tiles, tiling.persistent * schedule.num_sms(interpret)),)
-    operands += (schedule.used_tiles_operand(used_tiles, num_m_tiles),)
-  else:
-    kernel = functools.partial(_gemm2_kernel, **statics)
-    grid = (num_m_tiles * num_n_tiles,) + ((tiling.split_k,) if tiling.split_k > 1 else ())
+  kernel = functools.partial(
+      _gemm2_kernel, num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles,
+      num_k_steps=num_k_steps, num_local_experts=num_local, tiling=tiling)
+  grid = (num_m_tiles * num_n_tiles,) + ((tiling.split_k,) if tiling.split_k > 1 else ())
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((tiling.split_k * num_rows, hidden), out_dtype),
       grid=grid, interpret=interpret,
       name="moe_gemm2_fp8" if scaled_input else "moe_gemm2_bf16",
       compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
-  )(*operands)
+  )(tile_expert, c, c_scale, w2, w2_scale, row_weight)

@@ -122,7 +122,7 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
                                                      interpret=interpret)
   weighted_rows = grouped_gemm.gemm2_weighted(
       schedule.tile_expert, swiglu, swiglu_scale, gemm2_weights, gemm2_weights_scale, schedule.row_weight,
-      tiling=tiling.gemm2, interpret=interpret, out_dtype=_rows_dtype(tiling), used_tiles=schedule.num_used_tiles)
+      tiling=tiling.gemm2, interpret=interpret, out_dtype=_rows_dtype(tiling))
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, num_splits=tiling.gemm2.split_k, interpret=interpret)
 

@@ -40,10 +40,6 @@ class GemmTiling:
     k_unroll: K steps whose tiles one loop iteration loads together before their dots (the same FMAs in the
       same order: the same bits). A weight row is then read k_unroll * block_k contiguous bytes at a time;
       HBM streams longer row segments faster (experiments/PERF.md 14, 27).
-    persistent: above 0 (GEMM2 only, without split-K), GEMM2 on a persistent grid of this many programs per
-      SM, each taking every P-th work item of the used tiles (the schedule's device-side count), instead of
-      one program per (M-tile, N-tile) of the worst case, most of which exit at once at small T (T=53:
-      ~4700 of ~6500). The same programs' work in the same order per item: the same bits.
   """
 
   block_m: int = 64
@@ -56,7 +52,6 @@ class GemmTiling:
   stream_k: int = 0
   fixup_in_kernel: bool = False
   k_unroll: int = 1
-  persistent: int = 0
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -77,9 +72,6 @@ class GemmTiling:
     if self.k_unroll < 1 or (self.k_unroll > 1 and self.stream_k):
       raise ValueError(f"k_unroll must be >= 1, and 1 with stream_k (its shares start at any K step); got "
                        f"k_unroll={self.k_unroll}, stream_k={self.stream_k}")
-    if self.persistent < 0 or (self.persistent and (self.split_k != 1 or self.stream_k)):
-      raise ValueError(f"persistent must be >= 0, and 0 with split_k above 1 or stream_k; got "
-                       f"persistent={self.persistent}, split_k={self.split_k}, stream_k={self.stream_k}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +152,6 @@ class MoETiling:
                          f"gemm1_busy={self.gemm1_busy}")
     if self.gemm2.stream_k:
       raise ValueError(f"stream_k is GEMM1's only, got gemm2.stream_k={self.gemm2.stream_k}")
-    if self.gemm1.persistent or (self.gemm1_busy is not None and self.gemm1_busy.persistent):
-      raise ValueError("persistent is GEMM2's only, got it on gemm1 or gemm1_busy")
-    if self.gemm2.persistent and self.mosaic:
-      raise ValueError(f"gemm2.persistent is the Triton GEMM2's (the Mosaic GEMMs are persistent already), got "
-                       f"gemm_kernels={self.gemm_kernels!r}")
     if self.gemm1.stream_k and (self.mosaic or self.gemm1_busy is not None):
       raise ValueError(f"gemm1.stream_k needs the Triton GEMMs and no gemm1_busy, got gemm_kernels="
                        f"{self.gemm_kernels!r}, gemm1_busy={self.gemm1_busy}")
