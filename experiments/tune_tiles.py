@@ -167,23 +167,8 @@ def k_unroll_variants(base):
   return out
 
 
-def prefetch_gemm2_variants(base):
-  """Where GEMM1 is the stream-K kernel (T <= 8): GEMM2's weights asked of the L2 by GEMM1's programs first
-  (`MoETiling.prefetch_gemm2_weights`, 1 or 4 KB a request), GEMM1's own weights loaded evict-first so that
-  they give way to them (`GemmTiling.weights_evict_first`), each alone and together."""
-  import dataclasses
-  if not base.gemm1.stream_k:
-    return []
-  evicting = dataclasses.replace(base.gemm1, weights_evict_first=True)
-  return [("g1_evict_first", dataclasses.replace(base, gemm1=evicting), False, None),
-          ("prefetch_g2_1k", dataclasses.replace(base, prefetch_gemm2_weights=1024), False, None),
-          ("prefetch_g2_1k_evict", dataclasses.replace(base, gemm1=evicting, prefetch_gemm2_weights=1024), False, None),
-          ("prefetch_g2_4k_evict", dataclasses.replace(base, gemm1=evicting, prefetch_gemm2_weights=4096), False, None)]
-
-
 def small_t_variants(base):
   return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
-      *prefetch_gemm2_variants(base),
       bf16_rows_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one

@@ -242,19 +242,6 @@ def test_stream_k_gemm1_lowers(num_tokens, fixup_in_kernel):
   assert re.findall(r"grid_x = (\d+)", text)[len(routing)] == "264"  # 2 programs per SM of the H200's 132
 
 
-def test_gemm2_weights_prefetch_lowers():
-  """`MoETiling.prefetch_gemm2_weights` at T=1 (the stream-K GEMM1): the same kernels, GEMM1's programs
-  asking the L2 for GEMM2's weights (cp.async.bulk.prefetch) and loading their own evict-first."""
-  base = tiling.default_tiling(1, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
-  prefetching = dataclasses.replace(base, prefetch_gemm2_weights=1024)
-  evicting = dataclasses.replace(prefetching, gemm1=dataclasses.replace(base.gemm1, weights_evict_first=True))
-  assert _lowered_kernels(1, "NVIDIA H200", tiles=evicting) == _lowered_kernels(1, "NVIDIA H200")
-  plain, text = _lowered_text(1, "NVIDIA H200"), _lowered_text(1, "NVIDIA H200", tiles=prefetching)
-  assert "cp.async.bulk.prefetch.L2.global [$1], 1024" in text and "cp.async.bulk" not in plain
-  # The eviction policy is an enum of the serialized Triton module, not text: only its loads differ.
-  assert _lowered_text(1, "NVIDIA H200", tiles=evicting) != text
-
-
 def test_bf16_intermediate_lowers():
   kernels = _lowered_kernels(16, "NVIDIA H200", intermediate_dtype=jnp.bfloat16)
   assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_bf16"] * 2 + ["moe_gemm2_bf16", "moe_combine"]

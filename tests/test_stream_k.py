@@ -78,15 +78,6 @@ def test_stream_k_gemm1_matches_one_program_per_tile(seed, weights, num_tokens, 
   np.testing.assert_array_equal(np.asarray(got_values)[valid], np.asarray(values)[valid])
   np.testing.assert_array_equal(np.asarray(got_scales)[:, valid], np.asarray(scales)[:, valid])
 
-  # GEMM2's weights asked of the L2 first (a no-op here, so this checks that the requests' index arithmetic
-  # and loop trace and run) and GEMM1's weights loaded evict-first: the same bits.
-  prefetching = dataclasses.replace(in_kernel, weights_evict_first=True)
-  got_values, got_scales = stream_k.gemm1_swiglu(*args, sched.num_used_tiles, tiling=prefetching,
-                                                 interpret=interpret, prefetch_weights=weights[2],
-                                                 prefetch_bytes=1024)
-  np.testing.assert_array_equal(np.asarray(got_values)[valid], np.asarray(values)[valid])
-  np.testing.assert_array_equal(np.asarray(got_scales)[:, valid], np.asarray(scales)[:, valid])
-
 
 def test_stream_k_tiling_is_checked():
   with pytest.raises(ValueError, match="fixup_in_kernel needs stream_k >= 1"):
@@ -98,10 +89,6 @@ def test_stream_k_tiling_is_checked():
   with pytest.raises(ValueError, match="gemm1.stream_k needs the Triton GEMMs and no gemm1_busy"):
     tiling.MoETiling(tiling.GemmTiling(block_m=16, stream_k=1), tiling.GemmTiling(block_m=16),
                      gemm1_busy=tiling.GemmTiling(block_m=16, num_warps=8), busy_min_tiles=3)
-  for nbytes, gemm1 in ((1024, tiling.GemmTiling(block_m=16)), (1000, tiling.GemmTiling(block_m=16, stream_k=1))):
-    with pytest.raises(ValueError, match=f"prefetch_gemm2_weights must be 0, or a positive multiple of 16 bytes "
-                                         f"with gemm1.stream_k; got {nbytes} with gemm1.stream_k={gemm1.stream_k}"):
-      tiling.MoETiling(gemm1, tiling.GemmTiling(block_m=16), prefetch_gemm2_weights=nbytes)
   with pytest.raises(ValueError, match="stream_k.gemm1_swiglu needs tiling.stream_k >= 1"):
     stream_k.gemm1_swiglu(*([None] * 7), tiling=tiling.GemmTiling(block_m=16))
 
@@ -112,12 +99,6 @@ def test_stream_k_gemm1_checks_its_operands(weights):
   args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s, sched.num_used_tiles)
   with pytest.raises(ValueError, match="gemm1_swiglu needs block_k = 128"):
     stream_k.gemm1_swiglu(*args, tiling=tiling.GemmTiling(block_m=16, block_k=64, stream_k=1), interpret=True)
-  w2 = weights[2]
-  for prefetched in (None, w2.astype(jnp.bfloat16), w2[:, :, :90]):  # 768 x 90 bytes an expert
-    with pytest.raises(ValueError, match="prefetch_weights must be \\[E, ...\\] with 1-byte elements, each "
-                                         "expert's a multiple of prefetch_bytes=1024"):
-      stream_k.gemm1_swiglu(*args, tiling=tiling.GemmTiling(block_m=16, stream_k=1), prefetch_weights=prefetched,
-                            prefetch_bytes=1024, interpret=True)
   in_kernel = tiling.GemmTiling(block_m=16, block_n=64, stream_k=1, fixup_in_kernel=True)
   counters = stream_k.num_arrival_counters(in_kernel, sched.num_tiles, CONFIG.intermediate)
   assert counters == sched.num_tiles * CONFIG.intermediate // 64

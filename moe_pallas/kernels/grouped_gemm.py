@@ -74,17 +74,12 @@ def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, 
     return (row_scale * w_scale_ref[expert, up_scale_row, k],
             row_scale * w_scale_ref[expert, gate_scale_row, k])
 
-  def weights(cols, ks):
-    if tiling.weights_evict_first:
-      return pltriton.load(w_ref.at[expert, cols, ks], eviction_policy="evict_first")
-    return w_ref[expert, cols, ks]
-
   def k_step(k, scales, accs):
     (up_scale, gate_scale), (acc_up, acc_gate) = scales, accs
     ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
     a = a_ref[tokens, ks]
-    acc_up = fma(dot_nt(a, weights(up_cols, ks)), up_scale[:, None], acc_up)
-    acc_gate = fma(dot_nt(a, weights(gate_cols, ks)), gate_scale[:, None], acc_gate)
+    acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
+    acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
     return acc_up, acc_gate
 
   zeros = jnp.zeros((bm, bn), jnp.float32)

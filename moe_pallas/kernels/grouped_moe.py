@@ -116,9 +116,7 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
   elif tiling.gemm1.stream_k:
     swiglu, swiglu_scale = stream_k.gemm1_swiglu(*gemm1_args, schedule.num_used_tiles, tiling=tiling.gemm1,
                                                  out_dtype=intermediate_dtype, interpret=interpret,
-                                                 arrival_counters=schedule.arrival_counters,
-                                                 prefetch_weights=gemm2_weights,
-                                                 prefetch_bytes=tiling.prefetch_gemm2_weights)
+                                                 arrival_counters=schedule.arrival_counters)
   else:
     swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(*gemm1_args, tiling=tiling.gemm1, out_dtype=intermediate_dtype,
                                                      interpret=interpret)

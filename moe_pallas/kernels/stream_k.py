@@ -19,7 +19,6 @@ per SM reads the weights faster (H200: T=1 30.3 -> 28.6 us with its fix-up, expe
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from moe_pallas.kernels import grouped_gemm, schedule
 from moe_pallas.kernels.tiling import GemmTiling
-from moe_pallas.kernels.triton_internals import prefetch_l2
 from moe_pallas.quant import FP8_DTYPE
 
 
@@ -42,43 +40,13 @@ def _program_of_step(step, total, num_programs):
   return ((step + 1) * num_programs - 1) // total
 
 
-def _prefetch_next_weights(next_w_ref, tile_expert_ref, used_tiles, program, *, num_programs, nbytes, num_threads):
-  """Asks the L2 for the weights of every expert of the used tiles in `next_w_ref` ([E, ...], 1-byte
-  elements), shared by the programs: request n (nbytes each, counted over the used tiles' experts in tile
-  order) is made by thread n % num_threads of program (n // num_threads) % num_programs. Tiles are sorted
-  by expert, so a tile whose expert is its predecessor's asks for nothing."""
-  per_expert = math.prod(next_w_ref.shape[1:]) // nbytes
-  lanes = jax.lax.broadcasted_iota(jnp.int32, (num_threads,), 0)
-  last_tile = jnp.maximum(used_tiles - 1, 0)
-
-  def requests(step, carry):
-    n = (step * num_programs + program) * num_threads + lanes
-    tile = n // per_expert
-    in_use = tile < used_tiles
-    expert = tile_expert_ref[jnp.minimum(tile, last_tile)]
-    previous = tile_expert_ref[jnp.maximum(jnp.minimum(tile, last_tile) - 1, 0)]
-    first_of_expert = (tile == 0) | (expert != previous)
-    prefetch_l2(next_w_ref, expert, (n % per_expert) * nbytes, in_use & first_of_expert, nbytes=nbytes)
-    return carry
-
-  jax.lax.fori_loop(0, pl.cdiv(used_tiles * per_expert, num_programs * num_threads), requests, 0)
-
-
 def _stream_k_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, used_tiles_ref, *refs,
-                     num_programs, num_n_tiles, num_k_steps, intermediate, tiling, quantize_output, interpret,
-                     prefetch_bytes):
+                     num_programs, num_n_tiles, num_k_steps, intermediate, tiling, quantize_output, interpret):
   if tiling.fixup_in_kernel:  # the zeroed arrival counters: an input, written through its aliased output
-    _, *refs = refs
-  if prefetch_bytes:
-    next_w_ref, *refs = refs
-  if tiling.fixup_in_kernel:
-    out_ref, *out_scale_refs, slots_ref, arrivals_ref = refs
+    _, out_ref, *out_scale_refs, slots_ref, arrivals_ref = refs
   else:
     out_ref, *out_scale_refs, slots_ref = refs
   program = pl.program_id(0)
-  if prefetch_bytes:
-    _prefetch_next_weights(next_w_ref, tile_expert_ref, used_tiles_ref[0], program, num_programs=num_programs,
-                           nbytes=prefetch_bytes, num_threads=32 * tiling.num_warps)
   total = used_tiles_ref[0] * num_n_tiles * num_k_steps
   start = _share_start(program, total, num_programs)
   stop = _share_start(program + 1, total, num_programs)
@@ -193,17 +161,13 @@ def num_arrival_counters(tiling: GemmTiling, num_m_tiles: int, intermediate: int
 
 
 def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used_tiles, *, tiling: GemmTiling,
-                 out_dtype=FP8_DTYPE, interpret=False, arrival_counters=None, prefetch_weights=None,
-                 prefetch_bytes=0):
+                 out_dtype=FP8_DTYPE, interpret=False, arrival_counters=None):
   """`grouped_gemm.gemm1_swiglu` (same arguments and outputs) as `tiling.stream_k` programs per SM.
 
   used_tiles: [] or [1] int32, the count of leading M-tiles in use (`TileSchedule.num_used_tiles`): the
   work that the programs share. Rows of tiles past it are left unwritten.
   arrival_counters: with `tiling.fixup_in_kernel`, [num_arrival_counters(...)] int32 zeros (consumed: the
   kernel writes them); None: zeros made here (an XLA memset kernel).
-  prefetch_weights, prefetch_bytes: the next GEMM's weights ([E, ...], 1-byte elements, each expert's a
-  multiple of prefetch_bytes): the programs first ask the L2 for those of the used tiles' experts,
-  prefetch_bytes a request (`MoETiling.prefetch_gemm2_weights`). Values are unchanged.
   """
   if tiling.stream_k < 1 or tiling.split_k != 1:
     raise ValueError(f"stream_k.gemm1_swiglu needs tiling.stream_k >= 1 and split_k = 1, got "
@@ -228,22 +192,13 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used_tiles,
       raise ValueError(f"arrival_counters must be int32[{num_counters}] (M-tiles x N-tiles), got "
                        f"{arrival_counters.dtype}{list(arrival_counters.shape)}")
     arrivals = (arrival_counters,)
-  prefetched = ()
-  if prefetch_bytes:
-    if (prefetch_weights is None or prefetch_weights.ndim < 2 or jnp.dtype(prefetch_weights.dtype).itemsize != 1
-        or prefetch_weights[0].size % prefetch_bytes):
-      raise ValueError(f"prefetch_weights must be [E, ...] with 1-byte elements, each expert's a multiple of "
-                       f"prefetch_bytes={prefetch_bytes}, got "
-                       f"{None if prefetch_weights is None else (prefetch_weights.dtype, prefetch_weights.shape)}")
-    prefetched = (prefetch_weights,)
   *outs, slots = pl.pallas_call(
-      functools.partial(_stream_k_kernel, intermediate=intermediate, interpret=interpret,
-                        prefetch_bytes=prefetch_bytes, **statics),
+      functools.partial(_stream_k_kernel, intermediate=intermediate, interpret=interpret, **statics),
       out_shape=(*out_shape, slots_shape, *[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrivals]),
       grid=(num_programs,), interpret=interpret, input_output_aliases={7: len(out_shape) + 1} if arrivals else {},
       name="moe_gemm1_stream_k_fp8" if quantize_output else "moe_gemm1_stream_k_bf16",
       compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
-  )(tile_expert, row_token, a, a_scale, w13, w13_scale, used, *arrivals, *prefetched)[:len(out_shape) + 1]
+  )(tile_expert, row_token, a, a_scale, w13, w13_scale, used, *arrivals)[:len(out_shape) + 1]
   if tiling.fixup_in_kernel:
     return (outs[0], outs[1]) if quantize_output else (outs[0], None)
   outs = pl.pallas_call(

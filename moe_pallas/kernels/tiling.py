@@ -40,8 +40,6 @@ class GemmTiling:
     k_unroll: K steps whose tiles one loop iteration loads together before their dots (the same FMAs in the
       same order: the same bits). A weight row is then read k_unroll * block_k contiguous bytes at a time;
       HBM streams longer row segments faster (experiments/PERF.md 14, 27).
-    weights_evict_first: GEMM1's weight tiles loaded with the L2's evict-first priority: lines read once
-      give way before others (the next GEMM's weights, `MoETiling.prefetch_gemm2_weights`). Same values.
   """
 
   block_m: int = 64
@@ -54,7 +52,6 @@ class GemmTiling:
   stream_k: int = 0
   fixup_in_kernel: bool = False
   k_unroll: int = 1
-  weights_evict_first: bool = False
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -112,11 +109,6 @@ class MoETiling:
   (`mosaic_gemm`'s chain_items: the next item's first K steps load while this item's last ones compute and
   its epilogue runs; the same bits). Measured on the H200 (experiments/PERF.md 37): no gain; no table sets it.
 
-  `prefetch_gemm2_weights`: above 0 (with the stream-K GEMM1), GEMM1's programs first ask the L2 for the
-  touched experts' GEMM2 weights, this many bytes a request (`triton_internals.prefetch_l2`, a multiple of
-  16), so that GEMM2 finds them there instead of waiting on HBM after its launch (at T <= 8 the two experts'
-  W2 are 29 MB, under the 50 MB L2; GEMM1 reads its 59 MB at about half of HBM's rate). Same values.
-
   `gemm_kernels`: which kernels run the two GEMMs (`GEMM_KERNELS`):
   - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
   - "mosaic": both as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the rows gathered
@@ -142,7 +134,6 @@ class MoETiling:
   weights_in_gemm2: bool = False
   bf16_rows: bool = False
   chain_items: bool = False
-  prefetch_gemm2_weights: int = 0
 
   def __post_init__(self):
     if self.gemm_kernels not in GEMM_KERNELS:
@@ -164,10 +155,6 @@ class MoETiling:
     if self.gemm1.stream_k and (self.mosaic or self.gemm1_busy is not None):
       raise ValueError(f"gemm1.stream_k needs the Triton GEMMs and no gemm1_busy, got gemm_kernels="
                        f"{self.gemm_kernels!r}, gemm1_busy={self.gemm1_busy}")
-    if self.prefetch_gemm2_weights and (self.prefetch_gemm2_weights % 16 or self.prefetch_gemm2_weights < 0
-                                        or not self.gemm1.stream_k):
-      raise ValueError(f"prefetch_gemm2_weights must be 0, or a positive multiple of 16 bytes with gemm1.stream_k; "
-                       f"got {self.prefetch_gemm2_weights} with gemm1.stream_k={self.gemm1.stream_k}")
     if self.gemm1_busy is not None:
       blocks = lambda g: (g.block_m, g.block_n, g.block_k, g.split_k)
       if blocks(self.gemm1_busy) != blocks(self.gemm1) or self.gemm1.split_k != 1:
