@@ -167,8 +167,23 @@ def k_unroll_variants(base):
   return out
 
 
+def swap_ab_variants(base):
+  """Each K step's product transposed (`GemmTiling.swap_ab`: the weight tile as the MMA's 64-row operand, the
+  16 token rows as its columns, as the peer's 16-row tiles do): GEMM1 (both launches), GEMM2 (the table's
+  launch, and the peer's 128-wide 4-stage one), and both."""
+  import dataclasses
+  swapped = lambda g: None if g is None else dataclasses.replace(g, swap_ab=True)
+  g1 = dict(gemm1=swapped(base.gemm1), gemm1_busy=swapped(base.gemm1_busy))
+  g2 = dict(gemm2=swapped(base.gemm2))
+  g2_wide = dict(gemm2=dataclasses.replace(base.gemm2, swap_ab=True, block_n=128, num_stages=4))
+  return [(name, dataclasses.replace(base, **kw), False, None) for name, kw in (
+      ("swap_g1", g1), ("swap_g2", g2), ("swap_g2_n128s4", g2_wide), ("swap_both", {**g1, **g2}),
+      ("swap_both_g2n128s4", {**g1, **g2_wide}))]
+
+
 def small_t_variants(base):
   return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
+      *swap_ab_variants(base),
       bf16_rows_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one

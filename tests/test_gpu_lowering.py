@@ -242,6 +242,18 @@ def test_stream_k_gemm1_lowers(num_tokens, fixup_in_kernel):
   assert re.findall(r"grid_x = (\d+)", text)[len(routing)] == "264"  # 2 programs per SM of the H200's 132
 
 
+@pytest.mark.parametrize("num_tokens", [1, 57])
+def test_swap_ab_lowers(num_tokens):
+  """`GemmTiling.swap_ab` on every Triton GEMM launch of the H200 table (T=1: the stream-K GEMM1 and the
+  split-K GEMM2; T=57: both GEMM1 launches and GEMM2): the same kernels, each a different module."""
+  base = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
+  swapped = lambda g: None if g is None else dataclasses.replace(g, swap_ab=True)
+  tiles = dataclasses.replace(base, gemm1=swapped(base.gemm1), gemm2=swapped(base.gemm2),
+                              gemm1_busy=swapped(base.gemm1_busy))
+  assert _lowered_kernels(num_tokens, "NVIDIA H200", tiles=tiles) == _lowered_kernels(num_tokens, "NVIDIA H200")
+  assert _lowered_text(num_tokens, "NVIDIA H200", tiles=tiles) != _lowered_text(num_tokens, "NVIDIA H200")
+
+
 def test_bf16_intermediate_lowers():
   kernels = _lowered_kernels(16, "NVIDIA H200", intermediate_dtype=jnp.bfloat16)
   assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_bf16"] * 2 + ["moe_gemm2_bf16", "moe_combine"]

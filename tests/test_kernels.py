@@ -290,6 +290,36 @@ def test_k_unroll_gives_the_same_bits(seed, small_weights, interpret):
       np.testing.assert_array_equal(got[rows], want[rows], err_msg=str(kw))
 
 
+def test_swap_ab_gives_the_same_products(seed, small_weights, interpret):
+  """`GemmTiling.swap_ab` (each K step's product computed transposed, W tile @ rows.T): GEMM1's bf16 SwiGLU
+  and GEMM2's float32 rows equal the untransposed kernels' up to float32 summation order."""
+  acts, plan = _kernel_inputs(seed)
+  w1, w1s, w2, w2s = small_weights
+  sched = schedule.make_tile_schedule(plan, block_m=16)
+  valid = np.asarray(sched.row_weight) != 0
+  for block_n, split_k in ((64, 1), (128, 2)):
+    gemm1 = lambda **kw: np.asarray(grouped_gemm.gemm1_swiglu(
+        sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s, out_dtype=jnp.bfloat16, interpret=interpret,
+        tiling=tiling.GemmTiling(block_m=16, block_n=block_n, split_k=split_k, **kw))[0], np.float32)[valid]
+    want = gemm1()
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(gemm1(swap_ab=True), want, rtol=2**-7, atol=1e-6 * np.abs(want).max())
+
+  values, scales = grouped_gemm.gemm1_swiglu(sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s,
+                                             tiling=tiling.GemmTiling(block_m=16, block_n=64), interpret=interpret)
+  rows = np.flatnonzero(np.repeat(np.asarray(sched.tile_expert), 16) < mp.SMALL.num_local_experts)
+  for block_n, split_k in ((64, 1), (128, 2)):
+    gemm2 = lambda **kw: np.asarray(grouped_gemm.gemm2_weighted(
+        sched.tile_expert, values, scales, w2, w2s, sched.row_weight, interpret=interpret,
+        tiling=tiling.GemmTiling(block_m=16, block_n=block_n, block_k=64, split_k=split_k, **kw)))
+    want = gemm2()
+    num_rows = len(sched.row_token)
+    rows_of_splits = np.concatenate([rows + s * num_rows for s in range(split_k)])
+    assert np.abs(want[rows]).max() > 0
+    np.testing.assert_allclose(gemm2(swap_ab=True)[rows_of_splits], want[rows_of_splits], rtol=1e-5,
+                               atol=1e-6 * np.abs(want[rows]).max())
+
+
 def test_gemm2_bf16_rows_and_their_combine(seed, small_weights, interpret):
   """GEMM2 with bfloat16 out: its float32 rows rounded once; the combine sums bfloat16 rows in float32."""
   acts, plan = _kernel_inputs(seed)
@@ -404,8 +434,12 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2), bf16_rows=True),
     tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, stream_k=2, fixup_in_kernel=True),
                      tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=2)),
+    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64, swap_ab=True),
+                     tiling.GemmTiling(block_m=16, block_n=128, block_k=64, swap_ab=True),
+                     gemm1_busy=tiling.GemmTiling(block_m=16, block_n=64, num_warps=8, swap_ab=True),
+                     busy_min_tiles=3, bf16_rows=True),
 ], ids=["narrow", "grouped", "h200_small_t", "split_k", "gemm2_split_k", "busy_gemm1_picked",
-        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup"])
+        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup", "swap_ab"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 

@@ -129,6 +129,8 @@ def test_rejects_shapes_it_does_not_cover():
                                  scales(256)[1])
   with pytest.raises(ValueError, match="gemm_kernels='mosaic' needs block_m=64"):
     tiling.MoETiling(tiling.GemmTiling(block_m=16), tiling.GemmTiling(block_m=16), gemm_kernels="mosaic")
+  with pytest.raises(ValueError, match="no swap_ab.*swap_ab\\) = \\(64, 128, 1, 1, 1, 1, True\\)"):
+    tiling.MoETiling(tiling.GemmTiling(block_m=64), tiling.GemmTiling(block_m=64, swap_ab=True), gemm_kernels="mosaic")
   with pytest.raises(ValueError, match="gemm_kernels must be one of"):
     tiling.MoETiling(gemm_kernels="cutlass")
   w13_scale = jnp.ones((1, 2, 2))

@@ -55,6 +55,23 @@ def _k_loop(k_start, k_stop, scales_of_step, k_step, acc, *, unroll):
   return acc
 
 
+def _tile_product(a, w, swap_ab: bool):
+  """a [bm, bk] @ w [bn, bk].T in float32 as [bm, bn], or with `GemmTiling.swap_ab` as its transpose
+  w @ a.T [bn, bm]: the weight tile is then the MMA's row operand (wgmma takes 64 rows of it at a time)
+  and the few activation rows its columns."""
+  return dot_nt(w, a) if swap_ab else dot_nt(a, w)
+
+
+def _per_row(factor, swap_ab: bool):
+  """A per-row [bm] factor, broadcast against `_tile_product`'s result."""
+  return factor[None, :] if swap_ab else factor[:, None]
+
+
+def _zero_accumulator(tiling: GemmTiling):
+  shape = (tiling.block_n, tiling.block_m) if tiling.swap_ab else (tiling.block_m, tiling.block_n)
+  return jnp.zeros(shape, jnp.float32)
+
+
 def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *, i, j, k_start,
                      num_k_steps, intermediate, tiling):
   """M-tile i's up and gate accumulators (N-tile j) over K steps k_start .. k_start + num_k_steps."""
@@ -78,12 +95,15 @@ def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, 
     (up_scale, gate_scale), (acc_up, acc_gate) = scales, accs
     ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
     a = a_ref[tokens, ks]
-    acc_up = fma(dot_nt(a, w_ref[expert, up_cols, ks]), up_scale[:, None], acc_up)
-    acc_gate = fma(dot_nt(a, w_ref[expert, gate_cols, ks]), gate_scale[:, None], acc_gate)
+    swap = tiling.swap_ab
+    acc_up = fma(_tile_product(a, w_ref[expert, up_cols, ks], swap), _per_row(up_scale, swap), acc_up)
+    acc_gate = fma(_tile_product(a, w_ref[expert, gate_cols, ks], swap), _per_row(gate_scale, swap), acc_gate)
     return acc_up, acc_gate
 
-  zeros = jnp.zeros((bm, bn), jnp.float32)
+  zeros = _zero_accumulator(tiling)
   acc_up, acc_gate = _k_loop(k_start, k_stop, scales_of_step, k_step, (zeros, zeros), unroll=tiling.k_unroll)
+  if tiling.swap_ab:
+    return acc_up.T, acc_gate.T
   return acc_up, acc_gate
 
 
@@ -389,9 +409,11 @@ def gemm2_tile(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weig
       a = c_ref[rows, ks]
       if not scaled_input:
         w = w.astype(c_ref.dtype)
-      return fma(dot_nt(a, w), scale[:, None], acc)
+      return fma(_tile_product(a, w, tiling.swap_ab), _per_row(scale, tiling.swap_ab), acc)
 
-    acc = _k_loop(k_start, k_stop, scale_of_step, k_step, jnp.zeros((bm, bn), jnp.float32), unroll=tiling.k_unroll)
+    acc = _k_loop(k_start, k_stop, scale_of_step, k_step, _zero_accumulator(tiling), unroll=tiling.k_unroll)
+    if tiling.swap_ab:
+      acc = acc.T
     out_ref[out_rows, cols] = (acc * row_weight_ref[rows][:, None]).astype(out_ref.dtype)
 
 

@@ -40,6 +40,10 @@ class GemmTiling:
     k_unroll: K steps whose tiles one loop iteration loads together before their dots (the same FMAs in the
       same order: the same bits). A weight row is then read k_unroll * block_k contiguous bytes at a time;
       HBM streams longer row segments faster (experiments/PERF.md 14, 27).
+    swap_ab: each K step's product computed transposed, W tile @ activation rows.T ([block_n, block_m]; the
+      weight tile as the MMA's row operand, the few rows as its columns, as SGLang's fused_moe_kernel does for
+      16-row tiles), the accumulator transposed back once before the epilogue. The same products, summed in
+      the MMA's order for that shape: equal up to float32 rounding.
   """
 
   block_m: int = 64
@@ -52,6 +56,7 @@ class GemmTiling:
   stream_k: int = 0
   fixup_in_kernel: bool = False
   k_unroll: int = 1
+  swap_ab: bool = False
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -144,12 +149,12 @@ class MoETiling:
     if self.mosaic:
       from moe_pallas.kernels import mosaic_gemm  # Mosaic GPU imports: only where asked for
       blocks = (self.gemm1.block_m, self.gemm1.block_n, self.gemm1.split_k, self.gemm2.split_k,
-                self.gemm1.k_unroll, self.gemm2.k_unroll)
-      if blocks != (mosaic_gemm.BLOCK_M, SCALE_BLOCK, 1, 1, 1, 1) or self.gemm1_busy is not None:
+                self.gemm1.k_unroll, self.gemm2.k_unroll, self.gemm1.swap_ab or self.gemm2.swap_ab)
+      if blocks != (mosaic_gemm.BLOCK_M, SCALE_BLOCK, 1, 1, 1, 1, False) or self.gemm1_busy is not None:
         raise ValueError(f"gemm_kernels={self.gemm_kernels!r} needs block_m={mosaic_gemm.BLOCK_M}, "
-                         f"gemm1.block_n={SCALE_BLOCK}, no split-K, no k_unroll and no gemm1_busy; got (block_m, "
-                         f"gemm1.block_n, split_k, gemm2 split_k, k_unroll, gemm2 k_unroll) = {blocks}, "
-                         f"gemm1_busy={self.gemm1_busy}")
+                         f"gemm1.block_n={SCALE_BLOCK}, no split-K, no k_unroll, no swap_ab and no gemm1_busy; got "
+                         f"(block_m, gemm1.block_n, split_k, gemm2 split_k, k_unroll, gemm2 k_unroll, swap_ab) = "
+                         f"{blocks}, gemm1_busy={self.gemm1_busy}")
     if self.gemm2.stream_k:
       raise ValueError(f"stream_k is GEMM1's only, got gemm2.stream_k={self.gemm2.stream_k}")
     if self.gemm1.stream_k and (self.mosaic or self.gemm1_busy is not None):
