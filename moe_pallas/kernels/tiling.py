@@ -244,8 +244,12 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # programs, about two per SM, is the measured boundary.
     # The combine with 2 x 512 programs (2026-11-30, h200_2026-11-30_s6/tune10.jsonl): 1.0-1.3 us less at
     # T=14-80 (T=14 4.0 -> 2.9, T=55 4.8 -> 3.5, T=80 4.3 -> 3.6; 4 x 256 the same within 0.1 us).
-    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3),
-                     gemm2=gemm2, combine=CombineTiling(block_t=2, block_h=512),
+    # GEMM2 and the 8-warp GEMM1 with each product transposed (2026-11-30, h200_2026-11-30_s11/tune37.jsonl,
+    # PERF 48): GEMM2 T=14 54.8 -> 52.7 us, T=16 31.8 -> 30.7, T=32 49.9 -> 42.8, T=52 78.0 -> 73.9, T=55
+    # 72.9 -> 70.1, T=57 77.8 -> 72.9, T=80 51.0 -> 45.4; GEMM1 T=16 74.2 -> 72.3, T=32 95.2 -> 92.1, T=80
+    # 101.7 -> 100.6, T=14 112.9 -> 113.7. The 4-warp GEMM1 loses with it (T=52 158.6 -> 167.5).
+    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3, swap_ab=True),
+                     gemm2=dataclasses.replace(gemm2, swap_ab=True), combine=CombineTiling(block_t=2, block_h=512),
                      gemm1_busy=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=3),
                      busy_min_tiles=17, bf16_rows=True)
   # GEMM2's rows as bfloat16 into the combine (2026-11-30, h200_2026-11-30_s8/tune20.jsonl, GEMM2 +
