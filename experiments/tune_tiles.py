@@ -170,15 +170,23 @@ def k_unroll_variants(base):
 def swap_ab_variants(base):
   """Each K step's product transposed (`GemmTiling.swap_ab`: the weight tile as the MMA's 64-row operand, the
   16 token rows as its columns, as the peer's 16-row tiles do): GEMM1 (both launches), GEMM2 (the table's
-  launch, and the peer's 128-wide 4-stage one), and both."""
+  launch, and the peer's 128-wide 4-stage one), and both. Then, from the table with GEMM2 and the 8-warp
+  GEMM1 swapped (PERF 48): the swapped 8-warp GEMM1 as the only launch (no idle second launch; unswapped,
+  8 warps lost at 17+ tiles), and the busy launch swapped with 8 warps or 3 stages."""
   import dataclasses
   swapped = lambda g: None if g is None else dataclasses.replace(g, swap_ab=True)
   g1 = dict(gemm1=swapped(base.gemm1), gemm1_busy=swapped(base.gemm1_busy))
   g2 = dict(gemm2=swapped(base.gemm2))
   g2_wide = dict(gemm2=dataclasses.replace(base.gemm2, swap_ab=True, block_n=128, num_stages=4))
-  return [(name, dataclasses.replace(base, **kw), False, None) for name, kw in (
+  out = [(name, dataclasses.replace(base, **kw), False, None) for name, kw in (
       ("swap_g1", g1), ("swap_g2", g2), ("swap_g2_n128s4", g2_wide), ("swap_both", {**g1, **g2}),
       ("swap_both_g2n128s4", {**g1, **g2_wide}))]
+  if base.gemm1.swap_ab and base.gemm1_busy is not None:
+    busy = lambda **kw: dict(gemm1_busy=dataclasses.replace(base.gemm1_busy, swap_ab=True, **kw))
+    out += [(name, dataclasses.replace(base, **kw), False, None) for name, kw in (
+        ("swap_g1_one_launch", dict(gemm1_busy=None, busy_min_tiles=0)), ("swap_busy_w8", busy(num_warps=8)),
+        ("swap_busy_w4s4", busy(num_stages=4)))]
+  return out
 
 
 def small_t_variants(base):
