@@ -335,8 +335,11 @@ def _arg_devices(args, device) -> list:
   return [found[i] for i in sorted(found)] or [jax.devices()[0]]
 
 
-def _pipelined_loop(flusher: ChainedFlusher, fn: Callable[..., Any] | None, args: Sequence[Any], n: int) -> float:
-  """Seconds of `n` x (flush, fn(*args)) enqueued back to back, ended by one block_until_ready.
+def _pipelined_loop(flusher: ChainedFlusher, fn: Callable[..., Any] | None, args: Sequence[Any],
+                    n: int) -> tuple[float, float]:
+  """Seconds of `n` x (flush, fn(*args)) enqueued back to back, ended by one block_until_ready, and the
+  seconds until the last one was enqueued (the host's part: near the whole when the host, not the device,
+  set the pace).
 
   Only the last output is kept: rebinding `out` drops the previous call's outputs, which the runtime frees
   once that call has run (JAX dispatch is async, so every call is already enqueued when it returns).
@@ -348,8 +351,14 @@ def _pipelined_loop(flusher: ChainedFlusher, fn: Callable[..., Any] | None, args
     flusher.enqueue()
     if fn is not None:
       out = fn(*args)
+  enqueued = time.perf_counter() - t0
   _block((out, flusher.buffer))
-  return time.perf_counter() - t0
+  return time.perf_counter() - t0, enqueued
+
+
+# A round whose calls took the host this share of the loop's wall time or more was paced by the host: its
+# per-call figure times the dispatch, not the device (`pipelined_host_bound_rounds`).
+HOST_BOUND_SHARE = 0.9
 
 
 def time_pipelined(fn, args, *, iters: int, rounds: int = 5, flush_bytes: int = DEFAULT_FLUSH_BYTES,
@@ -365,7 +374,9 @@ def time_pipelined(fn, args, *, iters: int, rounds: int = 5, flush_bytes: int = 
 
   Returns a dict: pipelined_us (median over rounds, µs per call), pipelined_min_us, pipelined_max_us,
   pipelined_rounds_us, pipelined_iters, pipelined_rounds, pipelined_flush_us (flush-only loop per call,
-  median), pipelined_loop_us (flush + call per call, median), pipelined_first_call_s (compile + one run),
+  median), pipelined_loop_us (flush + call per call, median), pipelined_enqueue_us (the host's time to
+  enqueue flush + call, per call, median), pipelined_host_bound_rounds (rounds whose enqueueing took
+  HOST_BOUND_SHARE of their loop or more: those time the host), pipelined_first_call_s (compile + one run),
   pipelined_devices, pipelined_clock and pipelined_method.
   """
   if iters < 1 or rounds < 1:
@@ -377,18 +388,22 @@ def time_pipelined(fn, args, *, iters: int, rounds: int = 5, flush_bytes: int = 
   first_call_s = time.perf_counter() - t0
   _pipelined_loop(flusher, fn, args, PIPELINED_WARMUP)
   _pipelined_loop(flusher, None, args, PIPELINED_WARMUP)
-  per_call, flush_only, loops = [], [], []
+  per_call, flush_only, loops, enqueues = [], [], [], []
+  host_bound = 0
   for _ in range(rounds):
-    flush_s = _pipelined_loop(flusher, None, args, iters)
-    loop_s = _pipelined_loop(flusher, fn, args, iters)
+    flush_s, _ = _pipelined_loop(flusher, None, args, iters)
+    loop_s, enqueue_s = _pipelined_loop(flusher, fn, args, iters)
     per_call.append((loop_s - flush_s) / iters * 1e6)
     flush_only.append(flush_s / iters * 1e6)
     loops.append(loop_s / iters * 1e6)
+    enqueues.append(enqueue_s / iters * 1e6)
+    host_bound += enqueue_s >= HOST_BOUND_SHARE * loop_s
   platform = devices[0].platform
   return dict(pipelined_us=statistics.median(per_call), pipelined_min_us=min(per_call),
               pipelined_max_us=max(per_call), pipelined_rounds_us=per_call, pipelined_iters=iters,
               pipelined_rounds=rounds, pipelined_flush_us=statistics.median(flush_only),
-              pipelined_loop_us=statistics.median(loops), pipelined_first_call_s=first_call_s,
+              pipelined_loop_us=statistics.median(loops), pipelined_enqueue_us=statistics.median(enqueues),
+              pipelined_host_bound_rounds=host_bound, pipelined_first_call_s=first_call_s,
               pipelined_devices=len(devices),
               pipelined_clock="device_wall" if platform == "gpu" else "host_clock",
               pipelined_method=pipelined_method(platform, iters=iters, rounds=rounds, flush_bytes=flush_bytes))

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +193,8 @@ def test_time_pipelined(platform):
   assert result["pipelined_iters"] == iters and len(result["pipelined_rounds_us"]) == rounds
   assert all(math.isfinite(v) for v in result["pipelined_rounds_us"])
   assert result["pipelined_min_us"] <= result["pipelined_us"] <= result["pipelined_max_us"]
+  assert 0 < result["pipelined_enqueue_us"] <= result["pipelined_loop_us"]
+  assert 0 <= result["pipelined_host_bound_rounds"] <= rounds
   assert result["pipelined_devices"] == 1
   if platform == "cpu":
     for key in ("pipelined_us", "pipelined_min_us"):
@@ -204,6 +207,21 @@ def test_time_pipelined(platform):
     assert result["pipelined_method"].startswith("pipelined_device_wall")
   with pytest.raises(ValueError):
     timing.time_pipelined(fn, (x,), iters=0)
+
+
+def test_time_pipelined_flags_rounds_paced_by_the_host():
+  """A call whose host work outlasts its device work (here a 3 ms sleep before a tiny program): every round
+  is counted host-paced, and the host's enqueue time is about the whole loop's."""
+  x = jax.device_put(jnp.ones((8,), jnp.float32), _platform_device("cpu"))
+  jitted = jax.jit(lambda x: x + 1)
+
+  def slow_host_call(x):
+    time.sleep(3e-3)
+    return jitted(x)
+
+  result = timing.time_pipelined(slow_host_call, (x,), iters=3, rounds=2, flush_bytes=2**20)
+  assert result["pipelined_host_bound_rounds"] == 2, result
+  assert result["pipelined_enqueue_us"] >= 3000 and result["pipelined_enqueue_us"] >= 0.9 * result["pipelined_loop_us"]
 
 
 def test_chained_flusher_donates_and_chains():
