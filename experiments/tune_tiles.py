@@ -172,7 +172,8 @@ def swap_ab_variants(base):
   16 token rows as its columns, as the peer's 16-row tiles do): GEMM1 (both launches), GEMM2 (the table's
   launch, and the peer's 128-wide 4-stage one), and both. Then, from the table with GEMM2 and the 8-warp
   GEMM1 swapped (PERF 48): the swapped 8-warp GEMM1 as the only launch (no idle second launch; unswapped,
-  8 warps lost at 17+ tiles), and the busy launch swapped with 8 warps or 3 stages."""
+  8 warps lost at 17+ tiles), or the peer's swapped 4-warp 4-stage launch as the only one; the busy launch
+  swapped with 4 stages; the 8-warp launch as 4 warps and 4 stages."""
   import dataclasses
   swapped = lambda g: None if g is None else dataclasses.replace(g, swap_ab=True)
   g1 = dict(gemm1=swapped(base.gemm1), gemm1_busy=swapped(base.gemm1_busy))
@@ -183,9 +184,12 @@ def swap_ab_variants(base):
       ("swap_both_g2n128s4", {**g1, **g2_wide}))]
   if base.gemm1.swap_ab and base.gemm1_busy is not None:
     busy = lambda **kw: dict(gemm1_busy=dataclasses.replace(base.gemm1_busy, swap_ab=True, **kw))
+    peer_launch = dataclasses.replace(base.gemm1, num_warps=4, num_stages=4)
     out += [(name, dataclasses.replace(base, **kw), False, None) for name, kw in (
-        ("swap_g1_one_launch", dict(gemm1_busy=None, busy_min_tiles=0)), ("swap_busy_w8", busy(num_warps=8)),
-        ("swap_busy_w4s4", busy(num_stages=4)))]
+        ("swap_g1_one_launch", dict(gemm1_busy=None, busy_min_tiles=0)),
+        ("swap_g1_one_launch_w4s4", dict(gemm1=peer_launch, gemm1_busy=None, busy_min_tiles=0)),
+        ("swap_busy_w4s4", busy(num_stages=4)),
+        ("swap_g1_w4s4", dict(gemm1=peer_launch)))]
   return out
 
 
