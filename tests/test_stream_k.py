@@ -78,6 +78,14 @@ def test_stream_k_gemm1_matches_one_program_per_tile(seed, weights, num_tokens, 
   np.testing.assert_array_equal(np.asarray(got_values)[valid], np.asarray(values)[valid])
   np.testing.assert_array_equal(np.asarray(got_scales)[:, valid], np.asarray(scales)[:, valid])
 
+  # Each piece's product transposed (`swap_ab`, transposed back before its slot or epilogue): the same sums up
+  # to float32 order in interpret mode; compiled, within the fp8 MMA's accumulation (bounded by relative L2).
+  swapped_bf16, _ = stream_k.gemm1_swiglu(*args, sched.num_used_tiles, out_dtype=jnp.bfloat16, interpret=interpret,
+                                          tiling=dataclasses.replace(in_kernel, swap_ab=True))
+  swapped_bf16 = np.asarray(swapped_bf16, np.float64)[valid]
+  assert np.linalg.norm(swapped_bf16 - got_bf16) / np.linalg.norm(got_bf16) < 2e-3
+  assert np.linalg.norm(swapped_bf16 - want) / np.linalg.norm(want) < 1e-2
+
 
 def test_stream_k_tiling_is_checked():
   with pytest.raises(ValueError, match="fixup_in_kernel needs stream_k >= 1"):
