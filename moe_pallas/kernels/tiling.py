@@ -42,8 +42,10 @@ class GemmTiling:
       HBM streams longer row segments faster (experiments/PERF.md 14, 27).
     swap_ab: each K step's product computed transposed, W tile @ activation rows.T ([block_n, block_m]; the
       weight tile as the MMA's row operand, the few rows as its columns, as SGLang's fused_moe_kernel does for
-      16-row tiles), the accumulator transposed back once before the epilogue. The same products, summed in
-      the MMA's order for that shape: equal up to float32 rounding.
+      16-row tiles), the accumulator transposed back once before the epilogue. The same products: in
+      interpret mode equal up to float32 summation order; compiled, the fp8 MMA accumulates each K step in
+      reduced precision, differently for the other shape (a few outputs differ by ~1 %, relative L2 < 2e-3;
+      experiments/PERF.md 48).
   """
 
   block_m: int = 64
