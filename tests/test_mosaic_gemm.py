@@ -134,13 +134,12 @@ def test_rejects_shapes_it_does_not_cover():
   with pytest.raises(ValueError, match="gemm_kernels must be one of"):
     tiling.MoETiling(gemm_kernels="cutlass")
   w13_scale = jnp.ones((1, 2, 2))
-  with pytest.raises(ValueError, match="paired has its own epilogue"):
+  with pytest.raises(ValueError, match="warpgroups must be one of \\('on_up', 'split', 'paired'\\), got 'both'"):
     mosaic_gemm.grouped_fp8_gemm_swiglu(jnp.zeros((1,), jnp.int32), a, scales(256)[0],
-                                        jnp.zeros((1, 256, 256), a.dtype), w13_scale, split_epilogue=True,
-                                        paired=True)
+                                        jnp.zeros((1, 256, 256), a.dtype), w13_scale, warpgroups="both")
 
 
-@pytest.mark.parametrize("options", [dict(), dict(split_epilogue=True), dict(paired=True)],
+@pytest.mark.parametrize("options", [dict(), dict(warpgroups="split"), dict(warpgroups="paired")],
                          ids=["on_up", "split", "paired"])
 def test_fused_swiglu_epilogue_equals_the_separate_kernels(rng, options, interpret):
   """GEMM1 with SwiGLU + quant in its epilogue (on the up warpgroup, split by columns over both, or each
@@ -197,7 +196,7 @@ def test_chained_items_give_the_same_bits(rng, n, k, used, interpret):
   want = gemm(False)
   assert np.abs(want).max() > 0
   np.testing.assert_array_equal(gemm(True), want)
-  swiglu = lambda chain: mosaic_gemm.grouped_fp8_gemm_swiglu(*args, used_tiles=used_tiles, split_epilogue=True,
+  swiglu = lambda chain: mosaic_gemm.grouped_fp8_gemm_swiglu(*args, used_tiles=used_tiles, warpgroups="split",
                                                              chain_items=chain, interpret=interpret)
   (values, scales), (chained_values, chained_scales) = swiglu(False), swiglu(True)
   np.testing.assert_array_equal(as_f32(chained_values)[:computed], as_f32(values)[:computed])

@@ -48,6 +48,11 @@ def _why_not_mosaic(hidden: int, intermediate: int, quantized: bool) -> str | No
           or mosaic_gemm.supports(hidden, intermediate, mosaic_gemm.BLOCK_M))
 
 
+# The fused Mosaic GEMM1 of each `gemm_kernels` that has one: how its two compute warpgroups share an item.
+_FUSED_WARPGROUPS = {"mosaic_fused_swiglu": "on_up", "mosaic_fused_swiglu_split": "split",
+                     "mosaic_fused_swiglu_paired": "paired"}
+
+
 def _rows_dtype(tiling: MoETiling):
   """GEMM2's weighted rows, as the combine reads them."""
   return jnp.bfloat16 if tiling.bf16_rows else jnp.float32
@@ -67,11 +72,10 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
       transposed_scales=[(w, mosaic_gemm.weight_scale_cols(w.shape)) for w in weight_scales]
       if tiling.scales_in_gather else ())
   gemm1_scale_rows, gemm2_scale_rows = scale_rows or (None, None)  # None: each GEMM lays its scales out
-  if tiling.gemm_kernels != "mosaic":  # SwiGLU + quant in GEMM1's epilogue
+  if tiling.gemm_kernels in _FUSED_WARPGROUPS:  # SwiGLU + quant in GEMM1's epilogue
     swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(
         schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
-        used_tiles=schedule.num_used_tiles, split_epilogue=tiling.gemm_kernels == "mosaic_fused_swiglu_split",
-        paired=tiling.gemm_kernels == "mosaic_fused_swiglu_paired", interpret=interpret,
+        used_tiles=schedule.num_used_tiles, warpgroups=_FUSED_WARPGROUPS[tiling.gemm_kernels], interpret=interpret,
         w_scale_rows=gemm1_scale_rows, chain_items=tiling.chain_items)
   else:
     gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,

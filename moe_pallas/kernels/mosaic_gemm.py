@@ -119,7 +119,7 @@ def _promoted_k_step(carry, a_scale_smem, weight_scale, issue_wgmma, row_factor_
 
 
 def _paired_k_step(carries, wg, a_smem, up_smem, gate_smem, a_scale_smem, weight_scales):
-  """`grouped_fp8_gemm_swiglu(paired=True)`'s K step on compute warpgroup wg: columns wg*64 .. of the up and
+  """`grouped_fp8_gemm_swiglu(warpgroups="paired")`'s K step on compute warpgroup wg: columns wg*64 .. of the up and
   the gate tile, one 64-wide wgmma each into fresh accumulators, promoted as `_promoted_k_step` does (each
   half with its own 128 x 128 weight-scale block: up's, gate's)."""
   row_scale = plgpu.load(a_scale_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
@@ -446,9 +446,12 @@ def _epilogue_paired_scratch():
   return _epilogue_split_scratch()[1:]  # no hand-over buffer: row stats, FP8 staging, the barrier
 
 
-def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None, split_epilogue=False,
+FUSED_WARPGROUPS = ("on_up", "split", "paired")  # how `grouped_fp8_gemm_swiglu`'s warpgroups share an item
+
+
+def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None, warpgroups: str = "on_up",
                             name: str = "moe_gemm1_swiglu_mosaic", interpret=False, w_scale_rows=None,
-                            chain_items=False, paired=False):
+                            chain_items=False):
   """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
 
   The CTA of M-tile i and column block j computes the up columns j*128.. (compute warpgroup 0) and the gate
@@ -460,12 +463,15 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   Args:
     tile_expert, a, a_scale, used_tiles, w_scale_rows, chain_items: as `grouped_fp8_gemm`.
     w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
-    split_epilogue: SwiGLU + quant split by columns over both warpgroups (`_epilogue_split`: the same
-      bits, GEMM1 0-1.6 % faster on the H200: the table's choice) instead of on the up warpgroup alone.
-    paired: compute warpgroup g takes columns g*64 .. g*64+63 of both up and gate (two 64-wide wgmmas a K
-      step, `_epilogue_paired`) instead of all 128 of one: both warpgroups run the same code, with no
-      branch around the wgmma, which on the H200 kept ptxas from folding the accumulator's zeroing into the
-      wgmma and made it inject warpgroup.arrive's (experiments/PERF.md 41). Excludes split_epilogue.
+    warpgroups: how the two compute warpgroups share an item (`FUSED_WARPGROUPS`):
+      - "on_up": up and gate tiles as above, SwiGLU + quant on the up warpgroup (`_epilogue_on_up`).
+      - "split": the same products, SwiGLU + quant split by columns over both warpgroups
+        (`_epilogue_split`: the same bits, GEMM1 0-1.6 % faster on the H200).
+      - "paired": warpgroup g takes columns g*64 .. g*64+63 of both up and gate (two 64-wide wgmmas a K
+        step, `_epilogue_paired`): both run the same code, with no branch around the wgmma, which on the
+        H200 kept ptxas from folding the accumulator's zeroing into the wgmma and made it inject
+        warpgroup.arrive's (experiments/PERF.md 41); GEMM1 6-10 % faster at T >= 11948 (PERF 44), the
+        H200 table's choice.
 
   Returns:
     (values [rows, I] float8_e4m3fn, scales [I/128, rows] float32). Rows of tiles of no expert unwritten.
@@ -486,11 +492,13 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   w_scale_rows = _scale_rows_operand(w13_scale, w_scale_rows)
   _check_chain_items(chain_items, used_tiles)
 
-  if paired and split_epilogue:
-    raise ValueError("paired has its own epilogue: pass split_epilogue=False with paired=True")
-  epilogue, epilogue_scratch = ((_epilogue_paired, _epilogue_paired_scratch()) if paired else
-                                (_epilogue_split, _epilogue_split_scratch()) if split_epilogue else
-                                (_epilogue_on_up, _epilogue_on_up_scratch()))
+  if warpgroups not in FUSED_WARPGROUPS:
+    raise ValueError(f"warpgroups must be one of {FUSED_WARPGROUPS}, got {warpgroups!r}")
+  paired = warpgroups == "paired"
+  epilogue, epilogue_scratch = {"on_up": (_epilogue_on_up, _epilogue_on_up_scratch),
+                                "split": (_epilogue_split, _epilogue_split_scratch),
+                                "paired": (_epilogue_paired, _epilogue_paired_scratch)}[warpgroups]
+  epilogue_scratch = epilogue_scratch()
 
   def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem,
              out_scale_gmem, *scratch):

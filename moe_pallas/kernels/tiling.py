@@ -124,9 +124,9 @@ class MoETiling:
   - "mosaic_fused_swiglu": as "mosaic", with SwiGLU + quant in the Mosaic GEMM1's epilogue
     (`mosaic_gemm.grouped_fp8_gemm_swiglu`), run by the up warpgroup while the gate one waits.
   - "mosaic_fused_swiglu_split": as "mosaic_fused_swiglu", that epilogue split by columns over both compute
-    warpgroups (`split_epilogue=True`: the same bits, GEMM1 0-1.6 % faster).
+    warpgroups (`warpgroups="split"`: the same bits, GEMM1 0-1.6 % faster).
   - "mosaic_fused_swiglu_paired": as "mosaic_fused_swiglu", each compute warpgroup computing 64 columns of
-    both up and gate (`paired=True`: no branch per warpgroup around the wgmma, only the row amax exchanged
+    both up and gate (`warpgroups="paired"`: no branch per warpgroup around the wgmma, only the row amax exchanged
     in the epilogue; the same bits in interpret mode); the H200 table's choice above 128 rows per expert
     (GEMM1 6-10 % faster than "_split" at T >= 11948, experiments/PERF.md 44).
   """
