@@ -22,7 +22,8 @@ Why the padding rows change no result (every output row depends only on its own 
     real token's pair.
   * so a real row is computed by the same operations on the same values whether padding rows exist or not.
     Within one padded size this is exact whatever the padding holds (tests/test_buckets.py checks it bit
-    for bit on "xla" and on the kernels). Between the padded and the unpadded size the kernels may pick
+    for bit on "xla" and on the kernels; where the count of used tiles picks one of two GEMM1 launches, both
+    compute each product alike, which `MoETiling` checks). Between the padded and the unpadded size the kernels may pick
     other tiles for the other T (`kernels.tiling.default_tiling` keys on rows per expert), and a different
     GEMM1 block_n changes the FP8 re-quantization blocks of the SwiGLU output: then the rows agree within
     SPEC.md's bound rather than bit for bit (the tests check bit equality where the tiles agree).

@@ -478,6 +478,8 @@ def test_gemm1_used_tiles_range_picks_the_call_that_writes(seed, small_weights, 
     tiling.MoETiling(gemm1=tiles, gemm1_busy=tiling.GemmTiling(block_m=32), busy_min_tiles=4)
   with pytest.raises(ValueError, match="busy_min_tiles must be >= 1"):
     tiling.MoETiling(gemm1=tiles, gemm1_busy=tiles)
+  with pytest.raises(ValueError, match="gemm1_busy.swap_ab must equal gemm1.swap_ab"):
+    tiling.MoETiling(gemm1=tiles, gemm1_busy=dataclasses.replace(tiles, num_warps=8, swap_ab=True), busy_min_tiles=4)
 
 
 def test_best_available_falls_back_to_xla_where_kernels_cannot_run(seed, monkeypatch, interpret):

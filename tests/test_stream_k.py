@@ -79,11 +79,13 @@ def test_stream_k_gemm1_matches_one_program_per_tile(seed, weights, num_tokens, 
   np.testing.assert_array_equal(np.asarray(got_scales)[:, valid], np.asarray(scales)[:, valid])
 
   # Each piece's product transposed (`swap_ab`, transposed back before its slot or epilogue): the same sums up
-  # to float32 order in interpret mode; compiled, within the fp8 MMA's accumulation (bounded by relative L2).
+  # to float32 order in interpret mode; compiled, within the fp8 MMA's accumulation (bounded by relative L2:
+  # the 16-row tile and its transpose run on different MMA instructions, which round the fp8 sums apart; the
+  # H200 measured 2.07e-3 at T=1, 176 programs; a wrong product or scale is off by O(1)).
   swapped_bf16, _ = stream_k.gemm1_swiglu(*args, sched.num_used_tiles, out_dtype=jnp.bfloat16, interpret=interpret,
                                           tiling=dataclasses.replace(in_kernel, swap_ab=True))
   swapped_bf16 = np.asarray(swapped_bf16, np.float64)[valid]
-  assert np.linalg.norm(swapped_bf16 - got_bf16) / np.linalg.norm(got_bf16) < 2e-3
+  assert np.linalg.norm(swapped_bf16 - got_bf16) / np.linalg.norm(got_bf16) < 4e-3
   assert np.linalg.norm(swapped_bf16 - want) / np.linalg.norm(want) < 1e-2
 
 

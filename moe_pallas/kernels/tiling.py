@@ -44,8 +44,8 @@ class GemmTiling:
       weight tile as the MMA's row operand, the few rows as its columns, as SGLang's fused_moe_kernel does for
       16-row tiles), the accumulator transposed back once before the epilogue. The same products: in
       interpret mode equal up to float32 summation order; compiled, the fp8 MMA accumulates each K step in
-      reduced precision, differently for the other shape (a few outputs differ by ~1 %, relative L2 < 2e-3;
-      experiments/PERF.md 48).
+      reduced precision, differently for the other shape (a few outputs differ by ~1 %, relative L2 ~2e-3;
+      experiments/PERF.md 48). GEMM1's two launches (`MoETiling.gemm1_busy`) must agree on it (PERF 49).
   """
 
   block_m: int = 64
@@ -167,6 +167,12 @@ class MoETiling:
       if blocks(self.gemm1_busy) != blocks(self.gemm1) or self.gemm1.split_k != 1:
         raise ValueError(f"gemm1_busy must have gemm1's blocks and no split-K (one output layout), got "
                          f"{blocks(self.gemm1_busy)} and {blocks(self.gemm1)}")
+      # The device's count of used tiles picks the launch: with products of two orientations (two MMA
+      # shapes that round the fp8 sums differently) a token's output would depend on the other tokens.
+      if self.gemm1_busy.swap_ab != self.gemm1.swap_ab:
+        raise ValueError(f"gemm1_busy.swap_ab must equal gemm1.swap_ab (a token's result must not depend on "
+                         f"which launch the other tokens pick), got {self.gemm1_busy.swap_ab} and "
+                         f"{self.gemm1.swap_ab}")
       if self.busy_min_tiles < 1:
         raise ValueError(f"busy_min_tiles must be >= 1 with a gemm1_busy, got {self.busy_min_tiles}")
     if self.gemm1.block_m != self.gemm2.block_m:
@@ -246,11 +252,13 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # programs, about two per SM, is the measured boundary.
     # The combine with 2 x 512 programs (2026-11-30, h200_2026-11-30_s6/tune10.jsonl): 1.0-1.3 us less at
     # T=14-80 (T=14 4.0 -> 2.9, T=55 4.8 -> 3.5, T=80 4.3 -> 3.6; 4 x 256 the same within 0.1 us).
-    # GEMM2 and the 8-warp GEMM1 with each product transposed (2026-11-30, h200_2026-11-30_s11/tune37.jsonl,
-    # PERF 48): GEMM2 T=14 54.8 -> 52.7 us, T=16 31.8 -> 30.7, T=32 49.9 -> 42.8, T=52 78.0 -> 73.9, T=55
-    # 72.9 -> 70.1, T=57 77.8 -> 72.9, T=80 51.0 -> 45.4; GEMM1 T=16 74.2 -> 72.3, T=32 95.2 -> 92.1, T=80
-    # 101.7 -> 100.6, T=14 112.9 -> 113.7. The 4-warp GEMM1 loses with it (T=52 158.6 -> 167.5).
-    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3, swap_ab=True),
+    # GEMM2 with each product transposed (2026-11-30, h200_2026-11-30_s11/tune37.jsonl, PERF 48): T=14 54.8
+    # -> 52.7 us, T=16 31.8 -> 30.7, T=32 49.9 -> 42.8, T=52 78.0 -> 73.9, T=55 72.9 -> 70.1, T=57 77.8 ->
+    # 72.9, T=80 51.0 -> 45.4. GEMM1 stays unswapped: transposed, the 8-warp launch gained 1-3 us (T=16 74.2
+    # -> 72.3, T=32 95.2 -> 92.1, T=80 101.7 -> 100.6, T=14 112.9 -> 113.7) and the 4-warp busy launch lost
+    # 9-12 (T=52 163.4 -> 172.3, T=55 154.7 -> 165.6, T=57 157.3 -> 169.2; s12/tune38.jsonl), and both
+    # launches must compute alike (PERF 49).
+    return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3),
                      gemm2=dataclasses.replace(gemm2, swap_ab=True), combine=CombineTiling(block_t=2, block_h=512),
                      gemm1_busy=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=3),
                      busy_min_tiles=17, bf16_rows=True)
