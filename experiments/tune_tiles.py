@@ -170,10 +170,11 @@ def k_unroll_variants(base):
 def swap_ab_variants(base):
   """Each K step's product transposed (`GemmTiling.swap_ab`: the weight tile as the MMA's 64-row operand, the
   16 token rows as its columns, as the peer's 16-row tiles do): GEMM1 (both launches), GEMM2 (the table's
-  launch, and the peer's 128-wide 4-stage one), and both. Then, from the table with GEMM2 and the 8-warp
-  GEMM1 swapped (PERF 48): the swapped 8-warp GEMM1 as the only launch (no idle second launch; unswapped,
+  launch, and the peer's 128-wide 4-stage one), and both. Then, with both GEMM1 launches swapped (as the
+  `swap_g1` variant): the swapped 8-warp GEMM1 as the only launch (no idle second launch; unswapped,
   8 warps lost at 17+ tiles), or the peer's swapped 4-warp 4-stage launch as the only one; the busy launch
-  swapped with 4 stages; the 8-warp launch as 4 warps and 4 stages."""
+  swapped with 4 stages; the 8-warp launch as 4 warps and 4 stages. (GEMM1's two launches must agree on
+  swap_ab, PERF 49: a variant that swaps one of them only is refused by MoETiling.)"""
   import dataclasses
   swapped = lambda g: None if g is None else dataclasses.replace(g, swap_ab=True)
   g1 = dict(gemm1=swapped(base.gemm1), gemm1_busy=swapped(base.gemm1_busy))
@@ -182,10 +183,11 @@ def swap_ab_variants(base):
   out = [(name, dataclasses.replace(base, **kw), False, None) for name, kw in (
       ("swap_g1", g1), ("swap_g2", g2), ("swap_g2_n128s4", g2_wide), ("swap_both", {**g1, **g2}),
       ("swap_both_g2n128s4", {**g1, **g2_wide}))]
-  if base.gemm1.swap_ab and base.gemm1_busy is not None:
-    busy = lambda **kw: dict(gemm1_busy=dataclasses.replace(base.gemm1_busy, swap_ab=True, **kw))
-    peer_launch = dataclasses.replace(base.gemm1, num_warps=4, num_stages=4)
-    out += [(name, dataclasses.replace(base, **kw), False, None) for name, kw in (
+  swapped_gemm1 = dataclasses.replace(base, **g1)
+  if swapped_gemm1.gemm1_busy is not None:
+    busy = lambda **kw: dict(gemm1_busy=dataclasses.replace(swapped_gemm1.gemm1_busy, **kw))
+    peer_launch = dataclasses.replace(swapped_gemm1.gemm1, num_warps=4, num_stages=4)
+    out += [(name, dataclasses.replace(swapped_gemm1, **kw), False, None) for name, kw in (
         ("swap_g1_one_launch", dict(gemm1_busy=None, busy_min_tiles=0)),
         ("swap_g1_one_launch_w4s4", dict(gemm1=peer_launch, gemm1_busy=None, busy_min_tiles=0)),
         ("swap_busy_w4s4", busy(num_stages=4)),
@@ -193,9 +195,21 @@ def swap_ab_variants(base):
   return out
 
 
+def program_order_variants(base):
+  """The programs in M-tile order (`group_m=1`: each M-tile sweeps its N-tiles before the next, as the
+  peer's launches do) instead of 8 M-tiles a sweep: at <= 32 rows per expert the M-tiles are mostly of
+  different experts, so the grouping shares no weight tile; in order, the programs running together read
+  fewer experts' weights. GEMM2 alone, and every Triton launch (the same bits: only the order changes)."""
+  import dataclasses
+  in_order = lambda g: None if g is None else dataclasses.replace(g, group_m=1)
+  return [("g2_group1", dataclasses.replace(base, gemm2=in_order(base.gemm2)), False, None),
+          ("group1", dataclasses.replace(base, gemm1=in_order(base.gemm1), gemm1_busy=in_order(base.gemm1_busy),
+                                         gemm2=in_order(base.gemm2)), False, None)]
+
+
 def small_t_variants(base):
   return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
-      *swap_ab_variants(base),
+      *swap_ab_variants(base), *program_order_variants(base),
       bf16_rows_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
       # GEMM1 in K ranges at 8-20 experts: 16 N-tiles x (8-20 experts) programs leave SMs with one
