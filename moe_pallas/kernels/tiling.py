@@ -242,9 +242,11 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # (2026-11-30, h200_2026-11-30_s9/tune23.jsonl, kernel sums with the counters' memset): T=1 50.4 ->
     # 48.5 us, T=7 53.1 -> 51.6; rel-L2 2.22e-2 -> 2.23e-2 and 2.25e-2. The routing kernels write the
     # zeroed counters (PERF 33: no memset kernel).
+    # GEMM2's products transposed (`swap_ab`; one launch, so the orientation is fixed; 2026-11-30,
+    # h200_2026-11-30_s12/tune38.jsonl and call 7, PERF 52): T=1 12.7 -> 11.6 us, T=7 13.3 -> 12.6.
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, stream_k=1,
                                       fixup_in_kernel=True),
-                     gemm2=dataclasses.replace(gemm2, split_k=2), combine=combine, bf16_rows=True)
+                     gemm2=dataclasses.replace(gemm2, split_k=2, swap_ab=True), combine=combine, bf16_rows=True)
   if rows_per_expert <= 32:
     # GEMM1's best launch depends on the experts touched: with 8 warps up to 14 experts (T=14: 116.5 ->
     # 114.7 us against 4 stages, T=32: 107.3 -> 95.7 and T=80: 112.0 -> 101.5 against 4 warps), with 4
