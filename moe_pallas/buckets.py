@@ -23,10 +23,11 @@ Why the padding rows change no result (every output row depends only on its own 
   * so a real row is computed by the same operations on the same values whether padding rows exist or not.
     Within one padded size this is exact whatever the padding holds (tests/test_buckets.py checks it bit
     for bit on "xla" and on the kernels; where the count of used tiles picks one of two GEMM1 launches, both
-    compute each product alike, which `MoETiling` checks). Between the padded and the unpadded size the kernels may pick
-    other tiles for the other T (`kernels.tiling.default_tiling` keys on rows per expert), and a different
-    GEMM1 block_n changes the FP8 re-quantization blocks of the SwiGLU output: then the rows agree within
-    SPEC.md's bound rather than bit for bit (the tests check bit equality where the tiles agree).
+    compute each product alike, which `MoETiling` checks). Between the padded and the unpadded size the
+    kernels may pick other tiles for the other T (`kernels.tiling.default_tiling` keys on rows per expert),
+    and a different GEMM1 block_n changes the FP8 re-quantization blocks of the SwiGLU output: then the rows
+    agree within SPEC.md's bound rather than bit for bit (the tests check bit equality where the tiles
+    agree).
 
 Padding tokens pick no local expert: their logits are -inf on this rank's experts and +inf elsewhere, so
 sigmoid scores are 0 on local experts and 1 elsewhere, and selection (score + bias) prefers the non-local
