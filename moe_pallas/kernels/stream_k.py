@@ -9,6 +9,10 @@ tiling's `fixup_in_kernel`, the program whose piece of the item arrives last (an
 item: zeros that the routing kernel writes, `TileSchedule.arrival_counters`, else an XLA memset) sums them,
 in the same program order: the same bits, one launch fewer (the H200 table's choice at T <= 8, PERF 33).
 Each piece is one K loop with dynamic bounds (Triton pipelines it); a program runs a few of them.
+The shares' boundaries move with the count of used tiles, so a split item's float32 pieces are summed in
+other groupings when the other tokens make more or fewer tiles: repeats of one call are bit-identical, and
+a token's result in another batch agrees to float32 summation order (the GEMM1 of the H200 table at
+T <= 8 only; `moe_layer_bucketed` pads to 16 tokens and more, which these T never reach).
 
 Why: with one program per (M-tile, N-tile), how many programs run depends on the experts the tokens picked.
 At T=1-7 (two experts, 32 items of 56 K steps) GEMM1 had 4 K ranges a program instead; one stream-K program
