@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -277,7 +278,10 @@ def test_sharded_benchmark_smoke(tmp_path):
   assert rows and all(required <= set(row) for row in rows), rows[:1]
   ran = [row for row in rows if row["status"] == "ok"]
   assert {row["strategy"] for row in ran} == {"all_gather", "all_to_all"}
-  assert all(row["passed"] and row["shards"] == 2 and row["step_us"] > 0 for row in ran), ran
+  # step_us is a pipelined time on the CPU's host clock (loop minus flush-only loop, 3 calls x 2 rounds):
+  # on a busy machine it can come out at or below zero (CI on two pytest workers did, once), so the smoke
+  # run requires it finite, as tests/test_experiments.py does for the benchmark's pipelined rows.
+  assert all(row["passed"] and row["shards"] == 2 and math.isfinite(row["step_us"]) for row in ran), ran
   assert all(row["status"] == "unsupported on CPU" for row in rows if row["strategy"] == "ragged_all_to_all")
   assert (tmp_path / "rows.md").exists()
 
