@@ -13,15 +13,13 @@ against the same floors) and the rows where ours is faster. Both files must come
 
 from __future__ import annotations
 
-import json
 import math
-import pathlib
 from typing import Iterable
 
 from absl import app
 from absl import flags
 
-from experiments.tables import markdown_table
+from experiments import tables
 
 _PROJECT = flags.DEFINE_list("project_jsonl", None, "benchmark.py JSONL files (uniform, all_local).",
                              required=True)
@@ -37,13 +35,10 @@ HEADER = ("T", "scenario", "experts", "floor µs", "pipelined µs (×floor)", "k
           "matched / rel_l2")
 
 
-def read_jsonl(path) -> list[dict]:
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
-
-
-def timed_rows(records: Iterable[dict]) -> list[dict]:
-  """benchmark.py's rows that carry a pipelined time (not headers, not failed rows)."""
-  return [r for r in records if r.get("record") != "header" and "pipelined_us" in r]
+def timed_rows(paths) -> list[dict]:
+  """benchmark.py's rows (ok) that carry a pipelined time."""
+  _, rows = tables.benchmark_rows(paths)
+  return [r for r in rows if r.get("pipelined_us") is not None]
 
 
 def kernel_groups(kernels) -> dict[str, float]:
@@ -114,9 +109,8 @@ def summary_lines(result: dict) -> list[str]:
 
 def main(argv):
   del argv
-  ours = timed_rows(record for path in _PROJECT.value for record in read_jsonl(path))
-  result = compare(ours, read_jsonl(_PEER.value))
-  print(markdown_table(HEADER, (table_cells(entry) for entry in result["rows"])))
+  result = compare(timed_rows(_PROJECT.value), tables.read_jsonl(_PEER.value))
+  print(tables.markdown_table(HEADER, (table_cells(entry) for entry in result["rows"])))
   print()
   print("\n".join(summary_lines(result)))
 

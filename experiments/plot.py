@@ -10,11 +10,12 @@ TFLOP/s, under the ceilings min(matrix rate, intensity x copy bandwidth) from th
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from absl import app
 from absl import flags
+
+from experiments import tables
 
 _INPUTS = flags.DEFINE_list("inputs", None, "Benchmark JSONL files.", required=True)
 _OUT = flags.DEFINE_string("out", None, "PNG path (default: the first input with .png).")
@@ -22,23 +23,6 @@ _TITLE = flags.DEFINE_string("title", None, "Figure title (default: the device o
 
 _MARKERS = {"uniform": "o", "all_local": "s", "skewed": "^", "no_local": "x"}
 _LINESTYLES = {"uniform": "-", "all_local": "--", "skewed": ":", "no_local": "-."}
-
-
-def load(paths):
-  """(headers, ok rows) from JSONL files written by benchmark.py."""
-  headers, rows = [], []
-  for path in paths:
-    with open(path) as f:
-      for line in f:
-        line = line.strip()
-        if not line:
-          continue
-        rec = json.loads(line)
-        if rec.get("record") == "header":
-          headers.append(rec)
-        elif rec.get("record") == "row" and rec.get("status") == "ok" and rec.get("time_us"):
-          rows.append(rec)
-  return headers, rows
 
 
 def plot(headers, rows, out_path, title=None):
@@ -109,7 +93,7 @@ def plot(headers, rows, out_path, title=None):
 
 def main(argv):
   del argv
-  headers, rows = load(_INPUTS.value)
+  headers, rows = tables.benchmark_rows(_INPUTS.value)
   if not rows:
     raise app.UsageError(f"no ok rows in {_INPUTS.value}")
   out = _OUT.value or str(pathlib.Path(_INPUTS.value[0]).with_suffix(".png"))

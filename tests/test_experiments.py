@@ -313,11 +313,10 @@ def test_peer_table_recomputes_a_committed_comparison():
   """peer_table.py on session 12's benchmark beside the peer (one H200 call) gives the figures its README
   states: 1.428x pipelined, 1.371x kernel sum, the peer 1.498x, 14 of 21 rows faster; a missing peer row
   is an error."""
-  from experiments import peer_table
+  from experiments import peer_table, tables
   results = REPO / "experiments" / "results" / "h200_2026-11-30_s12"
-  ours = peer_table.timed_rows(record for name in ("proj_uniform.jsonl", "proj_all_local.jsonl")
-                               for record in peer_table.read_jsonl(results / name))
-  peer = peer_table.read_jsonl(results / "peer.jsonl")
+  ours = peer_table.timed_rows([results / "proj_uniform.jsonl", results / "proj_all_local.jsonl"])
+  peer = tables.read_jsonl(results / "peer.jsonl")
   result = peer_table.compare(ours, peer)
   assert len(result["rows"]) == 21
   assert (round(result["geomean_pipelined"], 3), round(result["geomean_kernel_sum"], 3),
@@ -330,6 +329,6 @@ def test_peer_table_recomputes_a_committed_comparison():
   # The groups add each kernel's median over the calls, kernel_sum_us is the median of the calls' sums: they
   # differ by the calls' spread (0.13 us at T=1).
   assert sum(groups.values()) == pytest.approx(t1["row"]["kernel_sum_us"], rel=0.02)
-  assert "| 1 | uniform |" in peer_table.markdown_table(peer_table.HEADER, [peer_table.table_cells(t1)])
+  assert "| 1 | uniform |" in tables.markdown_table(peer_table.HEADER, [peer_table.table_cells(t1)])
   with pytest.raises(ValueError, match="the peer file has no row"):
     peer_table.compare(ours, [p for p in peer if p.get("T") != 80])
