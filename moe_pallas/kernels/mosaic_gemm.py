@@ -446,7 +446,11 @@ def _epilogue_paired_scratch():
   return _epilogue_split_scratch()[1:]  # no hand-over buffer: row stats, FP8 staging, the barrier
 
 
-FUSED_WARPGROUPS = ("on_up", "split", "paired")  # how `grouped_fp8_gemm_swiglu`'s warpgroups share an item
+# How `grouped_fp8_gemm_swiglu`'s two compute warpgroups share an item: its epilogue and that one's scratch.
+_FUSED_EPILOGUES = {"on_up": (_epilogue_on_up, _epilogue_on_up_scratch),
+                    "split": (_epilogue_split, _epilogue_split_scratch),
+                    "paired": (_epilogue_paired, _epilogue_paired_scratch)}
+FUSED_WARPGROUPS = tuple(_FUSED_EPILOGUES)
 
 
 def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None, warpgroups: str = "on_up",
@@ -495,10 +499,8 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   if warpgroups not in FUSED_WARPGROUPS:
     raise ValueError(f"warpgroups must be one of {FUSED_WARPGROUPS}, got {warpgroups!r}")
   paired = warpgroups == "paired"
-  epilogue, epilogue_scratch = {"on_up": (_epilogue_on_up, _epilogue_on_up_scratch),
-                                "split": (_epilogue_split, _epilogue_split_scratch),
-                                "paired": (_epilogue_paired, _epilogue_paired_scratch)}[warpgroups]
-  epilogue_scratch = epilogue_scratch()
+  epilogue, scratch_of_epilogue = _FUSED_EPILOGUES[warpgroups]
+  epilogue_scratch = scratch_of_epilogue()
 
   def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, out_gmem,
              out_scale_gmem, *scratch):
