@@ -25,11 +25,6 @@ _PROJECT = flags.DEFINE_list("project_jsonl", None, "benchmark.py JSONL files (u
                              required=True)
 _PEER = flags.DEFINE_string("peer_jsonl", None, "side_by_side.py JSONL of the same device call.", required=True)
 
-# Which of our kernels count as routing (route, plan, schedule), by name; GEMM1/GEMM2 by substring. GEMM1
-# counts every launch of it (T=14-80: the idle one too); "other" is the Mosaic path's row gather and XLA's
-# small ops around the GEMMs.
-ROUTING_KERNELS = frozenset({"moe_route", "moe_layout_place", "moe_route_layout_place", "moe_layout",
-                             "moe_layout_sums", "moe_place"})
 HEADER = ("T", "scenario", "experts", "floor µs", "pipelined µs (×floor)", "kernel sum µs (kernels)",
           "peer GEMM path µs", "pipelined / peer", "ours: routing / GEMM1 / GEMM2 / combine (+ other) µs",
           "matched / rel_l2")
@@ -39,23 +34,6 @@ def timed_rows(paths) -> list[dict]:
   """benchmark.py's rows (ok) that carry a pipelined time."""
   _, rows = tables.benchmark_rows(paths)
   return [r for r in rows if r.get("pipelined_us") is not None]
-
-
-def kernel_groups(kernels) -> dict[str, float]:
-  """[(name, us), ...] -> us per group: routing, gemm1, gemm2, combine, other."""
-  groups = dict.fromkeys(("routing", "gemm1", "gemm2", "combine", "other"), 0.0)
-  for name, us in kernels:
-    if name in ROUTING_KERNELS:
-      groups["routing"] += us
-    elif "gemm1" in name:
-      groups["gemm1"] += us
-    elif "gemm2" in name:
-      groups["gemm2"] += us
-    elif name == "moe_combine":
-      groups["combine"] += us
-    else:
-      groups["other"] += us
-  return groups
 
 
 def geomean(values) -> float:
@@ -73,7 +51,8 @@ def compare(ours: list[dict], peer_records: Iterable[dict]) -> dict:
     if key not in peer:
       raise ValueError(f"the peer file has no row {key}: run side_by_side.py on this benchmark's rows")
     peer_us = peer[key]["kernels_only_sum_us"]
-    rows.append(dict(row=r, peer_us=peer_us, ratio=r["pipelined_us"] / peer_us, groups=kernel_groups(r["kernels"])))
+    rows.append(dict(row=r, peer_us=peer_us, ratio=r["pipelined_us"] / peer_us,
+                     groups=tables.kernel_groups(r["kernels"])))
   uniform = [x for x in rows if x["row"]["scenario"] == "uniform"]
   if not uniform:
     raise ValueError("no uniform rows: the geometric means are over the public uniform workloads")

@@ -25,3 +25,29 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(cells) + " |" for cells in rows]
   return "\n".join(lines)
+
+
+# Our kernels by name: routing (route, plan, schedule), GEMM1 (every launch of it: at T=14-80 the idle one
+# too), GEMM2, the combine, and the rest (the Mosaic path's row gather, XLA's small ops around the GEMMs).
+ROUTING_KERNELS = frozenset({"moe_route", "moe_layout_place", "moe_route_layout_place", "moe_layout",
+                             "moe_layout_sums", "moe_place"})
+KERNEL_GROUPS = ("routing", "gemm1", "gemm2", "combine", "other")
+
+
+def kernel_group(name: str) -> str:
+  """Which of KERNEL_GROUPS a kernel of a benchmark row's `kernels` belongs to."""
+  if name in ROUTING_KERNELS:
+    return "routing"
+  if "gemm1" in name:
+    return "gemm1"
+  if "gemm2" in name:
+    return "gemm2"
+  return "combine" if "combine" in name else "other"
+
+
+def kernel_groups(kernels) -> dict[str, float]:
+  """[(name, us), ...] -> us per KERNEL_GROUPS entry."""
+  groups = dict.fromkeys(KERNEL_GROUPS, 0.0)
+  for name, us in kernels:
+    groups[kernel_group(name)] += us
+  return groups

@@ -285,6 +285,7 @@ def main(argv):
   import numpy as np
 
   import moe_pallas as mp
+  from experiments import tables
   from experiments import workloads as wl
   from experiments.timing import GpuTimer
   from moe_pallas import testing
@@ -349,11 +350,11 @@ def main(argv):
         print(f"T={T} {scenario} {name}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
         continue
       metrics = testing.acceptance_metrics(np.asarray(out, np.float32), ref)
-      parts = {"gemm1": 0.0, "gemm2": 0.0, "combine": 0.0, "other": 0.0}
+      parts = {"gemm1": 0.0, "gemm2": 0.0, "combine": 0.0, "other": 0.0}  # "other": routing included
       other_n = 0
       for kname, us in times.kernels:
-        key = ("gemm1" if "gemm1" in kname else "gemm2" if "gemm2" in kname else
-               "combine" if "combine" in kname else "other")
+        key = tables.kernel_group(kname)
+        key = "other" if key == "routing" else key
         parts[key] += us
         other_n += key == "other"
       row = dict(T=T, offset=offset, scenario=scenario, pairs=d.pairs, experts=d.experts_touched, variant=name,
