@@ -51,10 +51,17 @@ def _variant(bm, g1, g2, *, combine=(8, 256), bf16=False, fused=None, split_k=1,
   return name, tiling, bf16, fused
 
 
-def _with_combine(base, name, block_t, block_h, num_warps=4):
+def _with_combine(base, name, block_t, block_h, num_warps=4, branch_per_pick=False):
   import dataclasses
   from moe_pallas.kernels.tiling import CombineTiling
-  return name, dataclasses.replace(base, combine=CombineTiling(block_t, block_h, num_warps)), False, None
+  return name, dataclasses.replace(base, combine=CombineTiling(block_t, block_h, num_warps, branch_per_pick)), False, None
+
+
+def combine_branch_variants(base):
+  """The combine with one token a program and each pick's row read under a branch (`CombineTiling.
+  branch_per_pick`, as the peer's combine: 107 us at T=14107 against our 128)."""
+  return [*(_with_combine(base, f"combine_branch_c1x{h}w{w}", 1, h, w, True) for h, w in ((1024, 4), (512, 4), (1024, 8))),
+          *(_with_combine(base, f"combine_masked_c{t}x{h}w4", t, h) for t, h in ((8, 256), (2, 512)))]
 
 
 def combine_variants(base):
@@ -208,7 +215,8 @@ def program_order_variants(base):
 
 
 def small_t_variants(base):
-  return [*gemm2_and_combine_variants(base), *stream_k_variants(base), *k_unroll_variants(base),
+  return [*gemm2_and_combine_variants(base), *combine_branch_variants(base), *stream_k_variants(base),
+      *k_unroll_variants(base),
       *swap_ab_variants(base), *program_order_variants(base),
       bf16_rows_variant(base),
       mosaic_variant(), mosaic_fused_variant(),
@@ -269,7 +277,8 @@ def large_t_variants(base, num_tokens):
          _variant(32, (128, 8, 4), (64, 128, 4, 3)), _variant(64, (128, 8, 3), (128, 128, 4, 3)),
          # L2 reuse of a weight tile across M-tiles (group_m) and a deeper pipeline, at the default tiles.
          _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=16), _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=32),
-         _variant(64, (128, 8, 4), (128, 128, 4, 4)), *combine_variants(base), *chain_items_variants(base),
+         _variant(64, (128, 8, 4), (128, 128, 4, 4)), *combine_variants(base), *combine_branch_variants(base),
+         *chain_items_variants(base),
          mosaic_fused_paired_variant(base)]
   if num_tokens * 8 <= 8192:
     out += [("default_xlaroute", base, False, False)]

@@ -181,26 +181,52 @@ def test_gemm2_weighted_matches_jnp(seed, small_weights, split_k, interpret):
   assert (excess <= 0).all(), f"max |err| - bound = {excess.max():.3e} (unit {unit:.2e})"
 
 
+_COMBINE_TILINGS = {"masked": tiling.CombineTiling(),
+                    "branch": tiling.CombineTiling(block_t=1, block_h=128, branch_per_pick=True)}
+
+
+@pytest.mark.parametrize("tiles", sorted(_COMBINE_TILINGS))
 @pytest.mark.parametrize("num_tokens", [1, 17, 64])
-def test_combine_matches_jnp(seed, num_tokens, interpret):
+def test_combine_matches_jnp(seed, num_tokens, tiles, interpret):
   key = jax.random.key(seed)
   num_rows, hidden, top_k = 96, 256, 4
+  tiles = _COMBINE_TILINGS[tiles]
   rows = jax.random.normal(key, (num_rows, hidden))
   pair_padded_row = jax.random.randint(jax.random.fold_in(key, 1), (num_tokens, top_k), 0, num_rows + 1)
-  got = combine.combine_rows(rows, pair_padded_row, interpret=interpret)
+  got = combine.combine_rows(rows, pair_padded_row, tiling=tiles, interpret=interpret)
   # GEMM2's split-K partials: the same rows as two halves that sum to them.
   half = jax.random.normal(jax.random.fold_in(key, 2), (num_rows, hidden))
   split = combine.combine_rows(jnp.concatenate([half, rows - half]), pair_padded_row, num_splits=2,
-                               interpret=interpret)
+                               tiling=tiles, interpret=interpret)
   np.testing.assert_allclose(split, got, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="num_splits"):
     combine.combine_rows(rows[:95], pair_padded_row, num_splits=2, interpret=interpret)
   r, p = np.asarray(rows, np.float64), np.asarray(pair_padded_row)
   want = np.stack([sum((r[i] for i in p[t] if i < num_rows), np.zeros(hidden)) for t in range(num_tokens)])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
-  bf16 = combine.combine_rows(rows, pair_padded_row, out_dtype=jnp.bfloat16, interpret=interpret)
+  bf16 = combine.combine_rows(rows, pair_padded_row, out_dtype=jnp.bfloat16, tiling=tiles, interpret=interpret)
   assert bf16.dtype == jnp.bfloat16
   np.testing.assert_array_equal(bf16, jnp.asarray(got).astype(jnp.bfloat16))  # rounded once, from float32
+  # A NaN-poisoned token's row is NaN, the others' unchanged.
+  poison = jnp.zeros((num_tokens,), jnp.float32).at[num_tokens // 2].set(jnp.nan)
+  poisoned = np.asarray(combine.combine_rows(rows, pair_padded_row, poison=poison, tiling=tiles, interpret=interpret))
+  assert np.isnan(poisoned[num_tokens // 2]).all()
+  np.testing.assert_array_equal(np.delete(poisoned, num_tokens // 2, 0), np.delete(np.asarray(got), num_tokens // 2, 0))
+
+
+def test_combine_branches_agree_bit_for_bit(seed, interpret):
+  """The branch-per-pick combine sums the same rows in the same order as the masked one."""
+  key = jax.random.key(seed)
+  rows = jax.random.normal(key, (64, 512)).astype(jnp.bfloat16)
+  pair_padded_row = jax.random.randint(jax.random.fold_in(key, 1), (33, 8), 0, 2 * 64)  # ~half not local
+  pair_padded_row = jnp.minimum(pair_padded_row, 64)
+  masked = combine.combine_rows(rows, pair_padded_row, tiling=tiling.CombineTiling(block_t=8, block_h=256),
+                                interpret=interpret)
+  branch = combine.combine_rows(rows, pair_padded_row, tiling=tiling.CombineTiling(1, 256, branch_per_pick=True),
+                                interpret=interpret)
+  np.testing.assert_array_equal(branch, masked)
+  with pytest.raises(ValueError, match="branch_per_pick needs block_t=1"):
+    tiling.CombineTiling(block_t=2, branch_per_pick=True)
 
 
 def test_tiling_rejects_inconsistent_blocks():

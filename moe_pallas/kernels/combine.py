@@ -57,6 +57,26 @@ def _combine_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, num_t
   pltriton.store(out_ref.at[tokens[:, None], cols[None, :]], acc.astype(out_ref.dtype), mask=store_ok)
 
 
+def _combine_token_kernel(pair_padded_row_ref, rows_ref, poison_ref, out_ref, *, top_k, num_splits, block_h):
+  """`CombineTiling.branch_per_pick`: one token a program, each local pick's row added under a scalar branch
+  (a pick that is not local costs one scalar load), in `sum_token_rows`' order."""
+  token = pl.program_id(0)
+  cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_h, block_h), block_h)
+  num_rows = rows_ref.shape[0] // num_splits
+  start = jnp.zeros((block_h,), jnp.float32)
+  if poison_ref is not None:
+    start = start + poison_ref[token]
+  def add_pick(j, acc):
+    row = pair_padded_row_ref[token * top_k + j]
+    def add_rows(acc):
+      for split in range(num_splits):  # GEMM2's split-K partials of the row, in a fixed order
+        acc = acc + rows_ref[split * num_rows + row, cols].astype(jnp.float32)
+      return acc
+    return jax.lax.cond(row < num_rows, add_rows, lambda acc: acc, acc)
+  acc = functools.reduce(lambda acc, j: add_pick(j, acc), range(top_k), start)
+  out_ref[token, cols] = acc.astype(out_ref.dtype)
+
+
 def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, poison: jax.Array | None = None,
                  out_dtype=jnp.float32, tiling: CombineTiling = CombineTiling(), num_splits: int = 1,
                  interpret=False) -> jax.Array:
@@ -84,8 +104,11 @@ def combine_rows(rows: jax.Array, pair_padded_row: jax.Array, *, poison: jax.Arr
     raise ValueError(f"rows must be float32 or bfloat16, got {rows.dtype}")
   if num_splits < 1 or rows.shape[0] % num_splits:
     raise ValueError(f"rows ({rows.shape[0]}) must hold num_splits ({num_splits}) equal parts")
-  kernel = functools.partial(_combine_kernel, num_tokens=num_tokens, top_k=top_k, num_splits=num_splits,
-                             tiling=tiling)
+  if tiling.branch_per_pick:
+    kernel = functools.partial(_combine_token_kernel, top_k=top_k, num_splits=num_splits, block_h=tiling.block_h)
+  else:
+    kernel = functools.partial(_combine_kernel, num_tokens=num_tokens, top_k=top_k, num_splits=num_splits,
+                               tiling=tiling)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((num_tokens, hidden), out_dtype),
       grid=(pl.cdiv(num_tokens, tiling.block_t), hidden // tiling.block_h), interpret=interpret,

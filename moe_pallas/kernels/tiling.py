@@ -83,11 +83,22 @@ class GemmTiling:
 
 @dataclasses.dataclass(frozen=True)
 class CombineTiling:
-  """The combine kernel's program: block_t tokens x block_h output columns."""
+  """The combine kernel's program: block_t tokens x block_h output columns.
+
+  `branch_per_pick`: one token a program (block_t must be 1), each pick's row read under a branch on its
+  row index, as the peer's combine does: a pick that is not local issues no load instruction at all,
+  instead of a masked one (at uniform T=14107 most tokens have 0 or 1 local pick of 8). The same sum in the
+  same order: the same bits.
+  """
 
   block_t: int = 16
   block_h: int = 512
   num_warps: int = 4
+  branch_per_pick: bool = False
+
+  def __post_init__(self):
+    if self.branch_per_pick and self.block_t != 1:
+      raise ValueError(f"branch_per_pick needs block_t=1 (one token a program), got block_t={self.block_t}")
 
 
 GEMM_KERNELS = ("triton", "mosaic", "mosaic_fused_swiglu", "mosaic_fused_swiglu_split", "mosaic_fused_swiglu_paired")
@@ -253,7 +264,9 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # warps from 18 (T=52/55/57, 18-20 experts: 188-190 -> 147-159 us). 16 tiles x 16 N-tiles = 256
     # programs, about two per SM, is the measured boundary.
     # The combine with 2 x 512 programs (2026-11-30, h200_2026-11-30_s6/tune10.jsonl): 1.0-1.3 us less at
-    # T=14-80 (T=14 4.0 -> 2.9, T=55 4.8 -> 3.5, T=80 4.3 -> 3.6; 4 x 256 the same within 0.1 us).
+    # T=14-80 (T=14 4.0 -> 2.9, T=55 4.8 -> 3.5, T=80 4.3 -> 3.6; 4 x 256 the same within 0.1 us). One
+    # token x 1024 columns on 8 warps, each pick's row under a branch (2026-12-01, h200_2026-12-01_s13/
+    # tune41.jsonl, PERF 53): 0.2-0.6 us less at each of T=14, 16, 32, 52, 55, 57, 80 (T=57 3.5 -> 2.9).
     # GEMM2 with each product transposed (2026-11-30, h200_2026-11-30_s11/tune37.jsonl, PERF 48): T=14 54.8
     # -> 52.7 us, T=16 31.8 -> 30.7, T=32 49.9 -> 42.8, T=52 78.0 -> 73.9, T=55 72.9 -> 70.1, T=57 77.8 ->
     # 72.9, T=80 51.0 -> 45.4. GEMM1 stays unswapped: transposed, the 8-warp launch gained 1-3 us (T=16 74.2
@@ -261,7 +274,8 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # 9-12 (T=52 163.4 -> 172.3, T=55 154.7 -> 165.6, T=57 157.3 -> 169.2; s12/tune38.jsonl), and both
     # launches must compute alike (PERF 49).
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3),
-                     gemm2=dataclasses.replace(gemm2, swap_ab=True), combine=CombineTiling(block_t=2, block_h=512),
+                     gemm2=dataclasses.replace(gemm2, swap_ab=True),
+                     combine=CombineTiling(block_t=1, block_h=1024, num_warps=8, branch_per_pick=True),
                      gemm1_busy=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=3),
                      busy_min_tiles=17, bf16_rows=True)
   # GEMM2's rows as bfloat16 into the combine (2026-11-30, h200_2026-11-30_s8/tune20.jsonl, GEMM2 +
@@ -269,7 +283,11 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
   # 4454 -> 3714, all_local T=901 338.0 -> 281.6; T=55 83.2 -> 78.5, T=16 35.5 -> 35.6. rel-L2 against
   # the float32 reference unchanged (2.3e-2). (At <= 2 rows per expert, above, with GEMM2's split-K partial
   # rows each rounded: measured in session 9.)
-  tiles = dataclasses.replace(_h100_tiling(rows_per_expert), combine=combine, bf16_rows=True)
+  # The combine with one token x 1024 columns a program, each pick's row under a branch (2026-12-01,
+  # h200_2026-12-01_s13/tune41.jsonl, PERF 53): T=901 11.2 -> 8.6 us, T=11948 108.1 -> 87.0, T=14107
+  # 128.6 -> 110.1 (most tokens there have 0 or 1 local pick of 8).
+  tiles = dataclasses.replace(_h100_tiling(rows_per_expert), bf16_rows=True,
+                              combine=CombineTiling(block_t=1, block_h=1024, branch_per_pick=True))
   if rows_per_expert > 512:
     # M-tile groups of 32 (2026-11-30, h200_2026-11-30/tune3_tiles.jsonl): the sum of GEMM1 + GEMM2 +
     # combine at T=11948 1759 -> 1709 us, at T=14107 2307 -> 2256 (group_m 16: 1724, 2263).
