@@ -255,6 +255,8 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # zeroed counters (PERF 33: no memset kernel).
     # GEMM2's products transposed (`swap_ab`; one launch, so the orientation is fixed; 2026-11-30,
     # h200_2026-11-30_s12/tune38.jsonl and call 7, PERF 52): T=1 12.7 -> 11.6 us, T=7 13.3 -> 12.6.
+    # The combine keeps its masked 8 x 256 tile here: the branch per pick (PERF 54, tune42) was equal at
+    # T=1 and 0.7 us less at T=7 in one call, too little to change a measured entry.
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=4, stream_k=1,
                                       fixup_in_kernel=True),
                      gemm2=dataclasses.replace(gemm2, split_k=2, swap_ab=True), combine=combine, bf16_rows=True)
@@ -266,7 +268,7 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # The combine with 2 x 512 programs (2026-11-30, h200_2026-11-30_s6/tune10.jsonl): 1.0-1.3 us less at
     # T=14-80 (T=14 4.0 -> 2.9, T=55 4.8 -> 3.5, T=80 4.3 -> 3.6; 4 x 256 the same within 0.1 us). One
     # token x 1024 columns on 8 warps, each pick's row under a branch (2026-12-01, h200_2026-12-01_s13/
-    # tune41.jsonl, PERF 53): 0.2-0.6 us less at each of T=14, 16, 32, 52, 55, 57, 80 (T=57 3.5 -> 2.9).
+    # tune41.jsonl, PERF 54): 0.2-0.6 us less at each of T=14, 16, 32, 52, 55, 57, 80 (T=57 3.5 -> 2.9).
     # GEMM2 with each product transposed (2026-11-30, h200_2026-11-30_s11/tune37.jsonl, PERF 48): T=14 54.8
     # -> 52.7 us, T=16 31.8 -> 30.7, T=32 49.9 -> 42.8, T=52 78.0 -> 73.9, T=55 72.9 -> 70.1, T=57 77.8 ->
     # 72.9, T=80 51.0 -> 45.4. GEMM1 stays unswapped: transposed, the 8-warp launch gained 1-3 us (T=16 74.2
@@ -284,7 +286,7 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
   # the float32 reference unchanged (2.3e-2). (At <= 2 rows per expert, above, with GEMM2's split-K partial
   # rows each rounded: measured in session 9.)
   # The combine with one token x 1024 columns a program, each pick's row under a branch (2026-12-01,
-  # h200_2026-12-01_s13/tune41.jsonl, PERF 53): T=901 11.2 -> 8.6 us, T=11948 108.1 -> 87.0, T=14107
+  # h200_2026-12-01_s13/tune41.jsonl, PERF 54): T=901 11.2 -> 8.6 us, T=11948 108.1 -> 87.0, T=14107
   # 128.6 -> 110.1 (most tokens there have 0 or 1 local pick of 8).
   tiles = dataclasses.replace(_h100_tiling(rows_per_expert), bf16_rows=True,
                               combine=CombineTiling(block_t=1, block_h=1024, branch_per_pick=True))
