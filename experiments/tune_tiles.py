@@ -64,13 +64,6 @@ def combine_branch_variants(base):
           *(_with_combine(base, f"combine_masked_c{t}x{h}w4", t, h) for t, h in ((8, 256), (2, 512)))]
 
 
-def gemm1_prefetch_variants(base):
-  """The routing kernel asks the L2 for the picked experts' first K steps of W13 while HBM is otherwise idle
-  (`MoETiling.prefetch_gemm1_k_steps`): 2 K steps of 8 experts are 8 MB, of 20 experts 21 MB."""
-  import dataclasses
-  return [(f"g1_prefetch{k}", dataclasses.replace(base, prefetch_gemm1_k_steps=k), False, None) for k in (2, 4, 8, 16)]
-
-
 def combine_variants(base):
   """The combine's tile at large T, where it reads ~1 bf16 row a token (T=14107: 127 us for ~400 MB moved,
   3.2 TB/s): longer row segments a program (block_h) and fewer tokens a tile."""
@@ -222,8 +215,7 @@ def program_order_variants(base):
 
 
 def small_t_variants(base):
-  return [*gemm2_and_combine_variants(base), *combine_branch_variants(base), *gemm1_prefetch_variants(base),
-      *stream_k_variants(base),
+  return [*gemm2_and_combine_variants(base), *combine_branch_variants(base), *stream_k_variants(base),
       *k_unroll_variants(base),
       *swap_ab_variants(base), *program_order_variants(base),
       bf16_rows_variant(base),

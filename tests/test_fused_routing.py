@@ -146,23 +146,3 @@ def test_fused_poison_equals_nan_poison(where, interpret):
   np.testing.assert_array_equal(np.isnan(np.asarray(poison)), np.isnan(want))
   assert np.isnan(want).any() == (where != "inf_logits")
   np.testing.assert_array_equal(np.asarray(poison)[~np.isnan(want)], 0.0)
-
-
-@pytest.mark.parametrize("num_tokens", [1, 40], ids=["route_layout_place", "layout_place"])
-def test_weight_prefetch_changes_no_schedule(num_tokens, interpret):
-  """`prefetch_weights`/`prefetch_k_steps`: the layout_place programs ask the L2 for the picked experts' first
-  K steps of W13 (a no-op in interpret mode; compiled in the GPU run, where it must change nothing either);
-  a bad K-step count is refused with its values named."""
-  config = mp.SMALL
-  logits, bias, _, _ = testing.random_activations(config, num_tokens, seed=4, local_expert_offset=8)
-  w13, *_ = testing.random_weights(config, seed=1)
-  route = functools.partial(fused_routing.route_and_schedule, logits, bias, 2.5, 8, config=config,
-                            num_local_experts=config.num_local_experts, block_m=16, interpret=interpret)
-  want, want_ids, want_weights, _ = route()
-  got, ids, weights, _ = route(prefetch_weights=w13, prefetch_k_steps=2)
-  _assert_same_schedule(got, want, interpret)
-  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
-  np.testing.assert_array_equal(np.asarray(weights), np.asarray(want_weights))
-  for bad in (3, 4):  # not a power of two; more K steps than H=256 holds (2)
-    with pytest.raises(ValueError, match=f"prefetch_k_steps={bad}"):
-      route(prefetch_weights=w13, prefetch_k_steps=bad)

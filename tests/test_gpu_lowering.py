@@ -277,16 +277,3 @@ def test_abstract_gpu_rejects_unknown_devices():
   with pytest.raises(ValueError, match="not a GPU that Pallas-Triton knows"):
     with triton_internals.abstract_gpu("cpu"):
       pass
-
-
-@pytest.mark.parametrize("num_tokens", [1, 57])
-def test_gemm1_weight_prefetch_lowers_into_the_routing_kernel(num_tokens):
-  """`MoETiling.prefetch_gemm1_k_steps`: the routing kernel that lays out the schedule carries the L2 prefetch
-  (T=1: route_layout_place, T=57: layout_place); the same kernels, none added, none by default."""
-  base = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
-  tiles = dataclasses.replace(base, prefetch_gemm1_k_steps=4)
-  assert _lowered_kernels(num_tokens, "NVIDIA H200", tiles=tiles) == _lowered_kernels(num_tokens, "NVIDIA H200")
-  assert "prefetch.global.L2" in _lowered_text(num_tokens, "NVIDIA H200", tiles=tiles)
-  assert "prefetch.global.L2" not in _lowered_text(num_tokens, "NVIDIA H200", tiles=base)
-  with pytest.raises(ValueError, match="prefetch_gemm1_k_steps must be 0 or a power of two, got 3"):
-    dataclasses.replace(base, prefetch_gemm1_k_steps=3)

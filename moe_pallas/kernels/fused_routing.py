@@ -53,7 +53,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from moe_pallas.config import MoEConfig
-from moe_pallas.kernels import triton_internals
 from moe_pallas.kernels.schedule import TileSchedule, max_tiles
 
 # Up to this many picks (T * top_k) the fused kernels are the default: measured against XLA's sort-based
@@ -66,8 +65,6 @@ MAX_FUSED_PAIRS = 16384 * 8
 _BLOCKS_PER_CHUNK = 256
 
 _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
-_PREFETCH_LINE = 128  # elements of an FP8 weight row a prefetched line holds: one K step of 128 (bytes)
-_PREFETCH_LINES_A_STEP = 2048  # prefetch offsets a program forms at once (16 a thread at 4 warps)
 
 # From this T, `route` runs 2 tokens a program on one warp (its row reductions then stay within the warp:
 # shuffles, no shared-memory round trips), the other kernels 2 tokens a block on num_warps. Measured on the
@@ -291,40 +288,14 @@ def _place_kernel(ids_ref, weights_ref, offset_ref, block_start_ref, tile_expert
             _select(expert, expert_rows_ref[1, :], lanes), block_m=block_m, num_local=num_local)
 
 
-def _prefetch_touched_experts(w_ref, totals, *, num_local, k_steps, rows_per_program):
-  """Asks the L2 for the first `k_steps` K steps (128-byte lines of FP8 weights) of this program's share of
-  the rows of every local expert that a token picked (totals > 0): the GEMM that follows reads them first,
-  and HBM has nothing else to do while the routing runs. Fire and forget: no value changes."""
-  num_rows, hidden = w_ref.shape[1], w_ref.shape[2]
-  chunk_rows = min(rows_per_program, _PREFETCH_LINES_A_STEP // k_steps)  # a bounded vector of offsets a step
-  lines = jnp.arange(chunk_rows * k_steps, dtype=jnp.int32)
-  experts = jnp.arange(totals.shape[0], dtype=jnp.int32)
-  first_row = pl.program_id(0) * rows_per_program
-
-  def expert_step(expert, carry):
-    picked = jnp.sum(jnp.where(experts == expert, totals, 0)) > 0
-
-    @pl.when(picked)
-    def _():
-      for chunk in range(rows_per_program // chunk_rows):
-        rows = jnp.minimum(first_row + chunk * chunk_rows + lines // k_steps, num_rows - 1)  # past the end: repeats
-        triton_internals.prefetch_l2(w_ref, expert, rows * hidden + (lines % k_steps) * _PREFETCH_LINE)
-    return carry
-  jax.lax.fori_loop(0, num_local, expert_step, 0)
-
-
-def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, *refs, num_blocks, num_pairs, top_k,
+def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, tile_expert_ref, used_tiles_ref,
+                             row_token_ref, row_weight_ref, pair_row_ref, *zeros_ref, num_blocks, num_pairs, top_k,
                              num_local, lanes, block_m, num_tiles, tokens_per_block, tiles_per_program,
-                             blocks_per_chunk, zeros_per_program, prefetch_k_steps=0, prefetch_rows_per_program=0):
+                             blocks_per_chunk, zeros_per_program):
   """`layout` and `place` in one kernel, for calls whose blocks' counts fit one tile (num_blocks <=
   blocks_per_chunk): every program sums all blocks' counts itself (at most a [256, lanes] tile) instead of
-  reading a layout kernel's results, so the call has one kernel and one launch gap fewer. With a zeros
-  output, each program also zeroes its share of it (`route_and_schedule`'s num_zeros). With
-  prefetch_k_steps, the first input of `refs` is GEMM1's weights, whose touched experts' first K steps each
-  program asks the L2 for (`route_and_schedule`'s prefetch_weights)."""
-  if prefetch_k_steps:
-    prefetch_ref, *refs = refs
-  tile_expert_ref, used_tiles_ref, row_token_ref, row_weight_ref, pair_row_ref, *zeros_ref = refs
+  reading a layout kernel's results, so the call has one kernel and one launch gap fewer. With `zeros_ref`,
+  each program also zeroes its share of it (`route_and_schedule`'s num_zeros)."""
   block = pl.program_id(0)
   if zeros_ref:
     (zeros_ref,) = zeros_ref
@@ -333,9 +304,6 @@ def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, *refs
   blocks, _, counts = _chunk_counts(counts_ref, 0, num_blocks=num_blocks, lanes=lanes,
                                     blocks_per_chunk=blocks_per_chunk)
   totals = jnp.sum(counts, axis=0)
-  if prefetch_k_steps:  # first: the lines are in flight while this program places its picks
-    _prefetch_touched_experts(prefetch_ref, totals, num_local=num_local, k_steps=prefetch_k_steps,
-                              rows_per_program=prefetch_rows_per_program)
   padded, padded_start, padded_end = _expert_ranges(totals, block_m=block_m, lanes=lanes)
   start = padded_start + jnp.sum(jnp.where((blocks < block)[:, None], counts, 0), axis=0)
   _place_picks(ids_ref, weights_ref, offset_ref, row_token_ref, row_weight_ref, pair_row_ref, start,
@@ -354,26 +322,24 @@ def _layout_and_place_kernel(counts_ref, ids_ref, weights_ref, offset_ref, *refs
     used_tiles_ref[...] = jnp.broadcast_to(jnp.sum(padded) // block_m, (1,))
 
 
-def _route_layout_place_kernel(logits_ref, bias_ref, factor_ref, offset_ref, *refs, route, layout_place, interpret,
-                               prefetch):
+def _route_layout_place_kernel(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref,
+                               poison_ref, tile_expert_ref, used_tiles_ref, row_token_ref, row_weight_ref,
+                               pair_row_ref, *zeros_ref, route, layout_place, interpret):
   """`route` and `layout_place` as one program, for calls of one block of tokens (T <= tokens_per_block):
   the picks, weights and counts that route stores are read back by layout_place, by other threads of the
   program, after a barrier (bar.sync: the program's global stores before it are visible to all its threads
-  after it). Interpret mode runs the program in order and has no barrier rule. `prefetch`: the first of
-  `refs` is the weights input of layout_place's prefetch."""
-  prefetch_ref = refs[:1] if prefetch else ()
-  ids_ref, weights_ref, counts_ref, poison_ref, *layout_outputs = refs[len(prefetch_ref):]
+  after it). Interpret mode runs the program in order and has no barrier rule."""
   route(logits_ref, bias_ref, factor_ref, offset_ref, ids_ref, weights_ref, counts_ref, poison_ref)
   if not interpret:
     pltriton.debug_barrier()
-  layout_place(counts_ref, ids_ref, weights_ref, offset_ref, *prefetch_ref, *layout_outputs)
+  layout_place(counts_ref, ids_ref, weights_ref, offset_ref, tile_expert_ref, used_tiles_ref, row_token_ref,
+               row_weight_ref, pair_row_ref, *zeros_ref)
 
 
 def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, *,
                        config: MoEConfig, num_local_experts: int, block_m: int, interpret=False,
                        tokens_per_block: int | None = None, num_warps: int = 4, route_warps: int | None = None,
-                       tiles_per_step: int = 256, layout_in_place: bool = True, num_zeros: int = 0,
-                       prefetch_weights=None, prefetch_k_steps: int = 0):
+                       tiles_per_step: int = 256, layout_in_place: bool = True, num_zeros: int = 0):
   """`route` -> `plan_local` -> `make_tile_schedule(block_m)` as two kernels (one for one block of tokens, four
   past T=512-1024).
 
@@ -391,10 +357,6 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   num_zeros: the schedule's `arrival_counters`, that many int32 zeros for the GEMM1 that counts arrivals
   (`GemmTiling.fixup_in_kernel`); written by `layout_place` where it runs (so that no memset kernel runs
   a call: PERF 33), else by XLA.
-  prefetch_weights, prefetch_k_steps: GEMM1's FP8 weights [E_local, 2I, H] and a power of two; where
-  `layout_place` runs (T <= 512-1024), its programs ask the L2 for the first prefetch_k_steps K steps of
-  every picked local expert's rows, while HBM would otherwise idle through the routing and the launches
-  before GEMM1 (`MoETiling.prefetch_gemm1_k_steps`). No value changes. 0: none.
 
   Returns:
     (TileSchedule, topk_ids [T, top_k] int32, topk_weights [T, top_k] float32, poison [T] float32: equal
@@ -406,12 +368,6 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   num_tokens, num_experts = routing_logits.shape
   if num_tokens == 0:
     raise ValueError("route_and_schedule needs T >= 1 (the layer returns its empty output before routing)")
-  if prefetch_k_steps and (prefetch_weights is None or prefetch_weights.ndim != 3
-                           or prefetch_k_steps & (prefetch_k_steps - 1) or prefetch_k_steps < 0
-                           or prefetch_k_steps * _PREFETCH_LINE > prefetch_weights.shape[2]):
-    raise ValueError(f"prefetch_k_steps must be a power of two with at most H/{_PREFETCH_LINE} K steps of "
-                     f"[E_local, 2I, H] prefetch_weights; got prefetch_k_steps={prefetch_k_steps}, "
-                     f"prefetch_weights {None if prefetch_weights is None else prefetch_weights.shape}")
   if not supports(config) or num_experts != config.num_experts:
     raise NotImplementedError(f"the fused routing kernels need power-of-two E, n_group and top_k, got "
                               f"E={num_experts}, n_group={config.n_group}, top_k={config.top_k}")
@@ -442,25 +398,20 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   pick_outputs = (jax.ShapeDtypeStruct((num_rows,), jnp.int32), jax.ShapeDtypeStruct((num_rows,), jnp.float32),
                   jax.ShapeDtypeStruct((num_pairs,), jnp.int32))
   tiles_per_program = _next_pow2(pl.cdiv(num_tiles, num_blocks))
-  prefetch = () if not prefetch_k_steps else (prefetch_weights,)
   layout_place = functools.partial(_layout_and_place_kernel, num_blocks=num_blocks, num_pairs=num_pairs,
                                    top_k=top_k, num_local=num_local_experts, lanes=lanes, block_m=block_m,
                                    num_tiles=num_tiles, tokens_per_block=tokens_per_block,
                                    tiles_per_program=tiles_per_program, blocks_per_chunk=blocks_per_chunk,
-                                   zeros_per_program=_next_pow2(pl.cdiv(max(num_zeros, 1), num_blocks)),
-                                   prefetch_k_steps=prefetch_k_steps,
-                                   prefetch_rows_per_program=_next_pow2(pl.cdiv(prefetch_weights.shape[1],
-                                                                                num_blocks)) if prefetch else 0)
+                                   zeros_per_program=_next_pow2(pl.cdiv(max(num_zeros, 1), num_blocks)))
   zeros_output = (jax.ShapeDtypeStruct((num_zeros,), jnp.int32),) if num_zeros else ()
   layout_place_outputs = (jax.ShapeDtypeStruct((num_tiles,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
                           *pick_outputs, *zeros_output)
   if layout_in_place and num_blocks == 1:  # T <= tokens_per_block: one kernel
     ids, weights, _, poison, tile_expert, used_tiles, row_token, row_weight, pair_row, *zeros = pl.pallas_call(
-        functools.partial(_route_layout_place_kernel, route=route, layout_place=layout_place, interpret=interpret,
-                          prefetch=bool(prefetch)),
+        functools.partial(_route_layout_place_kernel, route=route, layout_place=layout_place, interpret=interpret),
         grid=(1,), interpret=interpret, name="moe_route_layout_place", compiler_params=params,
         out_shape=(*route_outputs, *layout_place_outputs),
-    )(*route_inputs, *prefetch)
+    )(*route_inputs)
     return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens,
                    top_k, zeros)
 
@@ -473,7 +424,7 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
     tile_expert, used_tiles, row_token, row_weight, pair_row, *zeros = pl.pallas_call(
         layout_place, grid=(num_blocks,), interpret=interpret, name="moe_layout_place", compiler_params=params,
         out_shape=layout_place_outputs,
-    )(counts, ids, weights, offset, *prefetch)
+    )(counts, ids, weights, offset)
     return _result(tile_expert, row_token, row_weight, pair_row, used_tiles, ids, weights, poison, num_tokens,
                    top_k, zeros)
 

@@ -189,8 +189,7 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
     schedule, _, _, poison = fused_routing.route_and_schedule(
         routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, config=config,
         num_local_experts=num_local, block_m=tiling.block_m, interpret=interpret,
-        num_zeros=stream_k.num_arrival_counters(tiling.gemm1, num_tiles, gemm2_weights.shape[2]),
-        prefetch_weights=gemm1_weights, prefetch_k_steps=tiling.prefetch_gemm1_k_steps)
+        num_zeros=stream_k.num_arrival_counters(tiling.gemm1, num_tiles, gemm2_weights.shape[2]))
   else:
     topk_ids, topk_weights = grouped_topk(routing_logits, routing_bias, config=config,
                                           routed_scaling_factor=routed_scaling_factor)

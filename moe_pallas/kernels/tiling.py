@@ -123,11 +123,6 @@ class MoETiling:
   the FP8 intermediate (with GEMM2's split-K, each K range's partial row is rounded). The H200 table sets
   it at every T.
 
-  `prefetch_gemm1_k_steps`: with the fused routing kernels, their `layout_place` programs ask the L2 for
-  the first this-many K steps (a power of two) of every picked local expert's W13 rows, fire and forget:
-  HBM is otherwise idle from the routing until GEMM1 starts streaming, and GEMM1's programs read those
-  lines first (`fused_routing.route_and_schedule`'s prefetch_weights; no value changes). 0: none.
-
   `chain_items`: with the Mosaic GEMMs, each persistent CTA's work items as one chained TMA pipeline
   (`mosaic_gemm`'s chain_items: the next item's first K steps load while this item's last ones compute and
   its epilogue runs; the same bits). Measured on the H200 (experiments/PERF.md 37): no gain; no table sets it.
@@ -157,7 +152,6 @@ class MoETiling:
   weights_in_gemm2: bool = False
   bf16_rows: bool = False
   chain_items: bool = False
-  prefetch_gemm1_k_steps: int = 0
 
   def __post_init__(self):
     if self.gemm_kernels not in GEMM_KERNELS:
@@ -174,9 +168,6 @@ class MoETiling:
                          f"gemm1.block_n={SCALE_BLOCK}, no split-K, no k_unroll, no swap_ab and no gemm1_busy; got "
                          f"(block_m, gemm1.block_n, split_k, gemm2 split_k, k_unroll, gemm2 k_unroll, swap_ab) = "
                          f"{blocks}, gemm1_busy={self.gemm1_busy}")
-    k = self.prefetch_gemm1_k_steps
-    if k < 0 or k & (k - 1):
-      raise ValueError(f"prefetch_gemm1_k_steps must be 0 or a power of two, got {k}")
     if self.gemm2.stream_k:
       raise ValueError(f"stream_k is GEMM1's only, got gemm2.stream_k={self.gemm2.stream_k}")
     if self.gemm1.stream_k and (self.mosaic or self.gemm1_busy is not None):

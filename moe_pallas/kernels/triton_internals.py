@@ -7,7 +7,6 @@
 
      dot_nt(a, b)  = a @ b.T (f32)   for block scaling, where the product is scaled before it is added
      fma(x, y, z)  = x * y + z       one FFMA (XLA's Triton pipeline would emit FMUL + FADD)
-     prefetch_l2(ref, expert, offsets)   ask the L2 for lines of ref[expert] without waiting for them
 
    Each is a JAX primitive with two lowerings: a Pallas-Triton rule registered in Pallas's rule table (no
    JAX rule is changed), and a plain-jnp rule so that interpret mode and CPU CI run the same kernels.
@@ -35,18 +34,15 @@ MAX_NUM_IMPRECISE_ACC = 2**30
 TESTED_JAX_VERSIONS = ("0.11.2",)
 
 try:  # Private Pallas-Triton API, as of jax 0.11.2.
-  from jax._src import state as _state
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith as _arith_dialect
   from jax._src.lib.mlir.dialects import math as _math_dialect
   from jax._src.lib.triton import dialect as _tt
   from jax._src.pallas.triton import gpu_info as _gpu_info
   from jax._src.pallas.triton import lowering as _triton_lowering
   from jax._src.pallas.triton import pallas_call_registration as _pallas_call_registration
-  from jax._src.state import discharge as _state_discharge
   _IMPORT_ERROR = None
 except ImportError as err:  # pragma: no cover - only on an untested JAX
-  _triton_lowering = _pallas_call_registration = _gpu_info = _state = _state_discharge = None
+  _triton_lowering = _pallas_call_registration = _gpu_info = None
   _IMPORT_ERROR = err
 
 
@@ -66,8 +62,6 @@ def check_pallas_triton_internals() -> None:
     missing.append("pallas_call_registration.gpu_info_lib")
   if not hasattr(_tt, "dot") or not hasattr(_tt, "trans"):
     missing.append("triton dialect dot/trans")
-  if not hasattr(_tt, "elementwise_inline_asm"):
-    missing.append("triton dialect elementwise_inline_asm (prefetch_l2)")
   if missing:
     raise NotImplementedError(
         f"jax {jax.__version__} moved Pallas-Triton internals that moe_pallas's FP8 dot primitives use "
@@ -145,57 +139,6 @@ def fma(x, y, z):
   x = jnp.broadcast_to(x, z.shape).astype(z.dtype)
   y = jnp.broadcast_to(y, z.shape).astype(z.dtype)
   return fma_p.bind(x, y, z)
-
-
-# ---- prefetch_l2: lines of a weight array into the L2, fire and forget ---------------------------------
-
-# One instance per offset; $0 is a dummy output that inline asm needs. Revived from d56b407 (PERF 39: inside
-# the GEMM loops it cost more than it gained), now used where HBM is otherwise idle (the routing kernels).
-_PREFETCH_PTX = "prefetch.global.L2 [$1]; mov.u32 $0, 0;"
-
-prefetch_l2_p = jex_core.Primitive("moe_pallas_prefetch_l2")
-prefetch_l2_p.multiple_results = True
-
-
-def _prefetch_abstract(ref, expert, offsets):
-  if ref.ndim < 2 or expert.shape != () or offsets.ndim != 1 or offsets.dtype != jnp.int32:
-    raise ValueError(f"prefetch_l2 takes a [E, ...] ref, a scalar expert and [n] int32 offsets, got "
-                     f"{ref.dtype}{list(ref.shape)}, {expert.dtype}{list(expert.shape)}, "
-                     f"{offsets.dtype}{list(offsets.shape)}")
-  # Declared a write of the ref: an effect that dead-code elimination keeps (it drops unused reads, and the
-  # prefetch has no result); nothing is written.
-  return [], {_state.WriteEffect(0)}
-
-
-def _prefetch_triton(ctx, ptr, expert, offsets):
-  # ref[expert] starts expert * prod(ref.shape[1:]) elements in: 64-bit arithmetic (128 experts' W13 pass
-  # 2**31 elements), the offsets within an expert stay int32.
-  ref_aval, _, offsets_aval = ctx.avals_in
-  i64 = ir.IntegerType.get_signless(64)
-  stride = _triton_lowering._i64_constant(math.prod(ref_aval.shape[1:]))
-  first = _tt.addptr(ptr.type, ptr, _arith_dialect.muli(_arith_dialect.extsi(i64, expert), stride))
-  pointers = _triton_lowering._add(_triton_lowering._bcast_to(first, offsets_aval.shape), offsets)
-  result = ir.RankedTensorType.get(list(offsets_aval.shape), ir.IntegerType.get_signless(32))
-  _tt.elementwise_inline_asm([result], _PREFETCH_PTX, constraints="=r,l", pure=False, packed_element=1,
-                             args=[pointers])
-  return []
-
-
-def _prefetch_discharge(ctx, ref, expert, offsets):
-  del ctx, ref, expert, offsets  # interpret mode: a prefetch changes no value
-  return (None, None, None), []
-
-
-prefetch_l2_p.def_effectful_abstract_eval(_prefetch_abstract)
-if _triton_lowering is not None:
-  _triton_lowering.triton_lowering_rules[prefetch_l2_p] = _prefetch_triton
-  _state_discharge.register_discharge_rule(prefetch_l2_p)(_prefetch_discharge)
-
-
-def prefetch_l2(ref, expert, offsets):
-  """Asks the L2 for the 128-byte lines at `offsets` (int32 element offsets within ref[expert]) and goes on:
-  nothing waits for them, no value changes (a no-op in interpret mode)."""
-  prefetch_l2_p.bind(ref, jnp.asarray(expert, jnp.int32), offsets.astype(jnp.int32))
 
 
 # ---- int32 offsets ------------------------------------------------------------------------------------
