@@ -64,6 +64,21 @@ def combine_branch_variants(base):
           *(_with_combine(base, f"combine_masked_c{t}x{h}w4", t, h) for t, h in ((8, 256), (2, 512)))]
 
 
+def gemm1_one_launch_variants(base):
+  """GEMM1 as one launch for every tile count (no idle second launch, 1.3-2.1 us a call at T=14-80): 2
+  stages (68 KB of SMEM, 3 programs an SM) on 8 or 4 warps; and the 8-warp launch, or the busy 4-warp one,
+  with 2 stages (the same bits: stages change no sum)."""
+  import dataclasses
+  if base.gemm1_busy is None:
+    return []
+  one = lambda **kw: dict(gemm1=dataclasses.replace(base.gemm1, **kw), gemm1_busy=None, busy_min_tiles=0)
+  return [(name, dataclasses.replace(base, **kw), False, None) for name, kw in (
+      ("g1_one_launch_w8s2", one(num_stages=2)), ("g1_one_launch_w4s2", one(num_warps=4, num_stages=2)),
+      ("g1_w8s2", dict(gemm1=dataclasses.replace(base.gemm1, num_stages=2))),
+      *((f"g1_busy_w4s{stages}", dict(gemm1_busy=dataclasses.replace(base.gemm1_busy, num_stages=stages)))
+        for stages in (2, 3)))]
+
+
 def combine_variants(base):
   """The combine's tile at large T, where it reads ~1 bf16 row a token (T=14107: 127 us for ~400 MB moved,
   3.2 TB/s): longer row segments a program (block_h) and fewer tokens a tile."""
@@ -215,7 +230,8 @@ def program_order_variants(base):
 
 
 def small_t_variants(base):
-  return [*gemm2_and_combine_variants(base), *combine_branch_variants(base), *stream_k_variants(base),
+  return [*gemm2_and_combine_variants(base), *combine_branch_variants(base), *gemm1_one_launch_variants(base),
+      *stream_k_variants(base),
       *k_unroll_variants(base),
       *swap_ab_variants(base), *program_order_variants(base),
       bf16_rows_variant(base),

@@ -274,11 +274,12 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # 72.9, T=80 51.0 -> 45.4. GEMM1 stays unswapped: transposed, the 8-warp launch gained 1-3 us (T=16 74.2
     # -> 72.3, T=32 95.2 -> 92.1, T=80 101.7 -> 100.6, T=14 112.9 -> 113.7) and the 4-warp busy launch lost
     # 9-12 (T=52 163.4 -> 172.3, T=55 154.7 -> 165.6, T=57 157.3 -> 169.2; s12/tune38.jsonl), and both
-    # launches must compute alike (PERF 49).
+    # launches must compute alike (PERF 49). The busy launch with 2 stages (68 KB of SMEM: 3 programs an SM
+    # instead of 2; the same sums; 2026-12-01, h200_2026-12-01_s13/tune44.jsonl and tune45.jsonl, PERF 58).
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3),
                      gemm2=dataclasses.replace(gemm2, swap_ab=True),
                      combine=CombineTiling(block_t=1, block_h=1024, num_warps=8, branch_per_pick=True),
-                     gemm1_busy=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=3),
+                     gemm1_busy=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=2),
                      busy_min_tiles=17, bf16_rows=True)
   # GEMM2's rows as bfloat16 into the combine (2026-11-30, h200_2026-11-30_s8/tune20.jsonl, GEMM2 +
   # combine): T=14107 599.4 -> 528.4 us, T=11948 455.5 -> 408.7, T=901 133.5 -> 125.7, all_local T=14107
