@@ -275,7 +275,9 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # -> 72.3, T=32 95.2 -> 92.1, T=80 101.7 -> 100.6, T=14 112.9 -> 113.7) and the 4-warp busy launch lost
     # 9-12 (T=52 163.4 -> 172.3, T=55 154.7 -> 165.6, T=57 157.3 -> 169.2; s12/tune38.jsonl), and both
     # launches must compute alike (PERF 49). The busy launch with 2 stages (68 KB of SMEM: 3 programs an SM
-    # instead of 2; the same sums; 2026-12-01, h200_2026-12-01_s13/tune44.jsonl and tune45.jsonl, PERF 58).
+    # instead of 2; the same sums; 2026-12-01, h200_2026-12-01_s13/call7/tune44.jsonl and call8/tune45.jsonl,
+    # PERF 58): GEMM1 at T=55 -2.7 and -2.4 us, T=62 -6.6 and -4.1, T=52/57 within 1 (two calls). The 8-warp
+    # launch keeps its 3 stages: with 2 it lost 8-25 us at T=14-80 (one program an SM there).
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3),
                      gemm2=dataclasses.replace(gemm2, swap_ab=True),
                      combine=CombineTiling(block_t=1, block_h=1024, num_warps=8, branch_per_pick=True),
