@@ -54,13 +54,15 @@ def _variant(bm, g1, g2, *, combine=(8, 256), bf16=False, fused=None, split_k=1,
 def _with_combine(base, name, block_t, block_h, num_warps=4, branch_per_pick=False):
   import dataclasses
   from moe_pallas.kernels.tiling import CombineTiling
-  return name, dataclasses.replace(base, combine=CombineTiling(block_t, block_h, num_warps, branch_per_pick)), False, None
+  combine = CombineTiling(block_t, block_h, num_warps, branch_per_pick)
+  return name, dataclasses.replace(base, combine=combine), False, None
 
 
 def combine_branch_variants(base):
   """The combine with one token a program and each pick's row read under a branch (`CombineTiling.
   branch_per_pick`, as the peer's combine: 107 us at T=14107 against our 128)."""
-  return [*(_with_combine(base, f"combine_branch_c1x{h}w{w}", 1, h, w, True) for h, w in ((1024, 4), (512, 4), (1024, 8))),
+  branch = ((1024, 4), (512, 4), (1024, 8))
+  return [*(_with_combine(base, f"combine_branch_c1x{h}w{w}", 1, h, w, True) for h, w in branch),
           *(_with_combine(base, f"combine_masked_c{t}x{h}w4", t, h) for t, h in ((8, 256), (2, 512)))]
 
 
