@@ -234,6 +234,40 @@ def test_chained_flusher_donates_and_chains():
   assert flusher.buffer.shape == (2**14,) and int(flusher.buffer[0]) == int(flusher.buffer[-1]) == 6
 
 
+def test_dispatch_cost_counts_calls_and_entry_instructions():
+  from experiments import dispatch_cost
+  calls = []
+  jitted = jax.jit(lambda x: x * 2)
+  x = jnp.ones((4,), jnp.float32)
+
+  def call():
+    calls.append(1)
+    return jitted(x)
+
+  result = dispatch_cost.enqueue_cost(call, calls=4, rounds=3)
+  assert len(calls) == 1 + 4 * 3  # one untimed call, then rounds x calls
+  assert len(result["enqueue_rounds_us"]) == 3 and result["enqueue_us"] > 0
+  assert result["wall_us"] >= result["enqueue_min_us"]
+  with pytest.raises(ValueError, match="calls and rounds"):
+    dispatch_cost.enqueue_cost(call, calls=0, rounds=1)
+  # Multi-output instructions have a tuple shape before the opcode; custom calls count under their target;
+  # instructions of other computations do not count.
+  hlo = """HloModule m
+%fused (q: f32[2]) -> f32[2] {
+  ROOT %n = f32[2]{0} negate(f32[2]{0} %q)
+}
+ENTRY %main (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  %cc = (f32[2]{0}, s32[4]{0}) custom-call(f32[2]{0} %p), custom_call_target="__gpu$xla.gpu.triton"
+  %g = f32[2]{0} get-tuple-element((f32[2]{0}, s32[4]{0}) %cc), index=0
+  ROOT %f = f32[2]{0} fusion(f32[2]{0} %g), kind=kLoop, calls=%fused
+}
+"""
+  assert dispatch_cost.entry_opcodes(hlo) == {"custom-call __gpu$xla.gpu.triton": 1, "fusion": 1,
+                                              "get-tuple-element": 1, "parameter": 1}
+  assert dispatch_cost.entry_opcodes(jax.jit(lambda a: a + 1).lower(x).compile().as_text())
+
+
 def test_command_buffers_state():
   from experiments import benchmark
   assert benchmark.command_buffers_state("") == "on (XLA default)"
