@@ -205,6 +205,48 @@ def test_chained_items_give_the_same_bits(rng, n, k, used, interpret):
     mosaic_gemm.grouped_fp8_gemm(*args, chain_items=True, interpret=interpret)
 
 
+def test_group_m_orders_the_items_only(rng, interpret):
+  """`group_m` (M-tiles per column sweep) changes which CTA takes which item and when, not an item's sums:
+  the same bits for groups of 1 (each M-tile sweeps the columns) and the default 8 (the 5 used tiles sweep
+  them together) over 2 column blocks, both kernels."""
+  num_local, n, k = 3, 512, 128
+  tile_expert = jnp.asarray([0, 2, 1, 1, 0, 3], jnp.int32)
+  rows = tile_expert.shape[0] * mosaic_gemm.BLOCK_M
+  a, w = _fp8(rng, (rows, k)), _fp8(rng, (num_local, n, k))
+  a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // 128, rows)), jnp.float32)
+  w_scale = jnp.asarray(rng.standard_normal((num_local, n // 128, k // 128)), jnp.float32)
+  args, used_tiles, computed = (tile_expert, a, a_scale, w, w_scale), jnp.int32(5), 5 * mosaic_gemm.BLOCK_M
+  as_f32 = lambda x: np.asarray(x.astype(jnp.float32))[:computed]
+  gemm = lambda g: as_f32(mosaic_gemm.grouped_fp8_gemm(*args, used_tiles=used_tiles, group_m=g, interpret=interpret))
+  swiglu = lambda g: mosaic_gemm.grouped_fp8_gemm_swiglu(*args, used_tiles=used_tiles, warpgroups="paired",
+                                                         group_m=g, interpret=interpret)[0]
+  want, want_swiglu = gemm(mosaic_gemm.DEFAULT_GROUP_M), as_f32(swiglu(mosaic_gemm.DEFAULT_GROUP_M))
+  assert np.abs(want).max() > 0 and np.abs(want_swiglu).max() > 0
+  np.testing.assert_array_equal(gemm(1), want)
+  np.testing.assert_array_equal(as_f32(swiglu(1)), want_swiglu)
+
+
+def test_layer_passes_each_gemms_group_m(monkeypatch):
+  """The Mosaic path hands each GEMM its tiling's group_m (the H200 table: 32 above 512 rows per expert)."""
+  seen = []
+  real = (mosaic_gemm.grouped_fp8_gemm, mosaic_gemm.grouped_fp8_gemm_swiglu)
+  monkeypatch.setattr(mosaic_gemm, "grouped_fp8_gemm",
+                      lambda *a, **kw: (seen.append((kw.get("name"), kw["group_m"])), real[0](*a, **kw))[1])
+  monkeypatch.setattr(mosaic_gemm, "grouped_fp8_gemm_swiglu",
+                      lambda *a, **kw: (seen.append(("swiglu", kw["group_m"])), real[1](*a, **kw))[1])
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 8, seed=3, local_expert_offset=8)
+  for kernels in ("mosaic", "mosaic_fused_swiglu_paired"):
+    tiles = dataclasses.replace(MOSAIC_TILES, gemm_kernels=kernels,
+                                gemm1=dataclasses.replace(MOSAIC_TILES.gemm1, group_m=5),
+                                gemm2=dataclasses.replace(MOSAIC_TILES.gemm2, group_m=7))
+    jax.eval_shape(lambda *x: grouped_moe.moe_layer_triton(*x, 8, 2.5, config=config, tiling=tiles), *inputs)
+  assert seen == [("moe_gemm1_mosaic", 5), ("moe_gemm2_mosaic", 7), ("swiglu", 5), ("moe_gemm2_mosaic", 7)]
+  h200 = tiling.default_tiling(14107, 8, 32, device_kind="NVIDIA H200")
+  assert h200.mosaic and h200.gemm1.group_m == h200.gemm2.group_m == 32
+  assert tiling.default_tiling(901, 8, 32, device_kind="NVIDIA H200").gemm1.group_m == mosaic_gemm.DEFAULT_GROUP_M
+
+
 def test_gather_rows_copies_the_rows_of_used_tiles(rng, interpret):
   config = mp.SMALL
   inputs = testing.random_layer_inputs(config, 40, seed=int(rng.integers(2**31)), local_expert_offset=8)

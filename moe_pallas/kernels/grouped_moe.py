@@ -76,12 +76,12 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
     swiglu, swiglu_scale = mosaic_gemm.grouped_fp8_gemm_swiglu(
         schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
         used_tiles=schedule.num_used_tiles, warpgroups=_FUSED_WARPGROUPS[tiling.gemm_kernels], interpret=interpret,
-        w_scale_rows=gemm1_scale_rows, chain_items=tiling.chain_items)
+        w_scale_rows=gemm1_scale_rows, chain_items=tiling.chain_items, group_m=tiling.gemm1.group_m)
   else:
     gate_up = mosaic_gemm.grouped_fp8_gemm(schedule.tile_expert, rows, rows_scale, gemm1_weights, gemm1_weights_scale,
                                            used_tiles=schedule.num_used_tiles, name="moe_gemm1_mosaic",
                                            interpret=interpret, w_scale_rows=gemm1_scale_rows,
-                                           chain_items=tiling.chain_items)
+                                           chain_items=tiling.chain_items, group_m=tiling.gemm1.group_m)
     swiglu, swiglu_scale = grouped_gemm.swiglu_of_partials(schedule.tile_expert, gate_up,
                                                            num_local_experts=num_local, tiling=tiling.gemm1,
                                                            interpret=interpret)
@@ -95,7 +95,8 @@ def _experts_mosaic(hidden_states, hidden_states_scale, gemm1_weights, gemm1_wei
                                                name="moe_gemm2_mosaic", interpret=interpret,
                                                w_scale_rows=gemm2_scale_rows,
                                                row_factor=schedule.row_weight if in_kernel else None,
-                                               out_dtype=_rows_dtype(tiling), chain_items=tiling.chain_items)
+                                               out_dtype=_rows_dtype(tiling), chain_items=tiling.chain_items,
+                                               group_m=tiling.gemm2.group_m)
   return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
                               tiling=tiling.combine, interpret=interpret)
 

@@ -14,7 +14,7 @@ large T (PERF.md); this structure (DeepGEMM's) measured 989 TFLOP/s as a dense 4
 Structure: a persistent grid, one CTA per SM, each looping over work items (M-tile, 256 columns) of the
 tiles in use only (`used_tiles`, a device-side count: with uniform routing 87 % of the worst-case tiles
 are unused at T=14107, and a CTA of ~200 KB of SMEM that exits at once still held an SM for a launch),
-in groups of `_GROUP_M` M-tiles per column sweep (weight tiles shared while in L2). Per work item:
+in groups of `group_m` M-tiles per column sweep (weight tiles shared while in L2). Per work item:
 - one TMA producer warpgroup and two compute warpgroups (`plgpu.emit_pipeline_warp_specialized`); compute
   warpgroup g owns columns g*128 .. g*128+127 of the CTA tile, both read the same activation tile.
 - the pipeline moves, per 128-wide K step: the activation tile (block_m, 128) and the weight tile
@@ -49,7 +49,7 @@ CTA_N = 2 * SCALE_BLOCK      # two compute warpgroups of 128 columns (one weight
 _EPILOGUE_N = 64             # columns per epilogue store (float32 SMEM: 2 x 64 x 64 x 4 bytes)
 _PRODUCER_REGISTERS = 40     # the TMA warpgroup's registers; the compute warpgroups get the rest
 _MAX_CONCURRENT_STEPS = 4    # pipeline stages: 4 x ~40 KiB + the epilogue's 32 KiB fit the 227 KiB of SMEM
-_GROUP_M = 8                 # M-tiles visited together per column sweep (as the Triton kernels' group_m)
+DEFAULT_GROUP_M = 8          # M-tiles visited together per column sweep (as the Triton kernels' group_m)
 _HALF = SCALE_BLOCK // 2     # a compute warpgroup's columns of a 128-column block (the split and paired GEMM1)
 
 
@@ -175,13 +175,14 @@ def chains_items(k_steps: int) -> bool:
   return k_steps % _concurrent_steps(k_steps) == 0
 
 
-def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_steps, weight_rows,
+def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_steps, weight_rows, group_m,
                      row_factor=False, chain_items=False):
   """Decorator: runs `item(mi, ni, run_pipeline)` for every work item (M-tile mi < the device-side count of
   used tiles, column block ni < n_blocks), spread over the persistent grid's CTAs ("sm"), in groups of
-  _GROUP_M M-tiles per column sweep. `run_pipeline(step, compute_context, runs, *tile_operands)` runs the
-  item's K pipeline (if `runs`) in SMEM allocated once for all items; `tile_operands` are one item's
-  operand views, which fix those allocations' shapes.
+  group_m M-tiles per column sweep (the CTAs running at once then share weight tiles in the L2).
+  `run_pipeline(step, compute_context, runs, *tile_operands)` runs the item's K pipeline (if `runs`) in
+  SMEM allocated once for all items; `tile_operands` are one item's operand views, which fix those
+  allocations' shapes.
 
   chain_items: a CTA's items as one chained pipeline (`plgpu.PipelinePipeline`: START, STEADY..., STOP; a
   CTA of one item runs it alone): the TMA warpgroup loads the next item's first K steps as soon as this
@@ -205,7 +206,7 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
       @plgpu.nd_loop((used * n_blocks,), collective_axes="sm")
       def _(loop_info):
         (index,) = loop_info.index
-        mi, ni = schedule.grouped_coordinates(index, used, n_blocks, _GROUP_M)
+        mi, ni = schedule.grouped_coordinates(index, used, n_blocks, group_m)
 
         def run_pipeline(step, compute_context, runs, *operands):
           run = lambda state=None: pipeline_of(step, compute_context, pipeline_state=state)(
@@ -226,7 +227,8 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
 
 
 def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, name: str = "moe_gemm_mosaic",
-                     interpret=False, w_scale_rows=None, row_factor=None, out_dtype=jnp.float32, chain_items=False):
+                     interpret=False, w_scale_rows=None, row_factor=None, out_dtype=jnp.float32, chain_items=False,
+                     group_m: int = DEFAULT_GROUP_M):
   """Grouped block-scaled `a @ w[e].T` per M-tile of `BLOCK_M` rows, float32 (or bfloat16) out.
 
   Args:
@@ -246,6 +248,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
       consumer that reads the rows back, such as the combine).
     chain_items: each CTA's work items as one chained TMA pipeline (`_over_used_items`; the same bits). Needs
       used_tiles (every item visited is then a used tile, whose expert is valid).
+    group_m: M-tiles whose items for one column block run one after another (the order of the work items
+      only: the same bits).
 
   Returns:
     [num_tiles * BLOCK_M, N] out_dtype. Rows of tiles of no expert are left unwritten.
@@ -284,7 +288,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
         *([row_factor_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)]] if factored else []), w_scale_gmem.at[expert])
 
     @_over_used_items(used_tiles_gmem, num_tiles, n // CTA_N, operands(0, 0, 0), k_steps=k_steps,
-                      weight_rows=[CTA_N], row_factor=factored, chain_items=chain_items)
+                      weight_rows=[CTA_N], group_m=group_m, row_factor=factored, chain_items=chain_items)
     def _(mi, ni, run_pipeline):
       expert = _item_expert(tile_expert_gmem, mi, num_local, chain_items)
 
@@ -455,7 +459,7 @@ FUSED_WARPGROUPS = tuple(_FUSED_EPILOGUES)
 
 def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_tiles=None, warpgroups: str = "on_up",
                             name: str = "moe_gemm1_swiglu_mosaic", interpret=False, w_scale_rows=None,
-                            chain_items=False):
+                            chain_items=False, group_m: int = DEFAULT_GROUP_M):
   """GEMM1 with SwiGLU and the FP8 quant in its epilogue (the H200 table's GEMM1 above 128 rows per expert).
 
   The CTA of M-tile i and column block j computes the up columns j*128.. (compute warpgroup 0) and the gate
@@ -465,7 +469,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   `grouped_gemm.swiglu_of_partials` does from float32 partials (no [rows, 2I] float32 round trip).
 
   Args:
-    tile_expert, a, a_scale, used_tiles, w_scale_rows, chain_items: as `grouped_fp8_gemm`.
+    tile_expert, a, a_scale, used_tiles, w_scale_rows, chain_items, group_m: as `grouped_fp8_gemm`.
     w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
     warpgroups: how the two compute warpgroups share an item (`FUSED_WARPGROUPS`):
       - "on_up": up and gate tiles as above, SwiGLU + quant on the up warpgroup (`_epilogue_on_up`).
@@ -511,7 +515,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
         a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)], w_scale_gmem.at[expert])
 
     @_over_used_items(used_tiles_gmem, num_tiles, i_blocks, operands(0, 0, 0), k_steps=k_steps,
-                      weight_rows=[SCALE_BLOCK, SCALE_BLOCK], chain_items=chain_items)
+                      weight_rows=[SCALE_BLOCK, SCALE_BLOCK], group_m=group_m, chain_items=chain_items)
     def _(mi, ni, run_pipeline):
       expert = _item_expert(tile_expert_gmem, mi, num_local, chain_items)
 

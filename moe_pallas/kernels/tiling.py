@@ -131,7 +131,8 @@ class MoETiling:
   - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
   - "mosaic": both as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the rows gathered
     first and GEMM1's SwiGLU + quant as a kernel of its own; `gemm1`/`gemm2` then give only block_m
-    (`mosaic_gemm.BLOCK_M`) and GEMM1's quant block (block_n = 128), their launch fields unused.
+    (`mosaic_gemm.BLOCK_M`), GEMM1's quant block (block_n = 128) and each GEMM's group_m (the order of its
+    persistent CTAs' work items), their other launch fields unused.
   - "mosaic_fused_swiglu": as "mosaic", with SwiGLU + quant in the Mosaic GEMM1's epilogue
     (`mosaic_gemm.grouped_fp8_gemm_swiglu`), run by the up warpgroup while the gate one waits.
   - "mosaic_fused_swiglu_split": as "mosaic_fused_swiglu", that epilogue split by columns over both compute
@@ -295,7 +296,11 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
                               combine=CombineTiling(block_t=1, block_h=1024, branch_per_pick=True))
   if rows_per_expert > 512:
     # M-tile groups of 32 (2026-11-30, h200_2026-11-30/tune3_tiles.jsonl): the sum of GEMM1 + GEMM2 +
-    # combine at T=11948 1759 -> 1709 us, at T=14107 2307 -> 2256 (group_m 16: 1724, 2263).
+    # combine at T=11948 1759 -> 1709 us, at T=14107 2307 -> 2256 (group_m 16: 1724, 2263). The Mosaic
+    # GEMMs below take it too (2026-12-01, h200_2026-12-01_s14/tune46.jsonl, PERF 61; they had ignored it):
+    # kernel sums T=11948 1084.2 -> 1068.6 us, T=14107 1430.9 -> 1411.4, all_local T=14107 10262.9 ->
+    # 10230.6 (group_m 16: 1075.2, 1418.4, 10178.7). At 225 rows per expert (T=901) 8 stays: 32 cost the
+    # uniform draw 13 us (350.4 -> 363.4) and gained all_local 9 (813.3 -> 803.9).
     tiles = dataclasses.replace(tiles, gemm1=dataclasses.replace(tiles.gemm1, group_m=32),
                                 gemm2=dataclasses.replace(tiles.gemm2, group_m=32))
   if rows_per_expert > _H200_MOSAIC_ABOVE_ROWS:
