@@ -11,7 +11,8 @@ wait in between; per call = (wall time of that loop - the same loop's flushes al
 (`timing.time_pipelined`). That is what a model sees: launch gaps and host dispatch count where the device
 would wait for them, and no profiler is active. The span (`time_us`) stays beside it. A round whose calls
 took the host 90 % of its loop or more to enqueue timed the host's dispatch, not the device: the row
-counts them (`pipelined_host_bound_rounds`, with `pipelined_enqueue_us`) and its log line says HOST-PACED.
+counts them (`pipelined_host_bound_rounds`, with `pipelined_enqueue_us` and the flush's own
+`pipelined_flush_enqueue_us`) and its log line says HOST-PACED.
 Rows go to a JSONL file as they finish (after a header record); a table is printed at the end and written
 next to the JSONL as Markdown.
 
@@ -429,7 +430,10 @@ def _log_row(index: int, total: int, row: dict, t_run: float):
     log(f"{head} {row['status'].upper()}: {row['error'][:300]}")
     return
   host_bound = row.get("pipelined_host_bound_rounds")
-  paced = f" (HOST-PACED in {host_bound} of {row['pipelined_rounds']} rounds)" if host_bound else ""
+  # The host's part of a paced round: enqueueing a flush + call, and a flush alone (the call's own share is
+  # the difference; PERF 60).
+  paced = (f" (HOST-PACED in {host_bound} of {row['pipelined_rounds']} rounds: host {row['pipelined_enqueue_us']:.0f}"
+           f" us a flush + call, {row['pipelined_flush_enqueue_us']:.0f} a flush)" if host_bound else "")
   log(f"{head} off={row['local_expert_offset']:<3d} pairs={row['pairs']:<6d} experts={row['experts_touched']:<2d} "
       f"pipelined={_fmt(row.get('pipelined_us'), '9.1f')}us{paced} span={row['time_us']:9.1f}us "
       f"floor={row['floor_us']:8.1f}us x{_fmt(row['time_over_floor'], '.2f')} "

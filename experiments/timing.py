@@ -375,7 +375,8 @@ def time_pipelined(fn, args, *, iters: int, rounds: int = 5, flush_bytes: int = 
   Returns a dict: pipelined_us (median over rounds, µs per call), pipelined_min_us, pipelined_max_us,
   pipelined_rounds_us, pipelined_iters, pipelined_rounds, pipelined_flush_us (flush-only loop per call,
   median), pipelined_loop_us (flush + call per call, median), pipelined_enqueue_us (the host's time to
-  enqueue flush + call, per call, median), pipelined_host_bound_rounds (rounds whose enqueueing took
+  enqueue flush + call, per call, median), pipelined_flush_enqueue_us (the same for the flush alone: the
+  difference is what one call of `fn` costs the host), pipelined_host_bound_rounds (rounds whose enqueueing took
   HOST_BOUND_SHARE of their loop or more: those time the host), pipelined_first_call_s (compile + one run),
   pipelined_devices, pipelined_clock and pipelined_method.
   """
@@ -388,21 +389,23 @@ def time_pipelined(fn, args, *, iters: int, rounds: int = 5, flush_bytes: int = 
   first_call_s = time.perf_counter() - t0
   _pipelined_loop(flusher, fn, args, PIPELINED_WARMUP)
   _pipelined_loop(flusher, None, args, PIPELINED_WARMUP)
-  per_call, flush_only, loops, enqueues = [], [], [], []
+  per_call, flush_only, loops, enqueues, flush_enqueues = [], [], [], [], []
   host_bound = 0
   for _ in range(rounds):
-    flush_s, _ = _pipelined_loop(flusher, None, args, iters)
+    flush_s, flush_enqueue_s = _pipelined_loop(flusher, None, args, iters)
     loop_s, enqueue_s = _pipelined_loop(flusher, fn, args, iters)
     per_call.append((loop_s - flush_s) / iters * 1e6)
     flush_only.append(flush_s / iters * 1e6)
     loops.append(loop_s / iters * 1e6)
     enqueues.append(enqueue_s / iters * 1e6)
+    flush_enqueues.append(flush_enqueue_s / iters * 1e6)
     host_bound += enqueue_s >= HOST_BOUND_SHARE * loop_s
   platform = devices[0].platform
   return dict(pipelined_us=statistics.median(per_call), pipelined_min_us=min(per_call),
               pipelined_max_us=max(per_call), pipelined_rounds_us=per_call, pipelined_iters=iters,
               pipelined_rounds=rounds, pipelined_flush_us=statistics.median(flush_only),
               pipelined_loop_us=statistics.median(loops), pipelined_enqueue_us=statistics.median(enqueues),
+              pipelined_flush_enqueue_us=statistics.median(flush_enqueues),
               pipelined_host_bound_rounds=host_bound, pipelined_first_call_s=first_call_s,
               pipelined_devices=len(devices),
               pipelined_clock="device_wall" if platform == "gpu" else "host_clock",

@@ -29,7 +29,8 @@ HEADER_KEYS = ("device", "jax_version", "git_commit", "flags", "copy_bw_Bps", "m
 ROW_TIMING_KEYS = ("time_us", "kernel_sum_us", "num_kernels", "floor_us", "passed", "device", "pipelined_us")
 # On the CPU's host clock a tiny layer's pipelined time (loop minus flush-only loop) can come out at or
 # below zero on a busy machine, so the smoke rows require it finite, and the flush loop positive.
-PIPELINED_POSITIVE = ("pipelined_flush_us", "pipelined_loop_us")
+PIPELINED_POSITIVE = ("pipelined_flush_us", "pipelined_loop_us", "pipelined_enqueue_us",
+                      "pipelined_flush_enqueue_us")
 PIPELINED_FINITE = ("pipelined_us", "pipelined_x_floor")
 
 
@@ -194,6 +195,7 @@ def test_time_pipelined(platform):
   assert all(math.isfinite(v) for v in result["pipelined_rounds_us"])
   assert result["pipelined_min_us"] <= result["pipelined_us"] <= result["pipelined_max_us"]
   assert 0 < result["pipelined_enqueue_us"] <= result["pipelined_loop_us"]
+  assert 0 < result["pipelined_flush_enqueue_us"] <= result["pipelined_flush_us"]
   assert 0 <= result["pipelined_host_bound_rounds"] <= rounds
   assert result["pipelined_devices"] == 1
   if platform == "cpu":
@@ -224,6 +226,8 @@ def test_time_pipelined_flags_rounds_paced_by_the_host():
   result = timing.time_pipelined(slow_host_call, (x,), iters=3, rounds=2, flush_bytes=2**20)
   assert result["pipelined_host_bound_rounds"] == 2, result
   assert result["pipelined_enqueue_us"] >= 30000 and result["pipelined_enqueue_us"] >= 0.9 * result["pipelined_loop_us"]
+  # The flush alone does not sleep: the difference, the call's own share of the host, holds the 30 ms.
+  assert result["pipelined_enqueue_us"] - result["pipelined_flush_enqueue_us"] >= 27000
 
 
 def test_chained_flusher_donates_and_chains():
