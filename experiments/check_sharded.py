@@ -26,7 +26,6 @@ Exit status 1 if any row fails.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ import traceback
 
 from absl import app, flags
 
+from experiments import tables
 from experiments.tables import markdown_table
 
 _SHAPES = flags.DEFINE_list("shapes", ["small", "deepseek_v3"], "Geometries: small (E=32), deepseek_v3 (E=256).")
@@ -149,9 +149,7 @@ def main(argv):
 
   print("\n" + _table(rows))
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
+    tables.write_jsonl(_OUT.value, rows)
   sys.exit(1 if failed else 0)
 
 

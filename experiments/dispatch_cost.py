@@ -26,7 +26,6 @@ launch the host makes per call).
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
 import statistics
@@ -94,7 +93,7 @@ def main(argv):
   import jax.numpy as jnp
   if _CPU.value:
     jax.config.update("jax_platforms", "cpu")
-  from experiments import benchmark, timing
+  from experiments import benchmark, tables, timing
   from experiments import workloads as workloads_lib
   from moe_pallas import testing
   from moe_pallas.config import MoEConfig
@@ -148,9 +147,7 @@ def main(argv):
     record(f"layer_T{t}_recomputed", enqueue_cost(lambda: layer(*recomputed), **kw), tokens=int(t))
     record(f"aot_T{t}", enqueue_cost(lambda: compiled(*args), **kw), tokens=int(t))
   if _JSONL.value:
-    with open(_JSONL.value, "w") as f:
-      for row in results:
-        f.write(json.dumps(row) + "\n")
+    tables.write_jsonl(_JSONL.value, results)
 
 
 if __name__ == "__main__":

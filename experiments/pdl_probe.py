@@ -28,6 +28,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import tables
+
 _SPIN_US = flags.DEFINE_float("spin_us", 20.0, "How long each spin program runs.")
 _OUT = flags.DEFINE_string("out", "", "JSONL output (optional).")
 _CHILD = flags.DEFINE_string("child", "", "Internal: run one variant in this process ('wait,trigger,pairs').")
@@ -145,9 +147,7 @@ def main(argv):
       print(json.dumps(row), flush=True)
       rows.append(row)
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
+    tables.write_jsonl(_OUT.value, rows)
 
 
 if __name__ == "__main__":

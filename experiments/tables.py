@@ -12,6 +12,11 @@ def read_jsonl(path) -> list[dict]:
   return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
 
 
+def write_jsonl(path, records: Iterable[dict]) -> None:
+  """`records` as a JSONL file, one JSON object a line (the file replaced)."""
+  pathlib.Path(path).write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
 def benchmark_rows(paths) -> tuple[list[dict], list[dict]]:
   """(headers, rows that ran ok) of JSONL files written by benchmark.py."""
   records = [record for path in paths for record in read_jsonl(path)]

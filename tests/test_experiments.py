@@ -272,6 +272,16 @@ ENTRY %main (p: f32[2]) -> f32[2] {
   assert dispatch_cost.entry_opcodes(jax.jit(lambda a: a + 1).lower(x).compile().as_text())
 
 
+def test_jsonl_round_trip(tmp_path):
+  from experiments import tables
+  records = [{"T": 1, "kernels": [["moe_route", 3.9]]}, {"record": "header", "device": "NVIDIA H200"}]
+  path = tmp_path / "rows.jsonl"
+  tables.write_jsonl(path, records)
+  assert path.read_text().count("\n") == 2 and tables.read_jsonl(path) == records
+  tables.write_jsonl(path, records[:1])  # replaced, not appended
+  assert tables.read_jsonl(path) == records[:1]
+
+
 def test_command_buffers_state():
   from experiments import benchmark
   assert benchmark.command_buffers_state("") == "on (XLA default)"
