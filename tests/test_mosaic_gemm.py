@@ -224,6 +224,9 @@ def test_group_m_orders_the_items_only(rng, interpret):
   assert np.abs(want).max() > 0 and np.abs(want_swiglu).max() > 0
   np.testing.assert_array_equal(gemm(1), want)
   np.testing.assert_array_equal(as_f32(swiglu(1)), want_swiglu)
+  for kernel in (mosaic_gemm.grouped_fp8_gemm, mosaic_gemm.grouped_fp8_gemm_swiglu):
+    with pytest.raises(ValueError, match="group_m must be an int >= 1, got 0"):
+      kernel(*args, group_m=0, interpret=interpret)
 
 
 def test_layer_passes_each_gemms_group_m(monkeypatch):

@@ -277,7 +277,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
   out_swizzle = plgpu.find_swizzle(_EPILOGUE_N * 8 * out_bytes)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_bytes)), plgpu.SwizzleTransform(out_swizzle))
   factored = row_factor is not None
-  _check_chain_items(chain_items, used_tiles)
+  _check_item_order(chain_items, used_tiles, group_m)
 
   def kernel(tile_expert_gmem, used_tiles_gmem, a_gmem, a_scale_gmem, w_gmem, w_scale_gmem, *refs):
     row_factor_gmem, out_gmem, out_smem = refs if factored else (None, *refs)
@@ -319,7 +319,9 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
                            *([row_factor.reshape(1, num_rows)] if factored else []))
 
 
-def _check_chain_items(chain_items, used_tiles):
+def _check_item_order(chain_items, used_tiles, group_m):
+  if not isinstance(group_m, int) or group_m < 1:
+    raise ValueError(f"group_m must be an int >= 1, got {group_m!r}")
   if chain_items and used_tiles is None:
     raise ValueError("chain_items needs used_tiles: chained items must all run, and only the used tiles "
                      "(the leading used_tiles of the schedule) are sure to have an expert")
@@ -498,7 +500,7 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   k_steps = k // SCALE_BLOCK
   i_blocks = intermediate // SCALE_BLOCK
   w_scale_rows = _scale_rows_operand(w13_scale, w_scale_rows)
-  _check_chain_items(chain_items, used_tiles)
+  _check_item_order(chain_items, used_tiles, group_m)
 
   if warpgroups not in FUSED_WARPGROUPS:
     raise ValueError(f"warpgroups must be one of {FUSED_WARPGROUPS}, got {warpgroups!r}")
