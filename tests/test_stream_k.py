@@ -43,7 +43,6 @@ def _swiglu_f64(acts, sched, w1, w1s):
 
 @pytest.mark.parametrize("num_tokens,stream_k_per_sm,num_sms", [
     (40, 1, 3),    # 3 programs: each item's 6 steps in one or two pieces, shares of many items
-    (40, 2, 5),    # 10 programs
     (40, 3, 7),    # 21 programs: items in two or three pieces
     (1, 8, 5),     # 40 programs for 1-4 tiles x 4 N-tiles x 6 steps: items in 3-4 pieces, some shares empty
     (1, 16, 11),   # 176 programs: items in ~15 pieces, most shares empty
