@@ -45,7 +45,7 @@ _JSONL = flags.DEFINE_string("jsonl", "", "JSONL output (optional; benchmark.py,
 
 def enqueue_cost(call, *, calls: int, rounds: int) -> dict:
   """Host microseconds per call of `call()` enqueued back to back (median over rounds, and the rounds), and
-  the round's wall time per call once its last output is ready. One untimed round first (compile, warm-up)."""
+  the round's wall time per call once its last output is ready. One untimed call first (compile, warm-up)."""
   import jax
   if calls < 1 or rounds < 1:
     raise ValueError(f"calls and rounds must be >= 1, got calls={calls}, rounds={rounds}")
