@@ -15,7 +15,6 @@ entries in moe_pallas/kernels/tiling.py (experiments/PERF.md keeps what each swe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import sys
@@ -291,31 +290,6 @@ def mosaic_group_m_variants(base):
            False, None) for g in (4, 8, 16, 32)]
 
 
-# Module constants of moe_pallas/kernels/mosaic_gemm.py that no tiling field carries, set while a variant
-# of this name traces. The variant's tiling is the table's own.
-MOSAIC_KNOBS = {"mosaic_stages3": {"_MAX_CONCURRENT_STEPS": 3}}
-
-
-def mosaic_knob_variants(base):
-  """The table's Mosaic path with each of MOSAIC_KNOBS (`_mosaic_knobs` applies them while tracing)."""
-  return [(name, _mosaic_tiles(base), False, None) for name in MOSAIC_KNOBS]
-
-
-@contextlib.contextmanager
-def _mosaic_knobs(variant_name: str):
-  """MOSAIC_KNOBS[variant_name] set on mosaic_gemm for the duration (nothing for other variants)."""
-  from moe_pallas.kernels import mosaic_gemm
-  knobs = MOSAIC_KNOBS.get(variant_name, {})
-  saved = {k: getattr(mosaic_gemm, k) for k in knobs}
-  for k, v in knobs.items():
-    setattr(mosaic_gemm, k, v)
-  try:
-    yield
-  finally:
-    for k, v in saved.items():
-      setattr(mosaic_gemm, k, v)
-
-
 def bf16_rows_variant(base):
   """GEMM2's weighted rows as bfloat16 into the combine (`MoETiling.bf16_rows`): half the combine's reads."""
   import dataclasses
@@ -333,7 +307,7 @@ def large_t_variants(base, num_tokens):
          _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=16), _variant(64, (128, 8, 3), (128, 128, 4, 3), group_m=32),
          _variant(64, (128, 8, 4), (128, 128, 4, 4)), *combine_variants(base), *combine_branch_variants(base),
          *chain_items_variants(base),
-         mosaic_fused_paired_variant(base), *mosaic_group_m_variants(base), *mosaic_knob_variants(base)]
+         mosaic_fused_paired_variant(base), *mosaic_group_m_variants(base)]
   if num_tokens * 8 <= 8192:
     out += [("default_xlaroute", base, False, False)]
   else:  # the fused routing kernels past their default range (layout in chunks of 256 blocks)
@@ -401,7 +375,7 @@ def main(argv):
       variants = [v for v in variants if v[0] == "default" or v[0] in _ONLY.value]
     # A variant that is the table's entry itself (e.g. the stage count or combine tile it already has) would
     # time the default twice under another name.
-    variants = [v for v in variants if v[0] == "default" or v[0] in MOSAIC_KNOBS or v[1:] != variants[0][1:]]
+    variants = [v for v in variants if v[0] == "default" or v[1:] != variants[0][1:]]
     for name, tiling, bf16, fused in variants:
       if time.time() - t_start > _BUDGET.value:
         print(f"budget spent: skipping {name} at T={T}", flush=True)
@@ -409,8 +383,7 @@ def main(argv):
       try:
         t0 = time.time()
         fn = layer(tiling, bf16, fused)
-        with _mosaic_knobs(name):  # traced (and compiled) here: later calls reuse the program
-          out = fn(*args).block_until_ready()
+        out = fn(*args).block_until_ready()
         compile_s = time.time() - t0
         times = timer.time_calls(fn, args, iters=_ITERS.value, warmup=2)
       except Exception as err:  # one bad variant must not hide the others
