@@ -142,7 +142,7 @@ def _layer_fn(implementation: str, config, interpret: bool, intermediate_dtype, 
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_layer(implementation: str, config, interpret: bool, intermediate_dtype):
+def jitted_layer(implementation: str, config, interpret: bool, intermediate_dtype):
   """moe_layer under one jax.jit, as a model's step calls it: the offset and the scaling factor are traced
   arguments (one executable per T, shared by every offset), and the host-side validation runs at trace time
   only, so a call is one program dispatch."""
@@ -167,7 +167,7 @@ def pipelined_flush_bytes(gpu: bool) -> int:
 
 
 def _pipelined_fields(implementation, config, intermediate_dtype, workload, args, device, floor_us) -> dict:
-  """The row's pipelined_* fields (`timing.time_pipelined` of `_jitted_layer`) and pipelined_x_floor.
+  """The row's pipelined_* fields (`timing.time_pipelined` of `jitted_layer`) and pipelined_x_floor.
 
   A failure here is recorded (pipelined_error, pipelined_us None) and does not fail the row: its span and
   correctness were measured already."""
@@ -175,7 +175,7 @@ def _pipelined_fields(implementation, config, intermediate_dtype, workload, args
   import jax.numpy as jnp
   from experiments import timing
   try:
-    layer = _jitted_layer(implementation, config, _INTERPRET.value, intermediate_dtype)
+    layer = jitted_layer(implementation, config, _INTERPRET.value, intermediate_dtype)
     scalars = jax.device_put((jnp.int32(workload.local_expert_offset),
                               jnp.float32(workload.routed_scaling_factor)), device)
     result = timing.time_pipelined(layer, (*args, *scalars), iters=pipelined_iters(), rounds=_PIPELINED_ROUNDS.value,

@@ -121,7 +121,7 @@ def main(argv):
     return flusher.buffer
   record("flush", enqueue_cost(flush, **kw))
 
-  layer = benchmark._jitted_layer("triton", config, _CPU.value, jnp.dtype(jnp.float8_e4m3fn))  # noqa: SLF001
+  layer = benchmark.jitted_layer("triton", config, _CPU.value, jnp.dtype(jnp.float8_e4m3fn))
   for t in _TOKENS.value:
     workload = workloads_lib.select(str(int(t)), config)[0]
     draw = workloads_lib.draw(config, workload, "uniform")
