@@ -121,3 +121,72 @@ def test_stream_k_gemm1_checks_its_operands(weights):
                           interpret=True)
   with pytest.raises(ValueError, match="row_token has .* rows, expected num_tiles \\* block_m"):
     stream_k.gemm1_swiglu(*args, tiling=tiling.GemmTiling(block_m=32, stream_k=1), interpret=True)
+
+
+def _gemm2_f64(c, c_scale, sched, w2, w2s, valid):
+  """float64 weighted rows row_weight * (c @ W2[e].T) of the valid rows, from GEMM1's FP8 output."""
+  inter = np.asarray(c, np.float64) * np.repeat(np.asarray(c_scale, np.float64).T, 64, axis=1)
+  w2 = np.asarray(mp.dequantize(mp.BlockScaledArray(w2, w2s, (128, 128))), np.float64)
+  experts = np.repeat(np.asarray(sched.tile_expert), 16)
+  weight = np.asarray(sched.row_weight, np.float64)
+  return np.stack([weight[r] * (inter[r] @ w2[experts[r]].T) for r in np.flatnonzero(valid)])
+
+
+@pytest.mark.parametrize("num_tokens,stream_k_per_sm,num_sms,split_k", [
+    (40, 1, 3, 1),    # 3 programs, many GEMM2 items each
+    (40, 2, 5, 2),    # split-K rows, 10 programs
+    (1, 8, 5, 2),     # 40 programs for 1-4 tiles x 12 N-tiles x 2 K ranges: some programs without an item
+])
+def test_gemm2_in_stream_k_gives_the_gemm2_kernels_rows(seed, weights, num_tokens, stream_k_per_sm, num_sms, split_k,
+                                                          interpret, monkeypatch):
+  """`gemm1_swiglu_gemm2`: GEMM2's items shared by the stream-K programs (after a grid barrier compiled; as a
+  second kernel of as many programs in interpret mode) give `gemm2_weighted`'s rows on GEMM1's output: the
+  same bits in interpret mode; compiled, within the fp8 MMA's rounding (the phase runs on GEMM1's warps), and
+  against a float64 product either way."""
+  monkeypatch.setattr(schedule, "_INTERPRET_NUM_SMS", num_sms)
+  acts, sched = _inputs(seed, num_tokens)
+  w1, w1s, w2, w2s = weights
+  gemm1 = tiling.GemmTiling(block_m=16, block_n=64, stream_k=stream_k_per_sm, fixup_in_kernel=True)
+  gemm2 = tiling.GemmTiling(block_m=16, block_n=64, block_k=64, split_k=split_k, swap_ab=True)
+  args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s)
+  c, c_scale = stream_k.gemm1_swiglu(*args, sched.num_used_tiles, tiling=gemm1, interpret=interpret)
+  want = grouped_gemm.gemm2_weighted(sched.tile_expert, c, c_scale, w2, w2s, sched.row_weight, tiling=gemm2,
+                                     interpret=interpret)
+  got = stream_k.gemm1_swiglu_gemm2(*args, w2, w2s, sched.row_weight, sched.num_used_tiles, tiling=gemm1,
+                                    gemm2_tiling=gemm2, interpret=interpret)
+  assert got.shape == want.shape == (split_k * sched.num_rows, CONFIG.hidden)
+  valid = np.asarray(sched.row_weight) != 0
+  rows = lambda x: np.asarray(x, np.float64).reshape(split_k, -1, CONFIG.hidden).sum(axis=0)[valid]
+  if interpret:
+    np.testing.assert_array_equal(np.asarray(got).reshape(split_k, -1, CONFIG.hidden)[:, valid],
+                                  np.asarray(want).reshape(split_k, -1, CONFIG.hidden)[:, valid])
+  else:
+    assert np.linalg.norm(rows(got) - rows(want)) / np.linalg.norm(rows(want)) < 4e-3
+  oracle = _gemm2_f64(c, c_scale, sched, w2, w2s, valid)
+  err = np.linalg.norm(rows(got) - oracle) / np.linalg.norm(oracle)
+  assert err < 1e-2, err
+
+
+def test_gemm2_in_stream_k_is_checked(weights):
+  acts, sched = _inputs(5, 20)
+  w1, w1s, w2, w2s = weights
+  args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s, w2, w2s, sched.row_weight,
+          sched.num_used_tiles)
+  gemm1 = tiling.GemmTiling(block_m=16, block_n=64, stream_k=1, fixup_in_kernel=True)
+  gemm2 = tiling.GemmTiling(block_m=16, block_n=64, block_k=64)
+  counters = stream_k.num_arrival_counters(gemm1, sched.num_tiles, CONFIG.intermediate, barrier=True)
+  assert counters == stream_k.num_arrival_counters(gemm1, sched.num_tiles, CONFIG.intermediate) + 1
+  with pytest.raises(ValueError, match="one_kernel=True\\) runs compiled only"):
+    stream_k.gemm1_swiglu_gemm2(*args, tiling=gemm1, gemm2_tiling=gemm2, interpret=True, one_kernel=True)
+  with pytest.raises(ValueError, match="needs tiling.fixup_in_kernel"):
+    stream_k.gemm1_swiglu_gemm2(*args, tiling=dataclasses.replace(gemm1, fixup_in_kernel=False),
+                                gemm2_tiling=gemm2, interpret=True)
+  with pytest.raises(ValueError, match=f"arrival_counters must be int32\\[{counters}\\] \\(M-tiles x N-tiles \\+ "
+                                       f"the barrier's\\), got int32\\[{counters - 1}\\]"):
+    stream_k.gemm1_swiglu_gemm2(*args, tiling=gemm1, gemm2_tiling=gemm2, interpret=True,
+                                arrival_counters=jnp.zeros((counters - 1,), jnp.int32))
+  with pytest.raises(ValueError, match="gemm2_in_stream_k needs gemm1.stream_k with fixup_in_kernel"):
+    tiling.MoETiling(tiling.GemmTiling(block_m=16, stream_k=1), tiling.GemmTiling(block_m=16),
+                     gemm2_in_stream_k=True)
+  with pytest.raises(ValueError, match="gemm2_prefetch needs gemm2_in_stream_k"):
+    tiling.MoETiling(gemm1, gemm2, gemm2_prefetch=True)
