@@ -166,24 +166,6 @@ def stream_k_variants(base):
   return out
 
 
-def gemm2_in_stream_k_variants(base):
-  """GEMM2 run by the stream-K GEMM1's programs after a grid-wide barrier (`MoETiling.gemm2_in_stream_k`: no
-  GEMM2 launch; the programs, resident already, go on from their GEMM1 share to their GEMM2 items): with
-  the table's GEMM2 tiles, with 128-wide N-tiles (fewer, longer items for GEMM1's 8 warps), without split-K,
-  and with each program's GEMM2 weights asked of the L2 before the barrier (`gemm2_prefetch`)."""
-  import dataclasses
-  if not (base.gemm1.stream_k and base.gemm1.fixup_in_kernel):  # the T <= 8 table's stream-K GEMM1
-    return []
-  fused = dataclasses.replace(base, gemm2_in_stream_k=True)
-  wide = lambda **kw: dataclasses.replace(fused, gemm2=dataclasses.replace(base.gemm2, block_n=128, **kw))
-  return [("g2_in_stream_k", fused, False, None), ("g2_in_stream_k_n128", wide(), False, None),
-          ("g2_in_stream_k_n128_split1", wide(split_k=1), False, None),
-          ("g2_in_stream_k_split1", dataclasses.replace(fused, gemm2=dataclasses.replace(base.gemm2, split_k=1)),
-           False, None),
-          ("g2_in_stream_k_prefetch", dataclasses.replace(fused, gemm2_prefetch=True), False, None),
-          ("g2_in_stream_k_n128_prefetch", dataclasses.replace(wide(), gemm2_prefetch=True), False, None)]
-
-
 def k_unroll_variants(base):
   """K steps loaded together (`GemmTiling.k_unroll`: longer weight-row segments a stage, PERF 14, 27). GEMM1
   with 64-wide N-tiles and 2 K steps a stage holds the SMEM of today's 128 x 128 stage (2 x 64 x 256 bytes)
@@ -251,7 +233,7 @@ def program_order_variants(base):
 
 def small_t_variants(base):
   return [*gemm2_and_combine_variants(base), *combine_branch_variants(base), *gemm1_one_launch_variants(base),
-      *stream_k_variants(base), *gemm2_in_stream_k_variants(base),
+      *stream_k_variants(base),
       *k_unroll_variants(base),
       *swap_ab_variants(base), *program_order_variants(base),
       bf16_rows_variant(base),

@@ -242,22 +242,6 @@ def test_stream_k_gemm1_lowers(num_tokens, fixup_in_kernel):
   assert re.findall(r"grid_x = (\d+)", text)[len(routing)] == "264"  # 2 programs per SM of the H200's 132
 
 
-@pytest.mark.parametrize("num_tokens", [1, 7])
-def test_gemm2_in_stream_k_lowers(num_tokens):
-  """`MoETiling.gemm2_in_stream_k` on the H200 table's T <= 8 tiles: both GEMMs one kernel (the grid barrier's
-  atomics and wait loop lower), one program per SM, then the combine."""
-  tiles = dataclasses.replace(
-      tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200"),
-      gemm2_in_stream_k=True)
-  kernels = _lowered_kernels(num_tokens, "NVIDIA H200", tiles=tiles)
-  routing = _routing_kernels(num_tokens)
-  assert kernels == routing + ["moe_gemm1_gemm2_stream_k_fp8", "moe_combine"]
-  text = _lowered_text(num_tokens, "NVIDIA H200", tiles=tiles)
-  assert re.findall(r"grid_x = (\d+)", text)[len(routing)] == "132"
-  prefetched = _lowered_text(num_tokens, "NVIDIA H200", tiles=dataclasses.replace(tiles, gemm2_prefetch=True))
-  assert "cp.async.bulk.prefetch.L2.global" in prefetched and "cp.async.bulk.prefetch" not in text
-
-
 @pytest.mark.parametrize("num_tokens", [1, 57])
 def test_swap_ab_lowers(num_tokens):
   """`GemmTiling.swap_ab` on every Triton GEMM launch of the H200 table (T=1: the stream-K GEMM1 and the

@@ -118,13 +118,6 @@ def _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_sc
     swiglu, swiglu_scale = grouped_gemm.gemm1_swiglu(
         *gemm1_args, tiling=tiling.gemm1_busy, used_tiles_range=(tiling.busy_min_tiles, 2**31 - 1), into=first,
         **select)
-  elif tiling.gemm2_in_stream_k:
-    weighted_rows = stream_k.gemm1_swiglu_gemm2(
-        *gemm1_args, gemm2_weights, gemm2_weights_scale, schedule.row_weight, schedule.num_used_tiles,
-        tiling=tiling.gemm1, gemm2_tiling=tiling.gemm2, out_dtype=intermediate_dtype, rows_dtype=_rows_dtype(tiling),
-        interpret=interpret, arrival_counters=schedule.arrival_counters, prefetch=tiling.gemm2_prefetch)
-    return combine.combine_rows(weighted_rows, schedule.pair_padded_row, poison=poison, out_dtype=out_dtype,
-                                tiling=tiling.combine, num_splits=tiling.gemm2.split_k, interpret=interpret)
   elif tiling.gemm1.stream_k:
     swiglu, swiglu_scale = stream_k.gemm1_swiglu(*gemm1_args, schedule.num_used_tiles, tiling=tiling.gemm1,
                                                  out_dtype=intermediate_dtype, interpret=interpret,
@@ -197,8 +190,7 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
     schedule, _, _, poison = fused_routing.route_and_schedule(
         routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, config=config,
         num_local_experts=num_local, block_m=tiling.block_m, interpret=interpret,
-        num_zeros=stream_k.num_arrival_counters(tiling.gemm1, num_tiles, gemm2_weights.shape[2],
-                                                barrier=tiling.gemm2_in_stream_k))
+        num_zeros=stream_k.num_arrival_counters(tiling.gemm1, num_tiles, gemm2_weights.shape[2]))
   else:
     topk_ids, topk_weights = grouped_topk(routing_logits, routing_bias, config=config,
                                           routed_scaling_factor=routed_scaling_factor)

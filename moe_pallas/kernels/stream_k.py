@@ -31,7 +31,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from moe_pallas.kernels import grouped_gemm, schedule
 from moe_pallas.kernels.tiling import GemmTiling
-from moe_pallas.kernels.triton_internals import prefetch_l2
 from moe_pallas.quant import FP8_DTYPE
 
 
@@ -160,12 +159,9 @@ def _fixup_kernel(used_tiles_ref, slots_ref, *refs, num_programs, num_n_tiles, n
                               j=item % num_n_tiles, tiling=tiling, quantize_output=quantize_output)
 
 
-def num_arrival_counters(tiling: GemmTiling, num_m_tiles: int, intermediate: int, *, barrier: bool = False) -> int:
-  """How many zeroed int32 counters `gemm1_swiglu` counts arrivals on (0 without `fixup_in_kernel`); with
-  `barrier`, `gemm1_swiglu_gemm2`'s (one more: its grid-wide barrier's)."""
-  if not (tiling.stream_k and tiling.fixup_in_kernel):
-    return 0
-  return num_m_tiles * (intermediate // tiling.block_n) + int(barrier)
+def num_arrival_counters(tiling: GemmTiling, num_m_tiles: int, intermediate: int) -> int:
+  """How many zeroed int32 counters `gemm1_swiglu` counts arrivals on (0 without `fixup_in_kernel`)."""
+  return num_m_tiles * (intermediate // tiling.block_n) if tiling.stream_k and tiling.fixup_in_kernel else 0
 
 
 def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used_tiles, *, tiling: GemmTiling,
@@ -216,163 +212,3 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used_tiles,
       name="moe_gemm1_stream_k_fixup", compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
   )(used, slots, *outs)
   return (outs[0], outs[1]) if quantize_output else (outs[0], None)
-
-
-# ---- GEMM2 in the same kernel, after a grid-wide barrier (`MoETiling.gemm2_in_stream_k`) ---------------
-
-
-def _grid_barrier(counter_ref, index, num_programs):
-  """Waits until all num_programs programs have arrived (an integer count at counter_ref[index], zero at the
-  kernel's start). As `_arrive`: the barrier makes every thread's stores happen before the arrival, which is
-  an acquire-release atomic at GPU scope; the wait re-reads the count with the same atomic (adding 0), so
-  the other programs' stores are visible after it. Every program must be resident at once (one a slot, a
-  grid of at most the SMs' slots), or the first ones wait for ever: the caller's grid is one program per SM
-  times `stream_k`, each program's SMEM within 1/stream_k of an SM's."""
-  pltriton.debug_barrier()
-  arrived = pltriton.atomic_add(counter_ref, (index,), jnp.int32(1)) + 1
-  jax.lax.while_loop(lambda seen: seen < num_programs,
-                     lambda _: pltriton.atomic_add(counter_ref, (index,), jnp.int32(0)), arrived)
-
-
-def _gemm2_share(program, num_programs, used_tiles, tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref,
-                 row_weight_ref, rows_ref, *, num_m_tiles, num_n_tiles, num_k_steps, num_local_experts, tiling):
-  """Program p's GEMM2 work items, p, p + P, p + 2P, ... of the used tiles' (M-tile, N-tile, K range) items
-  (K range fastest), each `grouped_gemm.gemm2_tile`: its weighted rows (split-K partial rows with
-  `tiling.split_k`), as `grouped_gemm.gemm2_weighted` stores them."""
-  splits = tiling.split_k
-  num_items = used_tiles * num_n_tiles * splits
-
-  def item(t, carry):
-    index = program + t * num_programs
-    tile_n = index // splits
-    grouped_gemm.gemm2_tile(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weight_ref, rows_ref,
-                            i=tile_n // num_n_tiles, j=tile_n % num_n_tiles, split=index % splits,
-                            num_m_tiles=num_m_tiles, num_k_steps=num_k_steps, num_local_experts=num_local_experts,
-                            tiling=tiling)
-    return carry
-
-  jax.lax.fori_loop(0, jnp.maximum(num_items - program + num_programs - 1, 0) // num_programs, item, 0)
-
-
-def _prefetch_gemm2_share(program, num_programs, used_tiles, tile_expert_ref, w_ref, *, num_n_tiles, num_k_steps,
-                          tiling, num_threads):
-  """Asks the L2 for the weights of program p's GEMM2 items (as `_gemm2_share` assigns them): one request a
-  weight row of an item (its K range's bytes), request n by thread n % num_threads. Nothing waits for them."""
-  splits, bn = tiling.split_k, tiling.block_n
-  row_bytes = num_k_steps // splits * tiling.block_k
-  num_items = used_tiles * num_n_tiles * splits
-  mine = jnp.maximum(num_items - program + num_programs - 1, 0) // num_programs
-  lanes = jax.lax.broadcasted_iota(jnp.int32, (num_threads,), 0)
-
-  def requests(step, carry):
-    n = step * num_threads + lanes
-    index = program + n // bn * num_programs
-    tile_n = index // splits
-    expert = tile_expert_ref[jnp.minimum(tile_n // num_n_tiles, jnp.maximum(used_tiles - 1, 0))]
-    weight_row = tile_n % num_n_tiles * bn + n % bn
-    prefetch_l2(w_ref, expert, weight_row * w_ref.shape[2] + index % splits * row_bytes, n // bn < mine,
-                nbytes=row_bytes)
-    return carry
-
-  jax.lax.fori_loop(0, pl.cdiv(mine * bn, num_threads), requests, 0)
-
-
-def _gemm2_share_kernel(tile_expert_ref, c_ref, *refs, num_programs, quantized, gemm2):
-  """The GEMM2 phase of `gemm1_swiglu_gemm2` as a kernel of its own (after the stream-K GEMM1's)."""
-  c_scale_ref, *refs = refs if quantized else (None, *refs)
-  w_ref, w_scale_ref, row_weight_ref, used_tiles_ref, rows_ref = refs
-  _gemm2_share(pl.program_id(0), num_programs, used_tiles_ref[0], tile_expert_ref, c_ref, c_scale_ref, w_ref,
-               w_scale_ref, row_weight_ref, rows_ref, **gemm2)
-
-
-def _gemm1_then_gemm2_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, used_tiles_ref,
-                             w2_ref, w2_scale_ref, row_weight_ref, arrivals_in_ref, *refs, num_programs, quantized,
-                             gemm1, gemm2, prefetch):
-  """The stream-K GEMM1 with its fix-up, a grid-wide barrier, then this program's share of GEMM2's items."""
-  out_ref, *refs = refs
-  out_scale_ref, *refs = refs if quantized else (None, *refs)
-  slots_ref, rows_ref, arrivals_ref = refs
-  _stream_k_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, used_tiles_ref,
-                   arrivals_in_ref, out_ref, *([out_scale_ref] if quantized else []), slots_ref, arrivals_ref,
-                   num_programs=num_programs, quantize_output=quantized, interpret=False, **gemm1)
-  if prefetch:  # while the other programs finish their GEMM1 share
-    _prefetch_gemm2_share(pl.program_id(0), num_programs, used_tiles_ref[0], tile_expert_ref, w2_ref,
-                          num_n_tiles=gemm2["num_n_tiles"], num_k_steps=gemm2["num_k_steps"],
-                          tiling=gemm2["tiling"], num_threads=32 * gemm1["tiling"].num_warps)
-  # After every program's pieces and fix-ups: the whole intermediate is stored.
-  _grid_barrier(arrivals_ref, arrivals_ref.shape[0] - 1, num_programs)
-  _gemm2_share(pl.program_id(0), num_programs, used_tiles_ref[0], tile_expert_ref, out_ref, out_scale_ref, w2_ref,
-               w2_scale_ref, row_weight_ref, rows_ref, **gemm2)
-
-
-def gemm1_swiglu_gemm2(tile_expert, row_token, a, a_scale, w13, w13_scale, w2, w2_scale, row_weight, used_tiles, *,
-                       tiling: GemmTiling, gemm2_tiling: GemmTiling, out_dtype=FP8_DTYPE, rows_dtype=jnp.float32,
-                       interpret=False, arrival_counters=None, one_kernel: bool | None = None,
-                       prefetch: bool = False):
-  """`gemm1_swiglu` (with `tiling.fixup_in_kernel`) then `grouped_gemm.gemm2_weighted` on its output, both run
-  by the stream-K kernel's programs: after a grid-wide barrier, each program computes its share of GEMM2's
-  (used M-tile, N-tile, K range) items (gemm2_tiling's tiles; the kernel's warps and stages are tiling's).
-
-  Why (T <= 8 on the H200): GEMM2's own launch waits for GEMM1's last program, then ramps up its ~450 short
-  programs; here the programs are already resident and go on from GEMM1 to GEMM2 with one barrier between.
-
-  one_kernel: True: one kernel (compiled only: the barrier needs every program resident at once, and the
-  interpreter runs the programs one after another); False: the GEMM2 phase as a second kernel of as many
-  programs (the same items and sums: the same bits); None: True unless interpret.
-  prefetch: each program asks the L2 for its GEMM2 items' weights before the barrier (while the others
-  finish GEMM1); the same values. Unused with one_kernel False.
-  arrival_counters: [num_arrival_counters(tiling, M-tiles, I, barrier=True)] int32 zeros (consumed), or
-  None: zeros made here (an XLA memset kernel).
-
-  Returns:
-    GEMM2's weighted rows, [gemm2_tiling.split_k * rows, H] rows_dtype, as `grouped_gemm.gemm2_weighted`'s.
-  """
-  if one_kernel is None:
-    one_kernel = not interpret
-  if one_kernel and interpret:
-    raise ValueError("gemm1_swiglu_gemm2(one_kernel=True) runs compiled only (its barrier needs every program "
-                     "resident at once; the interpreter runs them one after another)")
-  if not tiling.fixup_in_kernel:
-    raise ValueError("gemm1_swiglu_gemm2 needs tiling.fixup_in_kernel (no fix-up kernel between the phases)")
-  num_rows, _, two_i, num_m_tiles, num_n_tiles, num_k_steps = grouped_gemm.gemm1_geometry(tile_expert, row_token,
-                                                                                         a, w13, tiling)
-  intermediate = two_i // 2
-  quantized = jnp.dtype(out_dtype) == jnp.dtype(FP8_DTYPE)
-  _, num_local, hidden, _, num_n_tiles2, num_k_steps2 = grouped_gemm.gemm2_geometry(
-      tile_expert, jax.ShapeDtypeStruct((num_rows, intermediate), out_dtype),
-      jax.ShapeDtypeStruct((intermediate // gemm2_tiling.block_k, num_rows), jnp.float32) if quantized else None,
-      w2, gemm2_tiling, rows_dtype)
-  num_counters = num_arrival_counters(tiling, num_m_tiles, intermediate, barrier=True)
-  if arrival_counters is None:
-    arrival_counters = jnp.zeros((num_counters,), jnp.int32)
-  if arrival_counters.shape != (num_counters,) or arrival_counters.dtype != jnp.int32:
-    raise ValueError(f"arrival_counters must be int32[{num_counters}] (M-tiles x N-tiles + the barrier's), got "
-                     f"{arrival_counters.dtype}{list(arrival_counters.shape)}")
-  num_programs = tiling.stream_k * schedule.num_sms(interpret)
-  used = schedule.used_tiles_operand(used_tiles, num_m_tiles)
-  gemm2 = dict(num_m_tiles=num_m_tiles, num_n_tiles=num_n_tiles2, num_k_steps=num_k_steps2,
-               num_local_experts=num_local, tiling=gemm2_tiling)
-  rows_shape = jax.ShapeDtypeStruct((gemm2_tiling.split_k * num_rows, hidden), rows_dtype)
-  if not one_kernel:
-    c, c_scale = gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, used, tiling=tiling,
-                              out_dtype=out_dtype, interpret=interpret,
-                              arrival_counters=arrival_counters[:num_counters - 1])
-    return pl.pallas_call(
-        functools.partial(_gemm2_share_kernel, num_programs=num_programs, quantized=quantized, gemm2=gemm2),
-        out_shape=rows_shape, grid=(num_programs,), interpret=interpret,
-        name="moe_gemm2_share_fp8" if quantized else "moe_gemm2_share_bf16",
-        compiler_params=pltriton.CompilerParams(num_warps=gemm2_tiling.num_warps,
-                                                num_stages=gemm2_tiling.num_stages),
-    )(tile_expert, c, *([c_scale] if quantized else []), w2, w2_scale, row_weight, used)
-  out_shape = grouped_gemm.swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype)
-  slots_shape = jax.ShapeDtypeStruct((2 * num_programs * tiling.block_m, 2 * tiling.block_n), jnp.float32)
-  gemm1 = dict(num_n_tiles=num_n_tiles, num_k_steps=num_k_steps, intermediate=intermediate, tiling=tiling)
-  outs = pl.pallas_call(
-      functools.partial(_gemm1_then_gemm2_kernel, num_programs=num_programs, quantized=quantized, gemm1=gemm1,
-                        gemm2=gemm2, prefetch=prefetch),
-      out_shape=(*out_shape, slots_shape, rows_shape, jax.ShapeDtypeStruct((num_counters,), jnp.int32)),
-      grid=(num_programs,), interpret=interpret, input_output_aliases={10: len(out_shape) + 2},
-      name="moe_gemm1_gemm2_stream_k_fp8" if quantized else "moe_gemm1_gemm2_stream_k_bf16",
-      compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
-  )(tile_expert, row_token, a, a_scale, w13, w13_scale, used, w2, w2_scale, row_weight, arrival_counters)
-  return outs[len(out_shape) + 1]

@@ -127,12 +127,6 @@ class MoETiling:
   (`mosaic_gemm`'s chain_items: the next item's first K steps load while this item's last ones compute and
   its epilogue runs; the same bits). Measured on the H200 (experiments/PERF.md 37): no gain; no table sets it.
 
-  `gemm2_in_stream_k`: GEMM2 run by the stream-K GEMM1's programs after a grid-wide barrier
-  (`stream_k.gemm1_swiglu_gemm2`: one kernel for both GEMMs, gemm2's tiles with gemm1's warps and stages;
-  the same items and sums as the GEMM2 kernel's, each (M-tile, N-tile, K range) by one program). Needs
-  gemm1.stream_k with fixup_in_kernel. `gemm2_prefetch`: with it, each program first asks the L2 for its
-  GEMM2 items' weights, while the others finish GEMM1 (the same values).
-
   `gemm_kernels`: which kernels run the two GEMMs (`GEMM_KERNELS`):
   - "triton": the Pallas-Triton kernels of `grouped_gemm`, with the tiles above.
   - "mosaic": both as the Mosaic GPU kernel of `mosaic_gemm` (Hopper: wgmma + TMA), with the rows gathered
@@ -159,8 +153,6 @@ class MoETiling:
   weights_in_gemm2: bool = False
   bf16_rows: bool = False
   chain_items: bool = False
-  gemm2_in_stream_k: bool = False
-  gemm2_prefetch: bool = False
 
   def __post_init__(self):
     if self.gemm_kernels not in GEMM_KERNELS:
@@ -182,11 +174,6 @@ class MoETiling:
     if self.gemm1.stream_k and (self.mosaic or self.gemm1_busy is not None):
       raise ValueError(f"gemm1.stream_k needs the Triton GEMMs and no gemm1_busy, got gemm_kernels="
                        f"{self.gemm_kernels!r}, gemm1_busy={self.gemm1_busy}")
-    if self.gemm2_in_stream_k and not (self.gemm1.stream_k and self.gemm1.fixup_in_kernel):
-      raise ValueError(f"gemm2_in_stream_k needs gemm1.stream_k with fixup_in_kernel, got stream_k="
-                       f"{self.gemm1.stream_k}, fixup_in_kernel={self.gemm1.fixup_in_kernel}")
-    if self.gemm2_prefetch and not self.gemm2_in_stream_k:
-      raise ValueError("gemm2_prefetch needs gemm2_in_stream_k (the stream-K programs prefetch their GEMM2 share)")
     if self.gemm1_busy is not None:
       blocks = lambda g: (g.block_m, g.block_n, g.block_k, g.split_k)
       if blocks(self.gemm1_busy) != blocks(self.gemm1) or self.gemm1.split_k != 1:

@@ -34,18 +34,15 @@ MAX_NUM_IMPRECISE_ACC = 2**30
 TESTED_JAX_VERSIONS = ("0.11.2",)
 
 try:  # Private Pallas-Triton API, as of jax 0.11.2.
-  from jax._src import state as _state
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith as _arith_dialect
   from jax._src.lib.mlir.dialects import math as _math_dialect
   from jax._src.lib.triton import dialect as _tt
   from jax._src.pallas.triton import gpu_info as _gpu_info
   from jax._src.pallas.triton import lowering as _triton_lowering
   from jax._src.pallas.triton import pallas_call_registration as _pallas_call_registration
-  from jax._src.state import discharge as _state_discharge
   _IMPORT_ERROR = None
 except ImportError as err:  # pragma: no cover - only on an untested JAX
-  _triton_lowering = _pallas_call_registration = _gpu_info = _state = _state_discharge = None
+  _triton_lowering = _pallas_call_registration = _gpu_info = None
   _IMPORT_ERROR = err
 
 
@@ -142,65 +139,6 @@ def fma(x, y, z):
   x = jnp.broadcast_to(x, z.shape).astype(z.dtype)
   y = jnp.broadcast_to(y, z.shape).astype(z.dtype)
   return fma_p.bind(x, y, z)
-
-
-# ---- prefetch_l2: byte ranges of a weight array into the L2, fire and forget --------------------------
-
-# One instance per element, predicated on its `valid` ($2); $0 is a dummy output that inline asm needs. The
-# TMA unit fetches `nbytes` from the address into the L2 (sm_90), while the thread goes on.
-_PREFETCH_ASM = ("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], %d; "
-                 "mov.u32 $0, 0; }")
-
-prefetch_l2_p = jex_core.Primitive("moe_pallas_prefetch_l2")
-prefetch_l2_p.multiple_results = True
-
-
-def _prefetch_abstract(ref, experts, offsets, valid, *, nbytes):
-  del nbytes
-  vectors = (experts, offsets, valid)
-  if ref.ndim < 2 or any(v.ndim != 1 or v.shape != offsets.shape or v.dtype != jnp.int32 for v in vectors):
-    raise ValueError(f"prefetch_l2 takes a [E, ...] ref and [n] int32 experts, offsets and valid, got "
-                     f"{ref.dtype}{list(ref.shape)}, " + ", ".join(f"{v.dtype}{list(v.shape)}" for v in vectors))
-  # Declared a write of the ref: an effect that dead-code elimination keeps (it drops unused reads, and the
-  # prefetch has no result); nothing is written.
-  return [], {_state.WriteEffect(0)}
-
-
-def _prefetch_triton(ctx, ptr, experts, offsets, valid, *, nbytes):
-  # ref[expert] starts expert * prod(ref.shape[1:]) elements in: 64-bit arithmetic (128 experts' W13 pass
-  # 2**31 elements).
-  ref_aval, experts_aval, _, _ = ctx.avals_in
-  shape = list(experts_aval.shape)
-  wide = ir.RankedTensorType.get(shape, ir.IntegerType.get_signless(64))
-  stride = _triton_lowering._full(wide, math.prod(ref_aval.shape[1:]))
-  elements = _arith_dialect.addi(_arith_dialect.muli(_arith_dialect.extsi(wide, experts), stride),
-                                 _arith_dialect.extsi(wide, offsets))
-  pointers = _triton_lowering._add(_triton_lowering._bcast_to(ptr, shape), elements)
-  result = ir.RankedTensorType.get(shape, ir.IntegerType.get_signless(32))
-  _tt.elementwise_inline_asm([result], _PREFETCH_ASM % nbytes, constraints="=r,l,r", pure=False,
-                             packed_element=1, args=[pointers, valid])
-  return []
-
-
-def _prefetch_discharge(ctx, ref, experts, offsets, valid, *, nbytes):
-  del ctx, ref, experts, offsets, valid, nbytes  # interpret mode: a prefetch changes no value
-  return (None, None, None, None), []
-
-
-prefetch_l2_p.def_effectful_abstract_eval(_prefetch_abstract)
-if _triton_lowering is not None:
-  _triton_lowering.triton_lowering_rules[prefetch_l2_p] = _prefetch_triton
-  _state_discharge.register_discharge_rule(prefetch_l2_p)(_prefetch_discharge)
-
-
-def prefetch_l2(ref, experts, offsets, valid, *, nbytes: int):
-  """Asks the L2 for `nbytes` bytes at each element offset `offsets[n]` of `ref[experts[n]]` where
-  `valid[n]`, and goes on: nothing waits for them, no value changes (a no-op in interpret mode). Each
-  range must start 16-byte aligned; nbytes is a multiple of 16 (cp.async.bulk)."""
-  if nbytes < 16 or nbytes % 16:
-    raise ValueError(f"nbytes must be a positive multiple of 16, got {nbytes}")
-  as_int32 = lambda x: jnp.asarray(x).astype(jnp.int32)
-  prefetch_l2_p.bind(ref, as_int32(experts), as_int32(offsets), as_int32(valid), nbytes=nbytes)
 
 
 # ---- int32 offsets ------------------------------------------------------------------------------------
