@@ -25,11 +25,60 @@ _N = flags.DEFINE_integer("n", 4096, "Weight rows per expert (GEMM1: 2I = 4096).
 _K = flags.DEFINE_integer("k", 7168, "Weight columns (GEMM1: H = 7168).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
 _OUT = flags.DEFINE_string("out", "", "JSONL output (optional).")
-_SET = flags.DEFINE_enum("set", "tiles", ["tiles", "segments", "split"],
+_SET = flags.DEFINE_enum("set", "tiles", ["tiles", "segments", "split", "block_major"],
                          "tiles: the (block_n x block_k) grid of PERF 14; segments: narrow N-tiles whose K step "
                          "is several 128-wide sub-tiles loaded together (as GEMM1's k_unroll), for long row "
                          "segments; split: K split over several programs per N-tile, for few experts (T=1-7 "
-                         "touches 2: 32 N-tiles of 256 rows for 132 SMs).")
+                         "touches 2: 32 N-tiles of 256 rows for 132 SMs); block_major: GEMM1's tiles with the "
+                         "weights in [E, N, K] and in block-major [E, N/128, K/128, 128, 128] order (each "
+                         "128 x 128 scale block 16 KB in a row), side by side.")
+
+
+def block_major(w):
+  """[E, N, K] -> [E, N/128, K/128, 128, 128]: each 128 x 128 block (one weight scale's) contiguous."""
+  e, n, k = w.shape
+  return w.reshape(e, n // 128, 128, k // 128, 128).transpose(0, 1, 3, 2, 4)
+
+
+def stream_block_major(w, a, *, block_n, num_warps, num_stages, interpret=False):
+  """`stream(mode="dot", block_k=128)` over block-major weights (`block_major`): a K step's (block_n x 128)
+  weight tile is block_n // 128 whole blocks (or a part of one), each one contiguous load."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as pltriton
+
+  from moe_pallas.kernels.triton_internals import dot_nt
+
+  num_experts, n_blocks, k_steps, _, _ = w.shape
+  rows_per_load = min(block_n, 128)
+  n_tiles = n_blocks * 128 // block_n
+
+  def kernel(w_ref, a_ref, out_ref):
+    pid = pl.program_id(0)
+    expert, j = pid // n_tiles, pid % n_tiles
+    first_row = j * block_n
+
+    num_loads = max(block_n // 128, 1)
+
+    def step(s, carry):
+      ks = pl.ds(pl.multiple_of(s * 128, 128), 128)
+      a_tile = a_ref[:, ks]
+      loads = []
+      for u in range(num_loads):  # every load before any dot
+        row = first_row + u * 128
+        loads.append(w_ref[expert, row // 128, s, pl.ds(pl.multiple_of(row % 128, rows_per_load), rows_per_load), :])
+      return tuple(acc + dot_nt(a_tile, tile) for acc, tile in zip(carry, loads))
+
+    zeros = jnp.zeros((a.shape[0], rows_per_load), jnp.float32)
+    result = jax.lax.fori_loop(0, k_steps, step, (zeros,) * num_loads)
+    for u, acc in enumerate(result):
+      out_ref[pid, pl.ds(u * rows_per_load, rows_per_load)] = jnp.sum(acc, axis=0)
+
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((num_experts * n_tiles, block_n), jnp.float32),
+      grid=(num_experts * n_tiles,), interpret=interpret, name="stream_block_major",
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))(w, a)
 
 
 def stream(w, a, *, mode, block_n, block_k, num_warps, num_stages, sub_k=None, splits=1, interpret=False):
@@ -110,6 +159,17 @@ def split_variants():
   return out
 
 
+def block_major_variants():
+  """GEMM1's and GEMM2's Triton tiles at small T (128 or 256 rows, 64 for GEMM2; 4 or 8 warps), each over
+  both weight orders."""
+  out = []
+  for block_n, num_warps, num_stages in ((256, 8, 3), (256, 4, 2), (128, 4, 3), (128, 8, 3), (64, 4, 3), (128, 4, 4)):
+    for order in ("standard", "block_major"):
+      out.append(dict(mode="dot", order=order, block_n=block_n, block_k=128, num_warps=num_warps,
+                      num_stages=num_stages))
+  return out
+
+
 def variants():
   out = []
   for mode in ("max", "dot"):
@@ -136,11 +196,17 @@ def main(argv):
   timer = GpuTimer()
   device = jax.devices()[0].device_kind
   out = open(_OUT.value, "w") if _OUT.value else None
-  for v in {"tiles": variants, "segments": segment_variants, "split": split_variants}[_SET.value]():
+  w_blocked = jax.block_until_ready(block_major(w)) if _SET.value == "block_major" else None
+  for v in {"tiles": variants, "segments": segment_variants, "split": split_variants,
+            "block_major": block_major_variants}[_SET.value]():
     try:
-      fn = jax.jit(functools.partial(stream, **v))
-      jax.block_until_ready(fn(w, a))
-      times = timer.time_calls(fn, (w, a), iters=_ITERS.value, warmup=2)
+      if v.get("order") == "block_major":
+        fn, weights = jax.jit(functools.partial(stream_block_major, block_n=v["block_n"], num_warps=v["num_warps"],
+                                                num_stages=v["num_stages"])), w_blocked
+      else:
+        fn, weights = jax.jit(functools.partial(stream, **{k: x for k, x in v.items() if k != "order"})), w
+      jax.block_until_ready(fn(weights, a))
+      times = timer.time_calls(fn, (weights, a), iters=_ITERS.value, warmup=2)
     except Exception as err:  # one variant that does not compile must not hide the others
       print(f"{v}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
       continue
