@@ -277,3 +277,20 @@ def test_abstract_gpu_rejects_unknown_devices():
   with pytest.raises(ValueError, match="not a GPU that Pallas-Triton knows"):
     with triton_internals.abstract_gpu("cpu"):
       pass
+
+
+@pytest.mark.parametrize("num_tokens", [1, 57, 901])
+def test_block_major_weights_lower(num_tokens):
+  """The H200 table's kernels on block-major weights (`moe_pallas.weight_layout`: the stream-K and two-launch
+  Triton GEMMs, the Mosaic GEMMs' TMA over 128 x 128 blocks): the same kernels as on [E, N, K] weights."""
+  shapes = list(_layer_shapes(num_tokens))
+  for index in (4, 6):  # gemm1_weights, gemm2_weights
+    e, n, k = shapes[index].shape
+    shapes[index] = jax.ShapeDtypeStruct((e, n // 128, k // 128, 128, 128), jnp.float8_e4m3fn)
+  tiles = tiling.default_tiling(num_tokens, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
+  layer = lambda *args: grouped_moe.moe_layer_triton(*args, config=CONFIG, tiling=tiles)
+  with triton_internals.abstract_gpu("NVIDIA H200"):
+    text = jax.jit(layer).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  names = lambda t: re.findall(r'name = "(moe_[a-z0-9_]+)"', t)
+  assert names(text) == names(_lowered_text(num_tokens, "NVIDIA H200"))
+  assert text.count(MOSAIC_CALL) == _lowered_text(num_tokens, "NVIDIA H200").count(MOSAIC_CALL)

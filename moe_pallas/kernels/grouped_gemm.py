@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from moe_pallas import weight_layout
 from moe_pallas.config import SCALE_BLOCK as _SCALE_BLOCK
 from moe_pallas.kernels import schedule, swiglu_quant
 from moe_pallas.kernels.tiling import GemmTiling
@@ -55,6 +56,20 @@ def _k_loop(k_start, k_stop, scales_of_step, k_step, acc, *, unroll):
   return acc
 
 
+def weight_tile(w_ref, expert, row0, rows: int, k0, cols: int):
+  """W[expert, row0 : row0 + rows, k0 : k0 + cols] from [E, N, K] weights, or from block-major ones
+  ([E, N/128, K/128, 128, 128], `moe_pallas.weight_layout`): there the tile lies in one 128 x 128 block
+  (rows and cols divide 128, row0 and k0 multiples of them), a contiguous read of rows x 128 bytes."""
+  if w_ref.ndim == 3:
+    return w_ref[expert, pl.ds(pl.multiple_of(row0, rows), rows), pl.ds(pl.multiple_of(k0, cols), cols)]
+  # lax's truncating div and rem (the offsets are >= 0): jnp's floor forms lower to a select on an i1 that
+  # Pallas-Triton's rule for `rem` cannot type (jax 0.11.2).
+  n_block, n_within = jax.lax.div(jnp.int32(row0), _SCALE_BLOCK), jax.lax.rem(jnp.int32(row0), _SCALE_BLOCK)
+  k_block, k_within = jax.lax.div(jnp.int32(k0), _SCALE_BLOCK), jax.lax.rem(jnp.int32(k0), _SCALE_BLOCK)
+  return w_ref[expert, n_block, k_block, pl.ds(pl.multiple_of(n_within, rows), rows),
+               pl.ds(pl.multiple_of(k_within, cols), cols)]
+
+
 def _tile_product(a, w, swap_ab: bool):
   """a [bm, bk] @ w [bn, bk].T in float32 as [bm, bn], or with `GemmTiling.swap_ab` as its transpose
   w @ a.T [bn, bm]: the weight tile is then the MMA's row operand (wgmma takes 64 rows of it at a time)
@@ -78,8 +93,6 @@ def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, 
   expert = tile_expert_ref[i]
   bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
   rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
-  up_cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-  gate_cols = pl.ds(pl.multiple_of(intermediate + j * bn, bn), bn)
   up_scale_row = j * bn // _SCALE_BLOCK
   gate_scale_row = (intermediate + j * bn) // _SCALE_BLOCK
   # The gather of each row's token is fused into the loads: no [rows, H] copy of the activations.
@@ -96,8 +109,10 @@ def gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, 
     ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
     a = a_ref[tokens, ks]
     swap = tiling.swap_ab
-    acc_up = fma(_tile_product(a, w_ref[expert, up_cols, ks], swap), _per_row(up_scale, swap), acc_up)
-    acc_gate = fma(_tile_product(a, w_ref[expert, gate_cols, ks], swap), _per_row(gate_scale, swap), acc_gate)
+    w_up = weight_tile(w_ref, expert, j * bn, bn, k * bk, bk)
+    w_gate = weight_tile(w_ref, expert, intermediate + j * bn, bn, k * bk, bk)
+    acc_up = fma(_tile_product(a, w_up, swap), _per_row(up_scale, swap), acc_up)
+    acc_gate = fma(_tile_product(a, w_gate, swap), _per_row(gate_scale, swap), acc_gate)
     return acc_up, acc_gate
 
   zeros = _zero_accumulator(tiling)
@@ -205,7 +220,7 @@ def check_k_steps(num_k_steps: int, tiling: GemmTiling, what: str) -> None:
 def gemm1_geometry(tile_expert, row_token, a, w13, tiling: GemmTiling):
   """(rows, E_local, 2I, M-tiles, N-tiles, K steps) of a GEMM1 call, its rows and K step checked."""
   num_rows = row_token.shape[0]
-  num_local, two_i, _ = w13.shape
+  num_local, two_i, _ = weight_layout.logical_shape(w13)
   num_m_tiles = tile_expert.shape[0]
   if num_rows != num_m_tiles * tiling.block_m:
     raise ValueError(f"row_token has {num_rows} rows, expected num_tiles * block_m = "
@@ -405,7 +420,7 @@ def gemm2_tile(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_weig
 
     def k_step(k, scale, acc):
       ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-      w = w_ref[expert, cols, ks]
+      w = weight_tile(w_ref, expert, j * bn, bn, k * bk, bk)
       a = c_ref[rows, ks]
       if not scaled_input:
         w = w.astype(c_ref.dtype)
@@ -427,7 +442,7 @@ def _gemm2_kernel(tile_expert_ref, c_ref, c_scale_ref, w_ref, w_scale_ref, row_w
 def gemm2_geometry(tile_expert, c, c_scale, w2, tiling: GemmTiling, out_dtype):
   """(rows, E_local, H, M-tiles, N-tiles, K steps) of a GEMM2 call, its scales, K steps and out_dtype checked."""
   num_rows, intermediate = c.shape
-  num_local, hidden, _ = w2.shape
+  num_local, hidden, _ = weight_layout.logical_shape(w2)
   if c_scale is not None and c_scale.shape != (intermediate // tiling.block_k, num_rows):
     raise ValueError(f"c_scale must be [I/block_k, rows] = {[intermediate // tiling.block_k, num_rows]}, "
                      f"got {list(c_scale.shape)}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from moe_pallas import weight_layout
 from moe_pallas.config import MoEConfig
 from moe_pallas.kernels import combine, fused_routing, grouped_gemm, mosaic_gemm, stream_k, triton_internals
 from moe_pallas.kernels.schedule import TileSchedule, make_tile_schedule, max_tiles
@@ -150,7 +151,7 @@ def apply_local_experts_triton(hidden_states, hidden_states_scale, gemm1_weights
   if num_tokens == 0:
     return jnp.zeros((0, hidden), out_dtype)
   tiling = _tiling_for(tiling, num_tokens, plan.pair_rows.shape[1], gemm1_weights.shape[0], hidden,
-                       gemm2_weights.shape[2], intermediate_dtype)
+                       weight_layout.logical_shape(gemm2_weights)[2], intermediate_dtype)
   schedule = make_tile_schedule(plan, block_m=tiling.block_m)
   return _experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1_weights_scale, gemm2_weights,
                   gemm2_weights_scale, schedule, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
@@ -180,8 +181,8 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
   if num_tokens == 0:
     return jnp.zeros((0, hidden), out_dtype)
   num_local = gemm1_weights.shape[0]
-  tiling = _tiling_for(tiling, num_tokens, config.top_k, num_local, hidden, gemm2_weights.shape[2],
-                       intermediate_dtype)
+  intermediate = weight_layout.logical_shape(gemm2_weights)[2]
+  tiling = _tiling_for(tiling, num_tokens, config.top_k, num_local, hidden, intermediate, intermediate_dtype)
   if fused_routing_kernels is None:
     fused_routing_kernels = (num_tokens * config.top_k <= fused_routing.MAX_FUSED_PAIRS
                              and fused_routing.supports(config))
@@ -190,7 +191,7 @@ def moe_layer_triton(routing_logits, routing_bias, hidden_states, hidden_states_
     schedule, _, _, poison = fused_routing.route_and_schedule(
         routing_logits, routing_bias, routed_scaling_factor, local_expert_offset, config=config,
         num_local_experts=num_local, block_m=tiling.block_m, interpret=interpret,
-        num_zeros=stream_k.num_arrival_counters(tiling.gemm1, num_tiles, gemm2_weights.shape[2]))
+        num_zeros=stream_k.num_arrival_counters(tiling.gemm1, num_tiles, intermediate))
   else:
     topk_ids, topk_weights = grouped_topk(routing_logits, routing_bias, config=config,
                                           routed_scaling_factor=routed_scaling_factor)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from moe_pallas import weight_layout
 from moe_pallas.config import SCALE_BLOCK
 from moe_pallas.kernels import schedule
 from moe_pallas.kernels.swiglu_quant import quantized_rows, silu
@@ -140,8 +141,38 @@ def _concurrent_steps(k_steps: int) -> int:
   return min(_MAX_CONCURRENT_STEPS, k_steps)
 
 
+def _weight_spec(rows: int, block_major: bool):
+  """The pipeline's block of one weight operand a K step: (rows, 128) of an item's [rows, K] view; or, of
+  block-major weights (`weight_views`), one 128 x 128 block of a [K/128 * 128, 128] view (rows = 128) or
+  rows/128 such blocks of a [rows/128, K/128 * 128, 128] view, each a contiguous 16 KB in HBM."""
+  fp8 = _fp8_transforms()
+  if not block_major:
+    return plgpu.BlockSpec((rows, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8)
+  if rows == SCALE_BLOCK:
+    return plgpu.BlockSpec((SCALE_BLOCK, SCALE_BLOCK), lambda kb: (kb, 0), transforms=fp8)
+  return plgpu.BlockSpec((rows // SCALE_BLOCK, SCALE_BLOCK, SCALE_BLOCK), lambda kb: (0, kb, 0), transforms=fp8)
+
+
+def weight_operand(w):
+  """The kernels' weight operand: [E, N, K] as given, block-major [E, N/128, K/128, 128, 128] as the free
+  reshape [E, N/128, K/128 * 128, 128] (block (n, k) = rows k*128 .. of the [n] slice)."""
+  if not weight_layout.is_block_major(w):
+    return w
+  e, nb, kb, _, _ = w.shape
+  return w.reshape(e, nb, kb * SCALE_BLOCK, SCALE_BLOCK)
+
+
+def _weight_view(w_gmem, expert, row0, rows: int, block_major: bool):
+  """An item's weight operand of `rows` rows from row0 (a multiple of 128 where block-major; rows 128 or 256)."""
+  if not block_major:
+    return w_gmem.at[expert, pl.ds(row0, rows)]
+  if rows == SCALE_BLOCK:
+    return w_gmem.at[expert, row0 // SCALE_BLOCK]
+  return w_gmem.at[expert, pl.ds(row0 // SCALE_BLOCK, rows // SCALE_BLOCK)]
+
+
 def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_cols, row_factor=False,
-                   pipeline_state=None):
+                   pipeline_state=None, block_major=False):
   """The warp-specialized K pipeline of one work item: per K step the activation tile, each weight tile
   (rows x 128), the activation scales, with `row_factor` the tile's row factors (the same block every step),
   and the weight-scale row go to SMEM by TMA, and `step(_, a, *weights, a_scale, [row_factor,]
@@ -154,7 +185,7 @@ def _tile_pipeline(step, compute_context, *, k_steps, weight_rows, weight_scale_
       memory_registers=_PRODUCER_REGISTERS,
       in_specs=[
           plgpu.BlockSpec((BLOCK_M, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8),
-          *[plgpu.BlockSpec((rows, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8) for rows in weight_rows],
+          *[_weight_spec(rows, block_major) for rows in weight_rows],
           plgpu.BlockSpec((1, BLOCK_M), lambda kb: (kb, 0)),
           # The row factors: the same block every step, fetched with each (the warp-specialized pipeline
           # takes only blocks whose index uses the step, hence kb * 0).
@@ -176,7 +207,7 @@ def chains_items(k_steps: int) -> bool:
 
 
 def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_steps, weight_rows, group_m,
-                     row_factor=False, chain_items=False):
+                     row_factor=False, chain_items=False, block_major=False):
   """Decorator: runs `item(mi, ni, run_pipeline)` for every work item (M-tile mi < the device-side count of
   used tiles, column block ni < n_blocks), spread over the persistent grid's CTAs ("sm"), in groups of
   group_m M-tiles per column sweep (the CTAs running at once then share weight tiles in the L2).
@@ -195,7 +226,8 @@ def _over_used_items(used_tiles_gmem, num_tiles, n_blocks, tile_operands, *, k_s
   weight_scale_cols = tile_operands[-1].shape[1]
   ignore = lambda *_, **__: None  # the allocations do not depend on the step or the context
   pipeline_of = functools.partial(_tile_pipeline, k_steps=k_steps, weight_rows=weight_rows,
-                                  weight_scale_cols=weight_scale_cols, row_factor=row_factor)
+                                  weight_scale_cols=weight_scale_cols, row_factor=row_factor,
+                                  block_major=block_major)
   allocations = pipeline_of(ignore, ignore).get_allocations(*tile_operands)
 
   def decorate(item):
@@ -255,7 +287,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
     [num_tiles * BLOCK_M, N] out_dtype. Rows of tiles of no expert are left unwritten.
   """
   num_rows, k = a.shape
-  num_local, n, k_w = w.shape
+  num_local, n, k_w = weight_layout.logical_shape(w)
+  block_major = weight_layout.is_block_major(w)
   num_tiles = tile_expert.shape[0]
   if k != k_w:
     raise ValueError(f"a has K={k} but w has K={k_w}")
@@ -283,12 +316,13 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
     row_factor_gmem, out_gmem, out_smem = refs if factored else (None, *refs)
     wg = lax.axis_index("wg")  # compute warpgroup g: columns g*128 .. of the CTA's 256
     operands = lambda mi, ni, expert: (
-        a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)], w_gmem.at[expert, pl.ds(ni * CTA_N, CTA_N)],
+        a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)], _weight_view(w_gmem, expert, ni * CTA_N, CTA_N, block_major),
         a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)],
         *([row_factor_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)]] if factored else []), w_scale_gmem.at[expert])
 
     @_over_used_items(used_tiles_gmem, num_tiles, n // CTA_N, operands(0, 0, 0), k_steps=k_steps,
-                      weight_rows=[CTA_N], group_m=group_m, row_factor=factored, chain_items=chain_items)
+                      weight_rows=[CTA_N], group_m=group_m, row_factor=factored, chain_items=chain_items,
+                      block_major=block_major)
     def _(mi, ni, run_pipeline):
       expert = _item_expert(tile_expert_gmem, mi, num_local, chain_items)
 
@@ -306,7 +340,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
 
       def step(_, a_smem, w_smem, a_scale_smem, *rest):
         *row_factor_smem, w_scale_smem, carry = rest
-        w_tile = w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)].transpose((1, 0))
+        w_tile = (w_smem.at[wg] if block_major else w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)]).transpose((1, 0))
         return _promoted_k_step(carry, a_scale_smem, w_scale_smem[0, ni * 2 + wg],
                                 lambda acc_ref: plgpu.wgmma(acc_ref, a_smem, w_tile), *row_factor_smem)
 
@@ -315,8 +349,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
   return _persistent_call(
       kernel, name=name, out_type=jax.ShapeDtypeStruct((num_rows, n), out_dtype),
       scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), out_dtype, transforms=out_transforms)],
-      interpret=interpret)(tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, w, w_scale_rows,
-                           *([row_factor.reshape(1, num_rows)] if factored else []))
+      interpret=interpret)(tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale,
+                           weight_operand(w), w_scale_rows, *([row_factor.reshape(1, num_rows)] if factored else []))
 
 
 def _check_item_order(chain_items, used_tiles, group_m):
@@ -487,7 +521,8 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
     (values [rows, I] float8_e4m3fn, scales [I/128, rows] float32). Rows of tiles of no expert unwritten.
   """
   num_rows, k = a.shape
-  num_local, two_i, k_w = w13.shape
+  num_local, two_i, k_w = weight_layout.logical_shape(w13)
+  block_major = weight_layout.is_block_major(w13)
   intermediate = two_i // 2
   num_tiles = tile_expert.shape[0]
   if k != k_w or num_rows != num_tiles * BLOCK_M or intermediate % SCALE_BLOCK or k % SCALE_BLOCK:
@@ -513,11 +548,13 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
     wg = lax.axis_index("wg")  # 0: up columns, 1: gate columns
     operands = lambda mi, ni, expert: (
         a_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M)],
-        *[w_gmem.at[expert, pl.ds(half * intermediate + ni * SCALE_BLOCK, SCALE_BLOCK)] for half in (0, 1)],
+        *[_weight_view(w_gmem, expert, half * intermediate + ni * SCALE_BLOCK, SCALE_BLOCK, block_major)
+          for half in (0, 1)],
         a_scale_gmem.at[:, pl.ds(mi * BLOCK_M, BLOCK_M)], w_scale_gmem.at[expert])
 
     @_over_used_items(used_tiles_gmem, num_tiles, i_blocks, operands(0, 0, 0), k_steps=k_steps,
-                      weight_rows=[SCALE_BLOCK, SCALE_BLOCK], group_m=group_m, chain_items=chain_items)
+                      weight_rows=[SCALE_BLOCK, SCALE_BLOCK], group_m=group_m, chain_items=chain_items,
+                      block_major=block_major)
     def _(mi, ni, run_pipeline):
       expert = _item_expert(tile_expert_gmem, mi, num_local, chain_items)
 
@@ -545,4 +582,4 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   out_type = (jax.ShapeDtypeStruct((num_rows, intermediate), jnp.float8_e4m3fn),
               jax.ShapeDtypeStruct((i_blocks, num_rows), jnp.float32))
   return _persistent_call(kernel, name=name, out_type=out_type, scratch_types=epilogue_scratch, interpret=interpret)(
-      tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, w13, w_scale_rows)
+      tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, weight_operand(w13), w_scale_rows)
