@@ -7,11 +7,13 @@ from moe_pallas.layer import IMPLEMENTATIONS, InferenceOnlyError, apply_local_ex
 from moe_pallas.quant import BlockScaledArray, dequantize, quantize_blockwise
 from moe_pallas.routing import RoutingPlan, plan_local, route
 from moe_pallas.sharding import moe_layer_sharded
+from moe_pallas.weight_layout import from_block_major, to_block_major
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockScaledArray", "DEEPSEEK_V3", "IMPLEMENTATIONS", "InferenceOnlyError", "MoEConfig", "RoutingPlan", "SMALL",
-    "apply_local_experts", "bucket_tokens", "dequantize", "moe_layer", "moe_layer_all_experts",
+    "apply_local_experts", "bucket_tokens", "dequantize", "from_block_major", "moe_layer", "moe_layer_all_experts",
     "moe_layer_bucketed", "moe_layer_sharded", "pad_tokens", "plan_local", "quantize_blockwise", "route",
+    "to_block_major",
 ]

@@ -60,6 +60,7 @@ def apply_local_experts(hidden_states, hidden_states_scale, gemm1_weights, gemm1
     hidden_states_scale: [H/128, T] float32 (the public, transposed layout).
     gemm1_weights: [E_local, 2I, H] float8_e4m3fn; gemm1_weights_scale: [E_local, 2I/128, H/128] float32.
     gemm2_weights: [E_local, H, I] float8_e4m3fn; gemm2_weights_scale: [E_local, H/128, I/128] float32.
+      Either weight array may be block-major instead, as in `moe_layer`.
     plan: from `plan_local`, with E_local experts and capacity T * top_k.
     out_dtype: float32 (default) for partial sums that are added across ranks before rounding, or bfloat16.
     implementation: "xla", "triton" or None: the best available (see `resolve_implementation`); with None,
@@ -182,6 +183,9 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
     hidden_states_scale: [H/128, T] float32 (transposed: scale[b, t] multiplies hidden_states[t, b*128:(b+1)*128]).
     gemm1_weights: [E_local, 2I, H] float8_e4m3fn (W13, [out, in]); gemm1_weights_scale: [E_local, 2I/128, H/128].
     gemm2_weights: [E_local, H, I] float8_e4m3fn (W2); gemm2_weights_scale: [E_local, H/128, I/128].
+      Either weight array may be block-major instead (`moe_pallas.to_block_major`: [E_local, N/128, K/128,
+      128, 128], the same values with each 128 x 128 scale block contiguous): the kernels read it 7-10 %
+      faster (experiments/PERF.md 64); reorder once, when the weights are loaded. The scales keep their shape.
     local_expert_offset: int, global id of local expert 0, in [0, E - E_local]. May be traced (e.g. from
       `lax.axis_index`) or a jax.Array: such a value is not range-checked (reading it would be a device-to-
       host sync), and an out-of-range one selects only the experts that fall inside [0, E), possibly none

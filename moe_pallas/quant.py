@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_pallas import weight_layout
+
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # DeepGEMM clamps a block's amax at 1e-4 so an all-zero block gets a finite, tiny scale instead of 0/0.
@@ -47,6 +49,8 @@ class LocalExperts(NamedTuple):
   Attributes:
     gemm1: W13, values [E_local, 2I, H] float8_e4m3fn, scales [E_local, 2I/B, H/B] float32, (B, B) blocks.
     gemm2: W2, values [E_local, H, I] float8_e4m3fn, scales [E_local, H/B, I/B] float32, (B, B) blocks.
+    Either `values` may instead be block-major, [E_local, N/B, K/B, B, B] (`moe_pallas.weight_layout`, B =
+    128): the kernels read it as it is, the xla path through `in_spec_order`.
   """
 
   gemm1: BlockScaledArray
@@ -55,13 +59,19 @@ class LocalExperts(NamedTuple):
   @classmethod
   def from_arrays(cls, gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale) -> "LocalExperts":
     """Bundles the public signature's four arrays; B comes from the shapes (H / (H/B))."""
-    block = gemm1_weights.shape[2] // gemm1_weights_scale.shape[2]
+    block = weight_layout.logical_shape(gemm1_weights)[2] // gemm1_weights_scale.shape[2]
     return cls(BlockScaledArray(gemm1_weights, gemm1_weights_scale, (block, block)),
                BlockScaledArray(gemm2_weights, gemm2_weights_scale, (block, block)))
 
   def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The public order: gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale."""
     return self.gemm1.values, self.gemm1.scales, self.gemm2.values, self.gemm2.scales
+
+  def in_spec_order(self) -> "LocalExperts":
+    """These experts with any block-major values reordered to SPEC.md's [E_local, N, K] (a copy)."""
+    spec = lambda a: (dataclasses.replace(a, values=weight_layout.from_block_major(a.values))
+                      if weight_layout.is_block_major(a.values) else a)
+    return LocalExperts(spec(self.gemm1), spec(self.gemm2))
 
   @property
   def num_experts(self) -> int:

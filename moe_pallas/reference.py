@@ -44,6 +44,7 @@ def dense_routing_weights(plan: RoutingPlan, num_tokens: int) -> tuple[jax.Array
 def apply_local_experts_xla(hidden_states, hidden_states_scale, experts: quant.LocalExperts, plan: RoutingPlan, *,
                             out_dtype=jnp.float32) -> jax.Array:
   """Weighted sum over this rank's local experts, [T, H] in `out_dtype` (accumulated in float32)."""
+  experts = experts.in_spec_order()
   num_tokens, hidden = hidden_states.shape
   activations = dequantize_activations(hidden_states, hidden_states_scale)
   token_weights, token_picked = dense_routing_weights(plan, num_tokens)

@@ -77,6 +77,25 @@ def _expect_rank(name, x, rank, meaning):
     raise ValueError(f"{name} must have rank {rank} ({meaning}), got shape {list(_shape(x))}")
 
 
+def _expert_weights_shape(name, x, meaning) -> tuple[int, int, int]:
+  """(E_local, N, K) of expert weights in SPEC.md's order (rank 3) or block-major ([E_local, N/128, K/128,
+  128, 128], `moe_pallas.weight_layout`)."""
+  shape = _shape(x)
+  if len(shape) == 5 and shape[3:] == (SCALE_BLOCK, SCALE_BLOCK):
+    return shape[0], shape[1] * SCALE_BLOCK, shape[2] * SCALE_BLOCK
+  if len(shape) != 3:
+    raise ValueError(f"{name} must have rank 3 ({meaning}) or be block-major (rank 5, [E_local, N/{SCALE_BLOCK}, "
+                     f"K/{SCALE_BLOCK}, {SCALE_BLOCK}, {SCALE_BLOCK}]: moe_pallas.weight_layout), got shape "
+                     f"{list(shape)}")
+  return shape
+
+
+def _expect_logical_shape(name, x, logical, expected, meaning):
+  if tuple(logical) != tuple(expected):
+    order = " (block-major, read as [E_local, N, K])" if len(_shape(x)) == 5 else ""
+    raise ValueError(f"{name} must have shape {list(expected)} ({meaning}), got {list(logical)}{order}")
+
+
 def _expect_kind(name, x, kind, meaning):
   if not jnp.issubdtype(_dtype(x), kind):
     raise TypeError(f"{name} must have {meaning} dtype, got {_dtype(x).name}")
@@ -233,10 +252,10 @@ def check_expert_arrays(hidden_states, hidden_states_scale, gemm1_weights, gemm1
   """Ranks, shapes and dtypes of the activations and expert weights; returns (H, E_local, I)."""
   block = SCALE_BLOCK
   _expect_rank("hidden_states", hidden_states, 2, "[T, H]")
-  _expect_rank("gemm1_weights", gemm1_weights, 3, "[E_local, 2I, H]")
-  _expect_rank("gemm2_weights", gemm2_weights, 3, "[E_local, H, I]")
+  gemm1_shape = _expert_weights_shape("gemm1_weights", gemm1_weights, "[E_local, 2I, H]")
+  gemm2_shape = _expert_weights_shape("gemm2_weights", gemm2_weights, "[E_local, H, I]")
   num_tokens, hidden = _shape(hidden_states)
-  num_local, two_i, _ = _shape(gemm1_weights)
+  num_local, two_i, _ = gemm1_shape
   intermediate = two_i // 2
 
   for name, size, meaning in (("H (hidden_states.shape[1])", hidden, "hidden size"),
@@ -249,10 +268,11 @@ def check_expert_arrays(hidden_states, hidden_states_scale, gemm1_weights, gemm1
   _expect_shape("hidden_states_scale", hidden_states_scale, (hidden // block, num_tokens),
                 f"[H/{block}, T]: the public layout is transposed, scale[b, t] multiplies "
                 f"hidden_states[t, b*{block}:(b+1)*{block}]")
-  _expect_shape("gemm1_weights", gemm1_weights, (num_local, two_i, hidden), "[E_local, 2I, H]")
+  _expect_logical_shape("gemm1_weights", gemm1_weights, gemm1_shape, (num_local, two_i, hidden), "[E_local, 2I, H]")
   _expect_shape("gemm1_weights_scale", gemm1_weights_scale, (num_local, two_i // block, hidden // block),
                 f"[E_local, 2I/{block}, H/{block}]")
-  _expect_shape("gemm2_weights", gemm2_weights, (num_local, hidden, intermediate), "[E_local, H, I]")
+  _expect_logical_shape("gemm2_weights", gemm2_weights, gemm2_shape, (num_local, hidden, intermediate),
+                        "[E_local, H, I]")
   _expect_shape("gemm2_weights_scale", gemm2_weights_scale, (num_local, hidden // block, intermediate // block),
                 f"[E_local, H/{block}, I/{block}]")
 

@@ -94,3 +94,38 @@ def test_mosaic_gemms_read_block_major_weights_to_the_same_bits(rng, interpret):
   np.testing.assert_array_equal(np.asarray(values.astype(jnp.float32))[used],
                                 np.asarray(want_values.astype(jnp.float32))[used])
   np.testing.assert_array_equal(np.asarray(scales)[:, used], np.asarray(want_scales)[:, used])
+
+
+@pytest.mark.parametrize("implementation", ["xla", "triton"])
+def test_moe_layer_takes_block_major_weights(seed, implementation, interpret):
+  """The public layer with either weight array block-major: the bits of the SPEC order (the kernels read the
+  same values; the xla path reorders them first); apply_local_experts likewise."""
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 20, seed=seed, scenario="skewed", local_expert_offset=8)
+  run = lambda x: np.asarray(mp.moe_layer(*x, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
+                                          implementation=implementation, interpret=interpret), np.float32)
+  want = run(inputs)
+  assert np.abs(want).max() > 0
+  np.testing.assert_array_equal(run(_blocked(inputs)).view(np.uint32), want.view(np.uint32))
+  one_blocked = inputs._replace(gemm2_weights=mp.to_block_major(inputs.gemm2_weights))
+  np.testing.assert_array_equal(run(one_blocked).view(np.uint32), want.view(np.uint32))
+
+  ids, weights = mp.route(inputs.routing_logits, inputs.routing_bias, config=config, routed_scaling_factor=2.5)
+  plan = mp.plan_local(ids, weights, local_expert_offset=8, num_local_experts=config.num_local_experts)
+  apply = lambda x: np.asarray(mp.apply_local_experts(*x[2:], plan, implementation=implementation,
+                                                      interpret=interpret))
+  np.testing.assert_array_equal(apply(_blocked(inputs)), apply(inputs))
+
+
+def test_moe_layer_checks_block_major_shapes():
+  config = mp.SMALL
+  inputs = testing.random_layer_inputs(config, 4, seed=1, scenario="uniform", local_expert_offset=8)
+  call = lambda x: mp.moe_layer(*x, local_expert_offset=8, routed_scaling_factor=2.5, config=config,
+                                implementation="xla")
+  w1 = mp.to_block_major(inputs.gemm1_weights)
+  with pytest.raises(ValueError, match="gemm1_weights must have shape \\[8, 256, 256\\] \\(\\[E_local, 2I, H\\]\\), "
+                                       "got \\[8, 256, 128\\] \\(block-major, read as \\[E_local, N, K\\]\\)"):
+    call(inputs._replace(gemm1_weights=w1[:, :, :1]))
+  with pytest.raises(ValueError, match="gemm2_weights must have rank 3 .* or be block-major .* got shape "
+                                       "\\[8, 2, 1, 128\\]"):
+    call(inputs._replace(gemm2_weights=jnp.zeros((8, 2, 1, 128), jnp.float8_e4m3fn)))
