@@ -108,9 +108,8 @@ _WEIGHT_SEED = flags.DEFINE_integer("weight_seed", 0, "Seed of the one weight se
 _WEIGHTS_LAYOUT = flags.DEFINE_enum(
     "weights_layout", "spec", ["spec", "block_major"],
     "The expert weights' memory order in the timed calls: SPEC.md's [E, N, K], or block-major [E, N/128, K/128, "
-    "128, 128] (`moe_pallas.weight_layout`, reordered once before any row, as a model does when it loads its "
-    "weights). block_major runs the kernels' entry (`grouped_moe.moe_layer_triton`) with the default tiles: the "
-    "public moe_layer takes the SPEC order only (triton implementation only).")
+    "128, 128] (`moe_pallas.to_block_major`, reordered once before any row, as a model does when it loads its "
+    "weights; moe_layer takes either).")
 
 FLAGS = flags.FLAGS
 
@@ -137,27 +136,10 @@ def _git_commit() -> dict:
   return info
 
 
-def _block_major_layer(config, interpret: bool, intermediate_dtype):
-  """--weights_layout=block_major: the kernels' entry on block-major weights (no validation: the weights
-  were reordered by this script), one jitted program, the offset and scaling factor traced."""
-  import jax
-  import jax.numpy as jnp
-  from moe_pallas.kernels import grouped_moe
-
-  def layer(logits, bias, hidden, hidden_scale, w1, s1, w2, s2, offset, scaling):
-    return grouped_moe.moe_layer_triton(logits, bias, hidden, hidden_scale, w1, s1, w2, s2,
-                                        jnp.asarray(offset, jnp.int32), jnp.asarray(scaling, jnp.float32),
-                                        config=config, interpret=interpret, intermediate_dtype=intermediate_dtype)
-  return jax.jit(layer)
-
-
 def _layer_fn(implementation: str, config, interpret: bool, intermediate_dtype, workload):
   """moe_layer as a user calls it (it validates, then runs one jitted program per (implementation, T);
   the offset and scaling factor are traced arguments of that program, so offsets share executables)."""
   from moe_pallas import moe_layer
-  if _WEIGHTS_LAYOUT.value == "block_major":
-    layer = jitted_layer(implementation, config, interpret, intermediate_dtype)
-    return lambda *args: layer(*args, workload.local_expert_offset, workload.routed_scaling_factor)
   return functools.partial(moe_layer, local_expert_offset=workload.local_expert_offset,
                            routed_scaling_factor=workload.routed_scaling_factor, config=config,
                            implementation=implementation, interpret=interpret,
@@ -171,10 +153,6 @@ def jitted_layer(implementation: str, config, interpret: bool, intermediate_dtyp
   only, so a call is one program dispatch."""
   import jax
   from moe_pallas import moe_layer
-  if _WEIGHTS_LAYOUT.value == "block_major":
-    if implementation != "triton":
-      raise ValueError(f"--weights_layout=block_major runs the triton kernels only, got {implementation!r}")
-    return _block_major_layer(config, interpret, intermediate_dtype)
 
   def layer(logits, bias, hidden, hidden_scale, w1, s1, w2, s2, offset, scaling):
     return moe_layer(logits, bias, hidden, hidden_scale, w1, s1, w2, s2, local_expert_offset=offset,
@@ -490,6 +468,7 @@ def main(argv):
   jax = _configure_jax()
   import jax.numpy as jnp
 
+  import moe_pallas
   from experiments import workloads as workloads_lib
   from moe_pallas import testing
   from moe_pallas.config import MoEConfig
@@ -526,9 +505,8 @@ def main(argv):
         workers=_ORACLE_WORKERS.value or max(1, (os.cpu_count() or 2) // 2))
     draws = _draw_all(config, workloads, references)
     if _WEIGHTS_LAYOUT.value == "block_major":  # the references keep the SPEC order
-      from moe_pallas import weight_layout
       w1, s1, w2, s2 = weights
-      weights = jax.block_until_ready((weight_layout.to_block_major(w1), s1, weight_layout.to_block_major(w2), s2))
+      weights = jax.block_until_ready((moe_pallas.to_block_major(w1), s1, moe_pallas.to_block_major(w2), s2))
       log("weights reordered block-major for the timed calls")
     if _PIPELINED.value and _QUIET_HOST.value:
       # The oracle's threads hold the GIL in parts: running beside the pipelined loops they slowed the
