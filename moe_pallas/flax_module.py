@@ -37,6 +37,7 @@ so pass `mesh=` explicitly there.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -48,7 +49,7 @@ from flax import nnx
 from flax.nnx import variablelib
 from flax.nnx.bridge import variables as bridge_variables
 
-from moe_pallas import IMPLEMENTATIONS, quant, reference, validation
+from moe_pallas import IMPLEMENTATIONS, quant, reference, validation, weight_layout
 from moe_pallas.config import MoEConfig
 from moe_pallas.layer import moe_layer
 
@@ -139,6 +140,22 @@ def _random_experts(key: jax.Array, shape: tuple[int, int, int], block: int) -> 
   return jax.lax.map(one_expert, jax.random.split(key, num))
 
 
+WEIGHTS_LAYOUTS = ("spec", "block_major")
+
+
+def _in_layout(experts: quant.BlockScaledArray, weights_layout: str) -> quant.BlockScaledArray:
+  """[E_local, N, K] expert values as the module stores them (`weights_layout`); the scales as they are."""
+  if weights_layout == "spec":
+    return experts
+  return dataclasses.replace(experts, values=weight_layout.to_block_major(experts.values))
+
+
+def _check_layout_for_mesh(weights_layout: str, mesh) -> None:
+  if weights_layout != "spec" and mesh is not None:
+    raise ValueError(f"weights_layout={weights_layout!r} runs on one rank: the expert-parallel layer (a mesh "
+                     "with several devices on expert_axis) takes [E, N, K] weights; use weights_layout='spec' there")
+
+
 def _swiglu_mlp(x, gate_up, down, *, dtype):
   """down(silu(gate(x)) * up(x)) with gate_up = [up; gate] ([2I, H], [out, in]); float32 accumulation.
 
@@ -223,11 +240,15 @@ class DeepSeekMoE(nnx.Module):
     mesh: a `jax.sharding.Mesh` to shard the experts over; None uses the mesh of `jax.set_mesh`, if any.
       With more than one device on `expert_axis`, the module must hold all experts and runs expert-parallel.
     data_axis, ep_strategy: `moe_layer_sharded`'s `data_axis` and `strategy`, for the expert-parallel call.
+    weights_layout: "spec" ([E_local, N, K] expert values) or "block_major" (`moe_pallas.to_block_major`:
+      [E_local, N/128, K/128, 128, 128], the same values, read 4-9 % faster by the kernels; the scales keep
+      their shape). Not with an expert-parallel mesh (the sharded layer takes the SPEC order).
 
   Raises:
     ValueError / TypeError: a bad config, offset (not an int, or out of range), scaling factor, shared
-      width, implementation or ep_strategy; a mesh without
-      `expert_axis`; an expert-parallel mesh with a partial layer or an axis size that does not divide E.
+      width, implementation, ep_strategy or weights_layout; a mesh without
+      `expert_axis`; an expert-parallel mesh with a partial layer, an axis size that does not divide E, or
+      block-major weights.
   """
 
   def __init__(self, *, config: MoEConfig, rngs: nnx.Rngs, local_expert_offset: int = 0,
@@ -235,7 +256,9 @@ class DeepSeekMoE(nnx.Module):
                implementation: str | None = None, interpret: bool = False,
                intermediate_dtype=jnp.float8_e4m3fn, dtype=jnp.bfloat16, param_dtype=None, router_dtype=None,
                shared_dtype=None, expert_axis: str | None = EXPERT_AXIS, mesh: jax.sharding.Mesh | None = None,
-               data_axis: str | None = None, ep_strategy: str = "all_to_all"):
+               data_axis: str | None = None, ep_strategy: str = "all_to_all", weights_layout: str = "spec"):
+    if weights_layout not in WEIGHTS_LAYOUTS:
+      raise ValueError(f"weights_layout must be one of {WEIGHTS_LAYOUTS}, got {weights_layout!r}")
     _check_arguments(config=config, local_expert_offset=local_expert_offset,
                      routed_scaling_factor=routed_scaling_factor, shared_intermediate=shared_intermediate,
                      implementation=implementation, ep_strategy=ep_strategy)
@@ -252,8 +275,10 @@ class DeepSeekMoE(nnx.Module):
     self.expert_axis = expert_axis
     self.data_axis = data_axis
     self.ep_strategy = ep_strategy
+    self.weights_layout = weights_layout
     sharding = expert_sharding_metadata(expert_axis, mesh)
     self.mesh = _expert_parallel_mesh(config, expert_axis, mesh)
+    _check_layout_for_mesh(weights_layout, self.mesh)
 
     e, e_local, h, i, b = (config.num_experts, config.num_local_experts, config.hidden, config.intermediate,
                            config.block)
@@ -262,8 +287,9 @@ class DeepSeekMoE(nnx.Module):
     self.router_weight = nnx.Param(
         jax.random.uniform(rngs.params(), (e, h), jnp.float32, -bound, bound).astype(router_dtype))
     self.e_score_correction_bias = RoutingBias(jnp.zeros((e,), jnp.float32))
-    self.gemm1 = ExpertWeights(_random_experts(rngs.params(), (e_local, 2 * i, h), b), **sharding)
-    self.gemm2 = ExpertWeights(_random_experts(rngs.params(), (e_local, h, i), b), **sharding)
+    experts = lambda shape: _in_layout(_random_experts(rngs.params(), shape, b), weights_layout)
+    self.gemm1 = ExpertWeights(experts((e_local, 2 * i, h)), **sharding)
+    self.gemm2 = ExpertWeights(experts((e_local, h, i)), **sharding)
     self.shared_expert = (SharedExpert(hidden=h, intermediate=int(shared_intermediate), rngs=rngs,
                                        param_dtype=shared_dtype) if shared_intermediate else None)
 
@@ -337,15 +363,17 @@ class DeepSeekMoE(nnx.Module):
           routed_scaling_factor=weights.routed_scaling_factor, shared_intermediate=shared_intermediate, **kwargs))
     sharding = expert_sharding_metadata(module.expert_axis, mesh)
     module.mesh = _expert_parallel_mesh(weights.config, module.expert_axis, mesh)
+    _check_layout_for_mesh(module.weights_layout, module.mesh)
 
     def expert_variable(name, a: quant.BlockScaledArray):
       expected = getattr(module, name).get_value()
-      if tuple(a.values.shape) != tuple(expected.values.shape) or tuple(a.block_shape) != expected.block_shape:
+      want = weight_layout.logical_shape(expected.values)
+      if tuple(a.values.shape) != want or tuple(a.block_shape) != expected.block_shape:
         raise ValueError(f"weights.{name} has shape {list(a.values.shape)} and blocks {a.block_shape}, the "
-                         f"module expects {list(expected.values.shape)} and {expected.block_shape}")
+                         f"module expects {list(want)} and {expected.block_shape}")
       value = quant.BlockScaledArray(jnp.asarray(a.values, quant.FP8_DTYPE), jnp.asarray(a.scales, jnp.float32),
                                      tuple(a.block_shape))
-      return ExpertWeights(value, **sharding)
+      return ExpertWeights(_in_layout(value, module.weights_layout), **sharding)
 
     module.gemm1 = expert_variable("gemm1", weights.gemm1)
     module.gemm2 = expert_variable("gemm2", weights.gemm2)

@@ -139,6 +139,26 @@ def test_module_kernel_path_in_interpret_mode(ckpt, rng, request, interpret):
   assert metrics["passed"] and metrics["rel_l2"] < 3.5e-2, metrics
 
 
+@pytest.mark.parametrize("implementation", ["xla", "triton"])
+def test_block_major_experts_give_the_same_output(ckpt, rng, implementation, interpret):
+  """weights_layout="block_major": the module stores its experts block-major (from a checkpoint, and when
+  randomly initialized) and gives the SPEC order's bits."""
+  path, _ = ckpt
+  load = lambda layout: DeepSeekMoE.from_checkpoint(
+      path, LAYER, local_expert_offset=OFFSET, num_local_experts=NUM_LOCAL, include_shared=False,
+      implementation=implementation, interpret=interpret, weights_layout=layout)
+  spec, blocked = load("spec"), load("block_major")
+  assert blocked.gemm1.get_value().values.shape == (NUM_LOCAL, 2 * SMALL.intermediate // 128, SMALL.hidden // 128,
+                                                    128, 128)
+  assert blocked.gemm2.get_value().scales.shape == spec.gemm2.get_value().scales.shape
+  x = _activations(rng, 24)
+  np.testing.assert_array_equal(np.asarray(blocked(x)).view(np.uint16), np.asarray(spec(x)).view(np.uint16))
+  fresh = lambda layout: DeepSeekMoE(config=SMALL, rngs=nnx.Rngs(5), local_expert_offset=OFFSET,
+                                     implementation=implementation, interpret=interpret, weights_layout=layout)
+  np.testing.assert_array_equal(np.asarray(fresh("block_major")(x)).view(np.uint16),
+                                np.asarray(fresh("spec")(x)).view(np.uint16))
+
+
 def test_module_under_nnx_jit(ckpt, model, rng, request):
   x = _activations(rng)
   out = nnx.jit(lambda m, x: m(x))(model, x)
@@ -258,6 +278,7 @@ def test_rejects_bad_arguments(model):
     (dict(shared_intermediate=-128), ValueError, "shared_intermediate must be >= 0"),
     (dict(implementation="pallas"), ValueError, "implementation must be one of ('xla', 'triton') or None"),
     (dict(ep_strategy="alltoall"), ValueError, "ep_strategy must be one of"),
+    (dict(weights_layout="blocked"), ValueError, "weights_layout must be one of ('spec', 'block_major'), got 'blocked'"),
 ])
 def test_constructor_rejects_bad_arguments_at_construction(kwargs, error, message):
   """Issue 9: checked when the module is built, never truncated (8.7 is not expert 8) nor left to the call."""
@@ -307,6 +328,10 @@ _EXPERT_PARALLEL_WORKER = textwrap.dedent("""
         DeepSeekMoE.from_checkpoint(path, layer, num_local_experts=8)
       except ValueError as err:
         result["partial_layer_error"] = str(err)
+      try:
+        DeepSeekMoE.from_checkpoint(path, layer, weights_layout="block_major")
+      except ValueError as err:
+        result["block_major_error"] = str(err)
     ref = np.asarray(single(x), np.float32)
     result["max_diff"] = float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
     result["max_ref"] = float(np.max(np.abs(ref)))
@@ -330,3 +355,4 @@ def test_expert_parallel_on_a_4_device_mesh(ckpt):
   # Same function; the shard_map program may round the last bf16 bit differently after the float32 sum.
   assert result["max_diff"] <= 2**-7 * result["max_ref"], result
   assert "needs the whole layer" in result["partial_layer_error"]
+  assert "weights_layout='block_major' runs on one rank" in result["block_major_error"]
