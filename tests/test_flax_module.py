@@ -278,7 +278,8 @@ def test_rejects_bad_arguments(model):
     (dict(shared_intermediate=-128), ValueError, "shared_intermediate must be >= 0"),
     (dict(implementation="pallas"), ValueError, "implementation must be one of ('xla', 'triton') or None"),
     (dict(ep_strategy="alltoall"), ValueError, "ep_strategy must be one of"),
-    (dict(weights_layout="blocked"), ValueError, "weights_layout must be one of ('spec', 'block_major'), got 'blocked'"),
+    (dict(weights_layout="blocked"), ValueError,
+     "weights_layout must be one of ('spec', 'block_major'), got 'blocked'"),
 ])
 def test_constructor_rejects_bad_arguments_at_construction(kwargs, error, message):
   """Issue 9: checked when the module is built, never truncated (8.7 is not expert 8) nor left to the call."""

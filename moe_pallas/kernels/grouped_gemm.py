@@ -239,7 +239,8 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
     tile_expert: [num_tiles] int32 (E_local for tiles of no expert).
     row_token: [num_tiles * block_m] int32, the token row of `a` that each padded row reads.
     a: [T, H] float8_e4m3fn activations; a_scale: [H/128, T] float32 (the public layout).
-    w13: [E_local, 2I, H] float8_e4m3fn; w13_scale: [E_local, 2I/128, H/128] float32.
+    w13: [E_local, 2I, H] float8_e4m3fn, or block-major (`weight_tile`); w13_scale: [E_local, 2I/128, H/128]
+      float32.
     out_dtype: float8_e4m3fn (returns values [rows, I] and scales [I/block_n, rows]: a finer block than
       1x128 when block_n < 128, which only helps accuracy) or bfloat16 (values only).
     used_tiles, used_tiles_range: a [1] int32 count of the M-tiles in use and a static [lo, hi): the kernel
@@ -461,7 +462,7 @@ def gemm2_weighted(tile_expert, c, c_scale, w2, w2_scale, row_weight, *, tiling:
     tile_expert: [num_tiles] int32.
     c: [rows, I] float8_e4m3fn with c_scale [I/block_k, rows] (1 x block_k blocks), or bfloat16 with
       c_scale None.
-    w2: [E_local, H, I] float8_e4m3fn; w2_scale: [E_local, H/128, I/128] float32.
+    w2: [E_local, H, I] float8_e4m3fn, or block-major (`weight_tile`); w2_scale: [E_local, H/128, I/128] float32.
     row_weight: [rows] float32 routing weight of each row.
 
   Returns:

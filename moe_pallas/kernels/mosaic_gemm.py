@@ -143,8 +143,8 @@ def _concurrent_steps(k_steps: int) -> int:
 
 def _weight_spec(rows: int, block_major: bool):
   """The pipeline's block of one weight operand a K step: (rows, 128) of an item's [rows, K] view; or, of
-  block-major weights (`weight_views`), one 128 x 128 block of a [K/128 * 128, 128] view (rows = 128) or
-  rows/128 such blocks of a [rows/128, K/128 * 128, 128] view, each a contiguous 16 KB in HBM."""
+  block-major weights (`weight_operand`, `_weight_view`), one 128 x 128 block of a [K/128 * 128, 128] view
+  (rows = 128) or rows/128 such blocks of a [rows/128, K/128 * 128, 128] view, each a contiguous 16 KB in HBM."""
   fp8 = _fp8_transforms()
   if not block_major:
     return plgpu.BlockSpec((rows, SCALE_BLOCK), lambda kb: (0, kb), transforms=fp8)
@@ -267,7 +267,9 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
     tile_expert: [num_tiles] int32: each M-tile's local expert (E_local for tiles of no expert).
     a: [num_tiles * BLOCK_M, K] float8_e4m3fn, rows sorted by expert (padding rows any finite value).
     a_scale: [K/128, num_tiles * BLOCK_M] float32 (1 x 128 blocks, the public transposed layout).
-    w: [E_local, N, K] float8_e4m3fn; w_scale: [E_local, N/128, K/128] float32 (128 x 128 blocks).
+    w: [E_local, N, K] float8_e4m3fn, or block-major ([E_local, N/128, K/128, 128, 128],
+      `moe_pallas.weight_layout`: each 128-row weight tile's K step one contiguous TMA box); w_scale:
+      [E_local, N/128, K/128] float32 (128 x 128 blocks).
     used_tiles: [] int32, the number of leading tiles that belong to an expert (the schedule's
       `num_used_tiles`: the used tiles come first); the CTAs visit only those. None: all tiles.
     name: the kernel's name (what profiles show).
@@ -340,7 +342,8 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
 
       def step(_, a_smem, w_smem, a_scale_smem, *rest):
         *row_factor_smem, w_scale_smem, carry = rest
-        w_tile = (w_smem.at[wg] if block_major else w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)]).transpose((1, 0))
+        w_rows = w_smem.at[wg] if block_major else w_smem.at[pl.ds(wg * SCALE_BLOCK, SCALE_BLOCK)]
+        w_tile = w_rows.transpose((1, 0))
         return _promoted_k_step(carry, a_scale_smem, w_scale_smem[0, ni * 2 + wg],
                                 lambda acc_ref: plgpu.wgmma(acc_ref, a_smem, w_tile), *row_factor_smem)
 
@@ -506,7 +509,8 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
 
   Args:
     tile_expert, a, a_scale, used_tiles, w_scale_rows, chain_items, group_m: as `grouped_fp8_gemm`.
-    w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate); w13_scale: [E_local, 2I/128, H/128].
+    w13: [E_local, 2I, H] float8_e4m3fn (up rows first, then gate), or block-major as `grouped_fp8_gemm`'s w;
+      w13_scale: [E_local, 2I/128, H/128].
     warpgroups: how the two compute warpgroups share an item (`FUSED_WARPGROUPS`):
       - "on_up": up and gate tiles as above, SwiGLU + quant on the up warpgroup (`_epilogue_on_up`).
       - "split": the same products, SwiGLU + quant split by columns over both warpgroups
