@@ -49,8 +49,11 @@ def test_valid_inputs_pass(inputs):
 @pytest.mark.parametrize("name,bad,message", [
     ("routing_logits", (T, CONFIG.num_experts, 1), "routing_logits must have rank 2 ([T, E]), got shape [3, 32, 1]"),
     ("hidden_states", (T * CONFIG.hidden,), "hidden_states must have rank 2 ([T, H]), got shape [768]"),
-    ("gemm1_weights", (8 * 256, 256), "gemm1_weights must have rank 3 ([E_local, 2I, H]), got shape [2048, 256]"),
-    ("gemm2_weights", (8, 256, 128, 1), "gemm2_weights must have rank 3 ([E_local, H, I]), got shape [8, 256, 128, 1]"),
+    ("gemm1_weights", (8 * 256, 256), "gemm1_weights must have rank 3 ([E_local, 2I, H]) or be block-major (rank 5, "
+                                      "[E_local, N/128, K/128, 128, 128]: moe_pallas.weight_layout), got shape [2048, 256]"),
+    ("gemm2_weights", (8, 256, 128, 1), "gemm2_weights must have rank 3 ([E_local, H, I]) or be block-major (rank 5, "
+                                        "[E_local, N/128, K/128, 128, 128]: moe_pallas.weight_layout), got shape "
+                                        "[8, 256, 128, 1]"),
 ])
 def test_wrong_rank(inputs, name, bad, message):
   _raises(ValueError, message, _replace(inputs, **{name: _random(bad, inputs[name].dtype)}))
