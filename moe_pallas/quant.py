@@ -114,9 +114,13 @@ def expand_scales(scales: jax.Array, block_shape: tuple[int, int]) -> jax.Array:
 
 
 def dequantize(a: BlockScaledArray, dtype=jnp.float32) -> jax.Array:
-  """values * scales, broadcast per tile, computed in float32 and returned as `dtype`."""
-  _check_blocks(a.values.shape, a.block_shape, "values")
-  full = a.values.astype(jnp.float32) * expand_scales(a.scales.astype(jnp.float32), a.block_shape)
+  """values * scales, broadcast per tile, computed in float32 and returned as `dtype`. Block-major expert
+  values ([E, N/B, K/B, B, B] with [E, N/B, K/B] scales, `moe_pallas.weight_layout`) come back as [E, N, K]."""
+  values = a.values
+  if weight_layout.is_block_major(values) and a.scales.ndim == 3:
+    values = weight_layout.from_block_major(values)
+  _check_blocks(values.shape, a.block_shape, "values")
+  full = values.astype(jnp.float32) * expand_scales(a.scales.astype(jnp.float32), a.block_shape)
   return full.astype(dtype)
 
 

@@ -27,6 +27,13 @@ def test_block_major_round_trip_and_block_order(rng):
                                 np.asarray(w, np.float32))
 
 
+def test_dequantize_reads_block_major_values_in_spec_order(rng):
+  w = jnp.asarray(rng.standard_normal((2, 256, 384)), jnp.float32)
+  q = mp.quantize_blockwise(w, (128, 128))
+  blocked = mp.BlockScaledArray(mp.to_block_major(q.values), q.scales, (128, 128))
+  np.testing.assert_array_equal(np.asarray(mp.dequantize(blocked)), np.asarray(mp.dequantize(q)))
+
+
 def test_block_major_refuses_other_shapes():
   with pytest.raises(ValueError, match="to_block_major takes \\[E, N, K\\] weights with N and K multiples of "
                                        "128, got shape \\[2, 192, 256\\]"):
