@@ -10,6 +10,7 @@ State, and what an optimizer sees (`nnx.Optimizer(model, tx, wrt=nnx.Param)` upd
                                                               load-balancing rule, not gradients
   gemm1                    ExpertWeights BlockScaledArray     [E_local, 2I, H] FP8, rows [up; gate]
   gemm2                    ExpertWeights BlockScaledArray     [E_local, H, I] FP8 (down)
+                           (values block-major, [E_local, N/128, K/128, 128, 128], with weights_layout="block_major")
   shared_expert            SharedExpert  nnx.Params, bf16    optional: DeepSeek-V3's always-on expert
 
 Constructor arguments follow Flax's conventions: `dtype` is the output dtype, `param_dtype` the storage dtype
@@ -241,8 +242,8 @@ class DeepSeekMoE(nnx.Module):
       With more than one device on `expert_axis`, the module must hold all experts and runs expert-parallel.
     data_axis, ep_strategy: `moe_layer_sharded`'s `data_axis` and `strategy`, for the expert-parallel call.
     weights_layout: "spec" ([E_local, N, K] expert values) or "block_major" (`moe_pallas.to_block_major`:
-      [E_local, N/128, K/128, 128, 128], the same values, read 4-9 % faster by the kernels; the scales keep
-      their shape). Not with an expert-parallel mesh (the sharded layer takes the SPEC order).
+      [E_local, N/128, K/128, 128, 128], the same values, read faster by the kernels: PERF.md 64; the
+      scales keep their shape). Not with an expert-parallel mesh (the sharded layer takes the SPEC order).
 
   Raises:
     ValueError / TypeError: a bad config, offset (not an int, or out of range), scaling factor, shared

@@ -184,8 +184,9 @@ def moe_layer(routing_logits, routing_bias, hidden_states, hidden_states_scale, 
     gemm1_weights: [E_local, 2I, H] float8_e4m3fn (W13, [out, in]); gemm1_weights_scale: [E_local, 2I/128, H/128].
     gemm2_weights: [E_local, H, I] float8_e4m3fn (W2); gemm2_weights_scale: [E_local, H/128, I/128].
       Either weight array may be block-major instead (`moe_pallas.to_block_major`: [E_local, N/128, K/128,
-      128, 128], the same values with each 128 x 128 scale block contiguous): the kernels read it 7-10 %
-      faster (experiments/PERF.md 64); reorder once, when the weights are loaded. The scales keep their shape.
+      128, 128], the same values with each 128 x 128 scale block contiguous): the kernels read it faster
+      (on the H200 GEMM1 4-9 %, GEMM2 1-5 %: experiments/PERF.md 64); reorder once, when the weights are
+      loaded. The scales keep their shape.
     local_expert_offset: int, global id of local expert 0, in [0, E - E_local]. May be traced (e.g. from
       `lax.axis_index`) or a jax.Array: such a value is not range-checked (reading it would be a device-to-
       host sync), and an out-of-range one selects only the experts that fall inside [0, E), possibly none
