@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_pallas import weight_layout
 from moe_pallas.config import SCALE_BLOCK, MoEConfig
 
 IMPLEMENTATIONS = ("xla", "triton")
@@ -81,8 +82,8 @@ def _expert_weights_shape(name, x, meaning) -> tuple[int, int, int]:
   """(E_local, N, K) of expert weights in SPEC.md's order (rank 3) or block-major ([E_local, N/128, K/128,
   128, 128], `moe_pallas.weight_layout`)."""
   shape = _shape(x)
-  if len(shape) == 5 and shape[3:] == (SCALE_BLOCK, SCALE_BLOCK):
-    return shape[0], shape[1] * SCALE_BLOCK, shape[2] * SCALE_BLOCK
+  if weight_layout.is_block_major_shape(shape):
+    return weight_layout.spec_shape(shape)
   if len(shape) != 3:
     raise ValueError(f"{name} must have rank 3 ({meaning}) or be block-major (rank 5, [E_local, N/{SCALE_BLOCK}, "
                      f"K/{SCALE_BLOCK}, {SCALE_BLOCK}, {SCALE_BLOCK}]: moe_pallas.weight_layout), got shape "
@@ -92,7 +93,7 @@ def _expert_weights_shape(name, x, meaning) -> tuple[int, int, int]:
 
 def _expect_logical_shape(name, x, logical, expected, meaning):
   if tuple(logical) != tuple(expected):
-    order = " (block-major, read as [E_local, N, K])" if len(_shape(x)) == 5 else ""
+    order = " (block-major, read as [E_local, N, K])" if weight_layout.is_block_major_shape(_shape(x)) else ""
     raise ValueError(f"{name} must have shape {list(expected)} ({meaning}), got {list(logical)}{order}")
 
 

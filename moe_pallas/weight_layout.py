@@ -35,15 +35,26 @@ def from_block_major(w: jax.Array) -> jax.Array:
   return jnp.transpose(w, (0, 1, 3, 2, 4)).reshape(e, nb * SCALE_BLOCK, kb * SCALE_BLOCK)
 
 
-def is_block_major(w) -> bool:
-  """Whether `w`'s shape is block-major ([E, N/128, K/128, 128, 128])."""
-  shape = tuple(w.shape)
+def is_block_major_shape(shape) -> bool:
+  """Whether an array of `shape` is block-major expert weights ([E, N/128, K/128, 128, 128])."""
+  shape = tuple(shape)
   return len(shape) == 5 and shape[3:] == (SCALE_BLOCK, SCALE_BLOCK)
 
 
-def logical_shape(w) -> tuple[int, int, int]:
-  """(E, N, K) of weights in either order."""
-  if is_block_major(w):
-    e, nb, kb, _, _ = w.shape
+def spec_shape(shape) -> tuple[int, ...]:
+  """The [E, N, K] shape of expert weights of `shape` in either order (any other shape as it is)."""
+  shape = tuple(shape)
+  if is_block_major_shape(shape):
+    e, nb, kb, _, _ = shape
     return e, nb * SCALE_BLOCK, kb * SCALE_BLOCK
-  return tuple(w.shape)
+  return shape
+
+
+def is_block_major(w) -> bool:
+  """Whether `w`'s shape is block-major ([E, N/128, K/128, 128, 128])."""
+  return is_block_major_shape(w.shape)
+
+
+def logical_shape(w) -> tuple[int, ...]:
+  """(E, N, K) of weights in either order."""
+  return spec_shape(w.shape)

@@ -143,7 +143,7 @@ def _concurrent_steps(k_steps: int) -> int:
 
 def _weight_spec(rows: int, block_major: bool):
   """The pipeline's block of one weight operand a K step: (rows, 128) of an item's [rows, K] view; or, of
-  block-major weights (`weight_operand`, `_weight_view`), one 128 x 128 block of a [K/128 * 128, 128] view
+  block-major weights (`_weight_operand`, `_weight_view`), one 128 x 128 block of a [K/128 * 128, 128] view
   (rows = 128) or rows/128 such blocks of a [rows/128, K/128 * 128, 128] view, each a contiguous 16 KB in HBM."""
   fp8 = _fp8_transforms()
   if not block_major:
@@ -153,7 +153,7 @@ def _weight_spec(rows: int, block_major: bool):
   return plgpu.BlockSpec((rows // SCALE_BLOCK, SCALE_BLOCK, SCALE_BLOCK), lambda kb: (0, kb, 0), transforms=fp8)
 
 
-def weight_operand(w):
+def _weight_operand(w):
   """The kernels' weight operand: [E, N, K] as given, block-major [E, N/128, K/128, 128, 128] as the free
   reshape [E, N/128, K/128 * 128, 128] (block (n, k) = rows k*128 .. of the [n] slice)."""
   if not weight_layout.is_block_major(w):
@@ -353,7 +353,7 @@ def grouped_fp8_gemm(tile_expert, a, a_scale, w, w_scale, *, used_tiles=None, na
       kernel, name=name, out_type=jax.ShapeDtypeStruct((num_rows, n), out_dtype),
       scratch_types=[plgpu.SMEM((2, BLOCK_M, _EPILOGUE_N), out_dtype, transforms=out_transforms)],
       interpret=interpret)(tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale,
-                           weight_operand(w), w_scale_rows, *([row_factor.reshape(1, num_rows)] if factored else []))
+                           _weight_operand(w), w_scale_rows, *([row_factor.reshape(1, num_rows)] if factored else []))
 
 
 def _check_item_order(chain_items, used_tiles, group_m):
@@ -586,4 +586,4 @@ def grouped_fp8_gemm_swiglu(tile_expert, a, a_scale, w13, w13_scale, *, used_til
   out_type = (jax.ShapeDtypeStruct((num_rows, intermediate), jnp.float8_e4m3fn),
               jax.ShapeDtypeStruct((i_blocks, num_rows), jnp.float32))
   return _persistent_call(kernel, name=name, out_type=out_type, scratch_types=epilogue_scratch, interpret=interpret)(
-      tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, weight_operand(w13), w_scale_rows)
+      tile_expert, schedule.used_tiles_operand(used_tiles, num_tiles), a, a_scale, _weight_operand(w13), w_scale_rows)
