@@ -71,15 +71,18 @@ def combine_branch_variants(base):
 
 def gemm1_one_launch_variants(base):
   """GEMM1 as one launch for every tile count (no idle second launch, 1.3-2.1 us a call at T=14-80): 2
-  stages (68 KB of SMEM, 3 programs an SM) on 8 or 4 warps; and the 8-warp launch, or the busy 4-warp one,
-  with 2 stages (the same bits: stages change no sum)."""
+  stages (68 KB of SMEM, 3 programs an SM) on 8 or 4 warps, 4 warps with 3 or 4 stages; and the 8-warp
+  launch with 2 or 4 stages, or the busy 4-warp one with 2 or 3 (the same bits: stages change no sum)."""
   import dataclasses
   if base.gemm1_busy is None:
     return []
   one = lambda **kw: dict(gemm1=dataclasses.replace(base.gemm1, **kw), gemm1_busy=None, busy_min_tiles=0)
   return [(name, dataclasses.replace(base, **kw), False, None) for name, kw in (
       ("g1_one_launch_w8s2", one(num_stages=2)), ("g1_one_launch_w4s2", one(num_warps=4, num_stages=2)),
+      # Block-major weights (PERF 64) moved the probe's best launch toward 4 warps: 4 warps with 3-4 stages.
+      ("g1_one_launch_w4s3", one(num_warps=4, num_stages=3)), ("g1_one_launch_w4s4", one(num_warps=4, num_stages=4)),
       ("g1_w8s2", dict(gemm1=dataclasses.replace(base.gemm1, num_stages=2))),
+      ("g1_w8s4", dict(gemm1=dataclasses.replace(base.gemm1, num_stages=4))),
       *((f"g1_busy_w4s{stages}", dict(gemm1_busy=dataclasses.replace(base.gemm1_busy, num_stages=stages)))
         for stages in (2, 3)))]
 
