@@ -6,7 +6,9 @@ the expert ids and every integer map must still be equal, the weights to 1e-6 re
 """
 
 import functools
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,6 +113,25 @@ def test_fused_schedule_tuning_variants_agree(tokens_per_block, tiles_per_step, 
                                                route_warps=route_warps, layout_in_place=route_warps is None,
                                                interpret=interpret)
   _assert_same_schedule(got, want, interpret)
+
+
+@pytest.mark.parametrize("num_tokens", [3, 7])
+def test_one_program_routing_up_to_the_bound_equals_xla_schedule(num_tokens, monkeypatch, interpret):
+  """With T <= ONE_PROGRAM_MAX_TOKENS the default is one block of T tokens padded to a power of two: route +
+  layout + place as one program (`moe_route_layout_place`), the same schedule as XLA's."""
+  monkeypatch.setattr(fused_routing, "ONE_PROGRAM_MAX_TOKENS", 8)
+  config = mp.DEEPSEEK_V3
+  logits, bias, _, _ = testing.random_activations(config, num_tokens, seed=7, local_expert_offset=32)
+  ids, weights = mp.route(logits, bias, config=config, routed_scaling_factor=2.5)
+  plan = mp.plan_local(ids, weights, local_expert_offset=32, num_local_experts=config.num_local_experts)
+  call = functools.partial(fused_routing.route_and_schedule, logits, bias, 2.5, 32, config=config,
+                           num_local_experts=config.num_local_experts, block_m=16, interpret=interpret)
+  got, got_ids, got_weights, _ = call()
+  _assert_same_schedule(got, make_tile_schedule(plan, block_m=16), interpret)
+  np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(ids))
+  np.testing.assert_allclose(np.asarray(got_weights), np.asarray(weights), rtol=1e-6)
+  kernels = set(re.findall(r"name=(moe_\w+)", str(jax.make_jaxpr(lambda: call())())))
+  assert kernels == {"moe_route_layout_place"}, kernels
 
 
 @pytest.mark.parametrize("blocks_per_chunk", [4, 16])

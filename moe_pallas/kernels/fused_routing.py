@@ -74,6 +74,12 @@ _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 # 53.3 -> ~46.4 and 60.5 -> ~53.3). Below, where layout folds into place (T <= 1024), not measured.
 _ONE_WARP_ROUTE_FROM = 2048
 
+# Up to this T, route + layout + place run as one program (one block of T tokens, padded to a power of
+# two) by default: one launch instead of two. 2 is what the kernels' GPU time prefers (PERF 55: 8 tokens a
+# block at T=7 take 6.0-6.4 us against the two kernels' 5.4); a launch fewer saves the host more than that
+# where the host paces the call (experiments/one_program_routing_probe.py).
+ONE_PROGRAM_MAX_TOKENS = 2
+
 
 def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
@@ -344,7 +350,8 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   past T=512-1024).
 
   Args (tuning, see experiments/tune_routing.py): tokens_per_block (route and place programs, a power of
-  two; None: 2 up to T=128 and from T=2048, else 4), num_warps (all kernels), route_warps (the `route`
+  two; None: T's next power of two up to ONE_PROGRAM_MAX_TOKENS (one program), 2 up to T=128 and from
+  T=2048, else 4), num_warps (all kernels), route_warps (the `route`
   kernel's own, where it is a kernel of its own; None: num_warps, or 1 from T=2048 at 2 tokens a block),
   tiles_per_step (layout's tile loop, a power of two), layout_in_place (`layout` folded into `place` where
   the blocks' counts fit one tile, T <= 512 or 1024 by tokens_per_block: every place program sums them
@@ -374,7 +381,10 @@ def route_and_schedule(routing_logits, routing_bias, routed_scaling_factor, loca
   if tokens_per_block is None:
     # Measured on H200 (tune_routing.py, 2026-11-30, experiments/results/h200_2026-11-30/): 2 tokens per
     # program take the three kernels from 9.2-9.7 to 7.9-8.6 us at T=1..80; at T=901, 4 do (13.2 vs 15.2).
-    tokens_per_block = 2 if num_tokens <= 128 or num_tokens >= _ONE_WARP_ROUTE_FROM else 4
+    if num_tokens <= ONE_PROGRAM_MAX_TOKENS:
+      tokens_per_block = max(2, _next_pow2(num_tokens))
+    else:
+      tokens_per_block = 2 if num_tokens <= 128 or num_tokens >= _ONE_WARP_ROUTE_FROM else 4
   if route_warps is None:
     route_warps = 1 if num_tokens >= _ONE_WARP_ROUTE_FROM and tokens_per_block <= 2 else num_warps
   top_k = config.top_k
