@@ -25,6 +25,10 @@ Usage:
   PYTHONPATH=. python3 experiments/mosaic_fp8_probe.py --tile_m=64 --tile_n=128 --max_concurrent_steps=4
   PYTHONPATH=. python3 experiments/mosaic_fp8_probe.py --tile_n=256 --epi_n=32   # 4 stages fit only so
   PYTHONPATH=. python3 experiments/mosaic_fp8_probe.py --now_scale_in_smem       # scalar GMEM weight scales
+  # Swapped, as a small-T GEMM1 would run it: 14 experts' W13 stacked as the 128-row operand (M = 14 x 4096),
+  # 16 token rows as wgmma's N (tile_n=16: the tokens' scale block is one, cdiv(N, 128) = 1 row of w_scale).
+  PYTHONPATH=. python3 experiments/mosaic_fp8_probe.py --tile_n=16 --small_shape=256,16,384 \
+      --shapes=57344x16x7168 --max_concurrent_steps=8
 
 Error bound (check (a)): the reference is float64 on the same FP8 values and float32 scales, so input
 quantisation is not part of the error. What remains:
@@ -91,7 +95,7 @@ def fp8_block_scaled_matmul(a, w, a_scale, w_scale, *, tile_m: int = 64, tile_n:
     raise ValueError(f"K mismatch: {a.shape=} {w.shape=}")
   if a.dtype != jnp.float8_e4m3fn or w.dtype != jnp.float8_e4m3fn:
     raise ValueError(f"expected float8_e4m3fn operands, got {a.dtype}, {w.dtype}")
-  if a_scale.shape != (k // BLOCK, m) or w_scale.shape != (n // BLOCK, k // BLOCK):
+  if a_scale.shape != (k // BLOCK, m) or w_scale.shape != (pl.cdiv(n, BLOCK), k // BLOCK):
     raise ValueError(f"scale shapes {a_scale.shape}, {w_scale.shape} for {m=} {n=} {k=}")
   cta_m = 2 * tile_m  # two compute warpgroups, stacked along M
   sub_n = min(tile_n, BLOCK)  # one wgmma / one weight scale per 128 columns
@@ -107,7 +111,7 @@ def fp8_block_scaled_matmul(a, w, a_scale, w_scale, *, tile_m: int = 64, tile_n:
   # Rows of the transposed weight scales, padded to a multiple of 32 float32 (128 bytes): each pipeline stage
   # of that block is a TMA destination, and TMA needs 128-byte aligned SMEM. 4 columns (16 bytes, TMA's
   # minimum row) put stage 1 at +16 bytes: CUDA_ERROR_MISALIGNED_ADDRESS on the H200 (2026-11-30).
-  ws_cols = -(-(n // BLOCK) // 32) * 32
+  ws_cols = -(-pl.cdiv(n, BLOCK) // 32) * 32
 
   fp8_swizzle = plgpu.find_swizzle(BLOCK * 8)  # 128 fp8 = 128 bytes
   fp8_transforms = (plgpu.TilingTransform((8, fp8_swizzle)), plgpu.SwizzleTransform(fp8_swizzle))
@@ -181,7 +185,7 @@ def fp8_block_scaled_matmul(a, w, a_scale, w_scale, *, tile_m: int = 64, tile_n:
   if w_scale_in_smem:
     # [K/B, N/B] (transposed), padded to 128 bytes a row for TMA: one row per K step goes through the
     # pipeline with a and the activation scales, and each compute warpgroup reads its scalar from SMEM.
-    w_scale = jnp.pad(w_scale.T, ((0, 0), (0, ws_cols - n // BLOCK)))
+    w_scale = jnp.pad(w_scale.T, ((0, 0), (0, ws_cols - pl.cdiv(n, BLOCK))))
   f = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
@@ -205,7 +209,7 @@ def make_inputs(m: int, n: int, k: int, seed: int = 0):
   a8 = jnp.asarray(a, jnp.float8_e4m3fn)
   w8 = jnp.asarray(w, jnp.float8_e4m3fn)
   a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // BLOCK, m)).astype(np.float32) / 64)
-  w_scale = jnp.asarray(rng.uniform(0.5, 2.0, (n // BLOCK, k // BLOCK)).astype(np.float32) / 64)
+  w_scale = jnp.asarray(rng.uniform(0.5, 2.0, (-(-n // BLOCK), k // BLOCK)).astype(np.float32) / 64)
   return a8, w8, a_scale, w_scale
 
 
@@ -220,7 +224,7 @@ def reference(a8, w8, a_scale, w_scale) -> np.ndarray:
   out = np.zeros((m, n))
   for kb in range(k // BLOCK):
     ks = slice(kb * BLOCK, (kb + 1) * BLOCK)
-    col_scale = np.repeat(sw[:, kb], BLOCK)  # [N]
+    col_scale = np.repeat(sw[:, kb], BLOCK)[:n]  # [N]
     out += (a[:, ks] @ w[:, ks].T) * sa[kb][:, None] * col_scale[None, :]
   return out
 
@@ -249,7 +253,7 @@ def lower_for_cuda(m, n, k, **tiles):
   """Traces and lowers for cuda on a machine without a GPU; returns the lowered text's size or raises."""
   args = [jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn),
           jax.ShapeDtypeStruct((k // BLOCK, m), jnp.float32),
-          jax.ShapeDtypeStruct((n // BLOCK, k // BLOCK), jnp.float32)]
+          jax.ShapeDtypeStruct((-(-n // BLOCK), k // BLOCK), jnp.float32)]
   fn = jax.jit(functools.partial(fp8_block_scaled_matmul, **tiles))
   lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
   return lowered.as_text()

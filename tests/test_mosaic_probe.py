@@ -23,6 +23,8 @@ def _interpret():
     ((128, 128, 256), dict(tile_m=64, tile_n=128, max_concurrent_steps=4)),
     ((128, 256, 384), dict(tile_m=64, tile_n=256, max_concurrent_steps=2, epi_n=32)),
     ((256, 128, 256), dict(tile_m=64, tile_n=64, max_concurrent_steps=2, w_scale_in_smem=False)),
+    # Swapped (the weights as the 128-row operand, 16 tokens as wgmma's N): one column scale block.
+    ((256, 16, 384), dict(tile_m=64, tile_n=16, max_concurrent_steps=4)),
 ])
 def test_matches_float64_reference(shape, tiles, seed):
   # Interpret mode multiplies in float32 exactly; the GPU's FP8 wgmma accumulates in reduced precision
