@@ -209,7 +209,7 @@ def make_inputs(m: int, n: int, k: int, seed: int = 0):
   a8 = jnp.asarray(a, jnp.float8_e4m3fn)
   w8 = jnp.asarray(w, jnp.float8_e4m3fn)
   a_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k // BLOCK, m)).astype(np.float32) / 64)
-  w_scale = jnp.asarray(rng.uniform(0.5, 2.0, (-(-n // BLOCK), k // BLOCK)).astype(np.float32) / 64)
+  w_scale = jnp.asarray(rng.uniform(0.5, 2.0, (pl.cdiv(n, BLOCK), k // BLOCK)).astype(np.float32) / 64)
   return a8, w8, a_scale, w_scale
 
 
@@ -253,7 +253,7 @@ def lower_for_cuda(m, n, k, **tiles):
   """Traces and lowers for cuda on a machine without a GPU; returns the lowered text's size or raises."""
   args = [jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn),
           jax.ShapeDtypeStruct((k // BLOCK, m), jnp.float32),
-          jax.ShapeDtypeStruct((-(-n // BLOCK), k // BLOCK), jnp.float32)]
+          jax.ShapeDtypeStruct((pl.cdiv(n, BLOCK), k // BLOCK), jnp.float32)]
   fn = jax.jit(functools.partial(fp8_block_scaled_matmul, **tiles))
   lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
   return lowered.as_text()

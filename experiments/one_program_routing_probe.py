@@ -6,7 +6,7 @@ program for route + layout + place (`fused_routing.ONE_PROGRAM_MAX_TOKENS`: T to
 launch fewer for ~1 us more GPU time (PERF 55). This probe times both on the same machine, alternating,
 with the benchmark's method (`timing.time_pipelined`: flush + call enqueued back to back, median of
 rounds), records the host's enqueue time per call and the kernels' GPU times (`GpuTimer`), and checks that
-both forms give the same output bits.
+both forms give the same output bits. Measured on the H200 (PERF 66): one program is slower at T=7.
 
   PYTHONPATH=. python3 experiments/one_program_routing_probe.py --tokens=1,7 --jsonl=$OUT/one_program.jsonl
 """

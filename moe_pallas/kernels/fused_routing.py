@@ -75,9 +75,10 @@ _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 _ONE_WARP_ROUTE_FROM = 2048
 
 # Up to this T, route + layout + place run as one program (one block of T tokens, padded to a power of
-# two) by default: one launch instead of two. 2 is what the kernels' GPU time prefers (PERF 55: 8 tokens a
-# block at T=7 take 6.0-6.4 us against the two kernels' 5.4); a launch fewer saves the host more than that
-# where the host paces the call (experiments/one_program_routing_probe.py).
+# two) by default: one launch instead of two. Measured on the H200 at 2 (one block of 2 tokens at T <= 2)
+# against 8 (experiments/one_program_routing_probe.py, 2026-12-01, results/h200_2026-12-01_s16/call4, PERF
+# 66): at T=7 the one program takes 6.8 us against the two kernels' 3.6 + 1.7, and the launch it saves was
+# not measurable on the host (80-126 us a call either way); pipelined 55.7/60.8/56.0 against 55.0/54.1/53.1.
 ONE_PROGRAM_MAX_TOKENS = 2
 
 
