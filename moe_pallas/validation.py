@@ -224,6 +224,12 @@ def check_all_experts(routing_logits, routing_bias, hidden_states, hidden_states
   `config.num_local_experts` is ignored (the caller sets E_local); the returned config has E_local = E.
   """
   _check_config_type(config, optional=True)
+  for name, weights, spec in (("gemm1_weights", gemm1_weights, "[E, 2I, H]"),
+                              ("gemm2_weights", gemm2_weights, "[E, H, I]")):
+    if weight_layout.is_block_major_shape(_shape(weights)):
+      raise ValueError(f"{name} is block-major ({list(_shape(weights))}); the layer over all E experts "
+                       f"(moe_layer_sharded, moe_layer_all_experts) takes SPEC.md's {spec} order only: "
+                       f"moe_pallas.from_block_major gives it")
   num_experts = _shape(routing_logits)[-1] if len(_shape(routing_logits)) == 2 else None
   if (len(_shape(gemm1_weights)) != 3 or num_experts is None or _shape(gemm1_weights)[0] != num_experts):
     raise ValueError(f"gemm1_weights must hold all E global experts, [E, 2I, H] with E = routing_logits.shape[1]; "

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_pallas import SMALL, MoEConfig, moe_layer_all_experts, sharding
+from moe_pallas import SMALL, MoEConfig, moe_layer_all_experts, sharding, to_block_major
 
 FACTOR = 2.5
 NUM_DEVICES = 8
@@ -140,6 +140,13 @@ def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match=r"hold all E global experts"):
     sharding.moe_layer_sharded(*inputs[:4], *(w[:8] for w in inputs[4:]), mesh=mesh,
                                routed_scaling_factor=FACTOR, config=CONFIG)
+  # Block-major weights (either one) are refused by name: this layer takes the SPEC order only.
+  for index, name in ((4, "gemm1_weights"), (6, "gemm2_weights")):
+    blocked = list(inputs)
+    blocked[index] = to_block_major(inputs[index])
+    for layer in (functools.partial(sharding.moe_layer_sharded, mesh=mesh), moe_layer_all_experts):
+      with pytest.raises(ValueError, match=rf"{name} is block-major .* takes SPEC.md's .* order only"):
+        layer(*blocked, routed_scaling_factor=FACTOR, config=CONFIG)
 
 
 def test_capacity_bound():

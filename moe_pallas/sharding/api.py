@@ -36,7 +36,8 @@ def moe_layer_sharded(routing_logits, routing_bias, hidden_states, hidden_states
     gemm1_weights: [E, 2I, H] float8_e4m3fn, all global experts; split over `expert_axis` (place it with
       `NamedSharding(mesh, PartitionSpec(expert_axis))` to avoid a reshard per call).
     gemm1_weights_scale: [E, 2I/128, H/128] float32.
-    gemm2_weights: [E, H, I] float8_e4m3fn; gemm2_weights_scale: [E, H/128, I/128] float32.
+    gemm2_weights: [E, H, I] float8_e4m3fn; gemm2_weights_scale: [E, H/128, I/128] float32. Both weights
+      in SPEC.md's [E, N, K] order: block-major ones (`moe_pallas.to_block_major`) are refused by name.
     mesh: a `jax.sharding.Mesh` (e.g. `jax.make_mesh((8,), ("expert",))`) with `expert_axis`, whose size P
       must divide E; shard p holds experts p*E/P .. (p+1)*E/P - 1.
     routed_scaling_factor: float multiplying the normalized routing weights (2.5 in DeepSeek-V3).
