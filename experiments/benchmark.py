@@ -161,6 +161,20 @@ def jitted_layer(implementation: str, config, interpret: bool, intermediate_dtyp
   return jax.jit(layer)
 
 
+def jitted_layer_args(config, tokens: int, weights, device):
+  """The public workload of `tokens` tokens (uniform routing, workloads.draw) as `jitted_layer`'s arguments
+  on `device`: (workload, (activations..., weights..., offset, scaling)), offset and scaling as device
+  scalars (traced, as a model passes them)."""
+  import jax
+  import jax.numpy as jnp
+  from experiments import workloads
+  workload = workloads.select(str(int(tokens)), config)[0]
+  draw = workloads.draw(config, workload, "uniform")
+  scalars = jax.device_put((jnp.int32(workload.local_expert_offset),
+                            jnp.float32(workload.routed_scaling_factor)), device)
+  return workload, (*draw.activations(), *weights, *scalars)
+
+
 def pipelined_iters() -> int:
   return _PIPELINED_ITERS.value or _ITERS.value
 

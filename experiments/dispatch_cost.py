@@ -94,7 +94,6 @@ def main(argv):
   if _CPU.value:
     jax.config.update("jax_platforms", "cpu")
   from experiments import benchmark, tables, timing
-  from experiments import workloads as workloads_lib
   from moe_pallas import testing
   from moe_pallas.config import MoEConfig
 
@@ -123,11 +122,7 @@ def main(argv):
 
   layer = benchmark.jitted_layer("triton", config, _CPU.value, jnp.dtype(jnp.float8_e4m3fn))
   for t in _TOKENS.value:
-    workload = workloads_lib.select(str(int(t)), config)[0]
-    draw = workloads_lib.draw(config, workload, "uniform")
-    scalars = jax.device_put((jnp.int32(workload.local_expert_offset),
-                              jnp.float32(workload.routed_scaling_factor)), device)
-    args = (*draw.activations(), *weights, *scalars)
+    _, args = benchmark.jitted_layer_args(config, t, weights, device)
     # The same values, each written by a program on the device (as a model's activations are), not
     # transferred from the host: whether an argument's origin changes what each call costs the host.
     recomputed = jax.block_until_ready(jax.jit(lambda *a: tuple(jnp.copy(x) for x in a))(*args))

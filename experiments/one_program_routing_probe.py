@@ -8,7 +8,7 @@ with the benchmark's method (`timing.time_pipelined`: flush + call enqueued back
 rounds), records the host's enqueue time per call and the kernels' GPU times (`GpuTimer`), and checks that
 both forms give the same output bits. Measured on the H200 (PERF 66): one program is slower at T=7.
 
-  PYTHONPATH=. python3 experiments/one_program_routing_probe.py --tokens=1,7 --jsonl=$OUT/one_program.jsonl
+  PYTHONPATH=. python3 experiments/one_program_routing_probe.py --probe_tokens=1,7 --probe_jsonl=$OUT/one_program.jsonl
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import statistics
 from absl import app
 from absl import flags
 
-_TOKENS = flags.DEFINE_list("tokens", ["7"], "Token counts T (benchmark.py workloads).")
+_TOKENS = flags.DEFINE_list("probe_tokens", ["7"], "Token counts T (benchmark.py workloads).")
 _BOUNDS = flags.DEFINE_list("bounds", ["2", "8"], "Values of fused_routing.ONE_PROGRAM_MAX_TOKENS to compare.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Times each bound is measured, alternating with the others.")
 _ROUNDS = flags.DEFINE_integer("probe_rounds", 15, "Pipelined rounds per measurement.")
 _ITERS = flags.DEFINE_integer("probe_iters", 40, "Calls per pipelined round.")
 _LAYOUT = flags.DEFINE_enum("probe_weights_layout", "block_major", ["spec", "block_major"], "Expert weights' order.")
-_JSONL = flags.DEFINE_string("jsonl", "", "JSONL output (optional).")
+_JSONL = flags.DEFINE_string("probe_jsonl", "", "JSONL output (optional).")
 
 
 def main(argv):
@@ -38,7 +38,6 @@ def main(argv):
 
   import moe_pallas as mp
   from experiments import benchmark, timing
-  from experiments import workloads as workloads_lib
   from moe_pallas import testing
   from moe_pallas.kernels import fused_routing
 
@@ -52,11 +51,7 @@ def main(argv):
   bounds = [int(b) for b in _BOUNDS.value]
   rows = []
   for t in _TOKENS.value:
-    workload = workloads_lib.select(str(int(t)), config)[0]
-    draw = workloads_lib.draw(config, workload, "uniform")
-    scalars = jax.device_put((jnp.int32(workload.local_expert_offset),
-                              jnp.float32(workload.routed_scaling_factor)), device)
-    args = (*draw.activations(), *weights, *scalars)
+    workload, args = benchmark.jitted_layer_args(config, t, weights, device)
     outputs = {}
     for repeat in range(_REPEATS.value):
       for bound in bounds:
