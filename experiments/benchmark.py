@@ -161,18 +161,22 @@ def jitted_layer(implementation: str, config, interpret: bool, intermediate_dtyp
   return jax.jit(layer)
 
 
-def jitted_layer_args(config, tokens: int, weights, device):
-  """The public workload of `tokens` tokens (uniform routing, workloads.draw) as `jitted_layer`'s arguments
-  on `device`: (workload, (activations..., weights..., offset, scaling)), offset and scaling as device
-  scalars (traced, as a model passes them)."""
+def traced_scalars(workload, device) -> tuple:
+  """`jitted_layer`'s last two arguments, the workload's offset and scaling factor, as scalars on `device`
+  (traced arguments, as a model passes them: offsets share one executable)."""
   import jax
   import jax.numpy as jnp
+  return jax.device_put((jnp.int32(workload.local_expert_offset), jnp.float32(workload.routed_scaling_factor)),
+                        device)
+
+
+def jitted_layer_args(config, tokens: int, weights, device):
+  """The public workload of `tokens` tokens (uniform routing, workloads.draw) as `jitted_layer`'s arguments
+  on `device`: (workload, (activations..., weights..., offset, scaling))."""
   from experiments import workloads
   workload = workloads.select(str(int(tokens)), config)[0]
   draw = workloads.draw(config, workload, "uniform")
-  scalars = jax.device_put((jnp.int32(workload.local_expert_offset),
-                            jnp.float32(workload.routed_scaling_factor)), device)
-  return workload, (*draw.activations(), *weights, *scalars)
+  return workload, (*draw.activations(), *weights, *traced_scalars(workload, device))
 
 
 def pipelined_iters() -> int:
@@ -190,14 +194,11 @@ def _pipelined_fields(implementation, config, intermediate_dtype, workload, args
 
   A failure here is recorded (pipelined_error, pipelined_us None) and does not fail the row: its span and
   correctness were measured already."""
-  import jax
-  import jax.numpy as jnp
   from experiments import timing
   try:
     layer = jitted_layer(implementation, config, _INTERPRET.value, intermediate_dtype)
-    scalars = jax.device_put((jnp.int32(workload.local_expert_offset),
-                              jnp.float32(workload.routed_scaling_factor)), device)
-    result = timing.time_pipelined(layer, (*args, *scalars), iters=pipelined_iters(), rounds=_PIPELINED_ROUNDS.value,
+    result = timing.time_pipelined(layer, (*args, *traced_scalars(workload, device)), iters=pipelined_iters(),
+                                   rounds=_PIPELINED_ROUNDS.value,
                                    flush_bytes=pipelined_flush_bytes(device.platform == "gpu"), device=device)
   except Exception as e:  # noqa: BLE001 - recorded in the row
     traceback.print_exc()
@@ -482,9 +483,8 @@ def main(argv):
   jax = _configure_jax()
   import jax.numpy as jnp
 
-  import moe_pallas
   from experiments import workloads as workloads_lib
-  from moe_pallas import testing
+  from moe_pallas import testing, weight_layout
   from moe_pallas.config import MoEConfig
 
   t_run = time.perf_counter()
@@ -519,8 +519,7 @@ def main(argv):
         workers=_ORACLE_WORKERS.value or max(1, (os.cpu_count() or 2) // 2))
     draws = _draw_all(config, workloads, references)
     if _WEIGHTS_LAYOUT.value == "block_major":  # the references keep the SPEC order
-      w1, s1, w2, s2 = weights
-      weights = jax.block_until_ready((moe_pallas.to_block_major(w1), s1, moe_pallas.to_block_major(w2), s2))
+      weights = jax.block_until_ready(weight_layout.experts_in_layout(weights, "block_major"))
       log("weights reordered block-major for the timed calls")
     if _PIPELINED.value and _QUIET_HOST.value:
       # The oracle's threads hold the GIL in parts: running beside the pipelined loops they slowed the

@@ -38,15 +38,13 @@ def main(argv):
 
   import moe_pallas as mp
   from experiments import benchmark, timing
-  from moe_pallas import testing
+  from moe_pallas import testing, weight_layout
   from moe_pallas.kernels import fused_routing
 
   config = mp.DEEPSEEK_V3
   device = jax.devices()[0]
-  w1, s1, w2, s2 = testing.random_weights(config, seed=0)
-  if _LAYOUT.value == "block_major":
-    w1, w2 = mp.to_block_major(w1), mp.to_block_major(w2)
-  weights = jax.block_until_ready((w1, s1, w2, s2))
+  weights = jax.block_until_ready(weight_layout.experts_in_layout(testing.random_weights(config, seed=0),
+                                                                  _LAYOUT.value))
   timer = timing.GpuTimer(device=device)
   bounds = [int(b) for b in _BOUNDS.value]
   rows = []

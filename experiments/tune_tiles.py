@@ -331,7 +331,7 @@ def main(argv):
   from experiments import tables
   from experiments import workloads as wl
   from experiments.timing import GpuTimer
-  from moe_pallas import testing
+  from moe_pallas import testing, weight_layout
   from moe_pallas.kernels import grouped_moe
   from moe_pallas.kernels.tiling import default_tiling
 
@@ -340,10 +340,7 @@ def main(argv):
   device = jax.devices()[0]
   print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
   weights = testing.random_weights(config, seed=0)
-  timed_weights = weights  # the reference keeps the SPEC order
-  if _WEIGHTS_LAYOUT.value == "block_major":
-    w1, w1s, w2, w2s = weights
-    timed_weights = (mp.to_block_major(w1), w1s, mp.to_block_major(w2), w2s)
+  timed_weights = weight_layout.experts_in_layout(weights, _WEIGHTS_LAYOUT.value)  # the reference: SPEC order
   timer = GpuTimer()
   L, K = config.num_local_experts, config.top_k
 

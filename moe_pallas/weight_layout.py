@@ -35,6 +35,17 @@ def from_block_major(w: jax.Array) -> jax.Array:
   return jnp.transpose(w, (0, 1, 3, 2, 4)).reshape(e, nb * SCALE_BLOCK, kb * SCALE_BLOCK)
 
 
+def experts_in_layout(weights, layout: str) -> tuple:
+  """(gemm1_weights, gemm1_weights_scale, gemm2_weights, gemm2_weights_scale) with both weights in `layout`:
+  "spec" ([E, N, K], as given) or "block_major" (`to_block_major` of [E, N, K] weights); scales as given."""
+  w1, s1, w2, s2 = weights
+  if layout == "spec":
+    return w1, s1, w2, s2
+  if layout == "block_major":
+    return to_block_major(w1), s1, to_block_major(w2), s2
+  raise ValueError(f"layout must be 'spec' or 'block_major', got {layout!r}")
+
+
 def is_block_major_shape(shape) -> bool:
   """Whether an array of `shape` is block-major expert weights ([E, N/128, K/128, 128, 128])."""
   shape = tuple(shape)

@@ -34,6 +34,18 @@ def test_dequantize_reads_block_major_values_in_spec_order(rng):
   np.testing.assert_array_equal(np.asarray(mp.dequantize(blocked)), np.asarray(mp.dequantize(q)))
 
 
+def test_experts_in_layout_reorders_both_weights_only():
+  weights = testing.random_weights(mp.SMALL, seed=3)
+  assert weight_layout.experts_in_layout(weights, "spec") == tuple(weights)
+  w1, s1, w2, s2 = weight_layout.experts_in_layout(weights, "block_major")
+  assert weight_layout.is_block_major(w1) and weight_layout.is_block_major(w2)
+  assert s1 is weights[1] and s2 is weights[3]
+  np.testing.assert_array_equal(np.asarray(weight_layout.from_block_major(w2), np.float32),
+                                np.asarray(weights[2], np.float32))
+  with pytest.raises(ValueError, match="layout must be 'spec' or 'block_major', got 'rows'"):
+    weight_layout.experts_in_layout(weights, "rows")
+
+
 def test_block_major_refuses_other_shapes():
   with pytest.raises(ValueError, match="to_block_major takes \\[E, N, K\\] weights with N and K multiples of "
                                        "128, got shape \\[2, 192, 256\\]"):
