@@ -292,10 +292,15 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # instead of 2; the same sums; 2026-12-01, h200_2026-12-01_s13/call7/tune44.jsonl and call8/tune45.jsonl,
     # PERF 58): GEMM1 at T=55 -2.7 and -2.4 us, T=62 -6.6 and -4.1, T=52/57 within 1 (two calls). The 8-warp
     # launch keeps its 3 stages: with 2 it lost 8-25 us at T=14-80 (one program an SM there).
+    # On today's kernels (since the block-major weight tiles, 3ff0092) the busy launch is faster with 3 stages
+    # again, in both weight orders (2026-12-01, h200_2026-12-01_s17/call1/tune48 and call2/tune49, PERF 69;
+    # GEMM1 us, block-major / SPEC order): T=52 150.3 -> 148.7 / 161.4 -> 159.9, T=55 138.3 -> 134.7 / 150.6 ->
+    # 148.0, T=57 143.1 -> 140.5 / 155.7 -> 152.1, T=62 133.1 -> 129.3 / 144.8 -> 139.8 (call 1; call 2 the same
+    # within 1.5 us); where it only exits (8-16 tiles used) the same 2.2-3.1 us.
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3),
                      gemm2=dataclasses.replace(gemm2, swap_ab=True),
                      combine=CombineTiling(block_t=1, block_h=1024, num_warps=8, branch_per_pick=True),
-                     gemm1_busy=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=2),
+                     gemm1_busy=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=4, num_stages=3),
                      busy_min_tiles=17, bf16_rows=True)
   # GEMM2's rows as bfloat16 into the combine (2026-11-30, h200_2026-11-30_s8/tune20.jsonl, GEMM2 +
   # combine): T=14107 599.4 -> 528.4 us, T=11948 455.5 -> 408.7, T=901 133.5 -> 125.7, all_local T=14107
