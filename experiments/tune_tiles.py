@@ -84,12 +84,7 @@ def gemm1_one_launch_variants(base):
       ("g1_w8s2", dict(gemm1=dataclasses.replace(base.gemm1, num_stages=2))),
       ("g1_w8s4", dict(gemm1=dataclasses.replace(base.gemm1, num_stages=4))),
       *((f"g1_busy_w4s{stages}", dict(gemm1_busy=dataclasses.replace(base.gemm1_busy, num_stages=stages)))
-        for stages in (2, 3)),
-      # The busy launch on a persistent grid (`programs_per_sm`, as many as fit an SM at once): one wave of
-      # programs to exit where the count of used tiles does not select it (2.0-3.1 us at T=14-80, PERF 69).
-      *((f"g1_busy_w4s{stages}_p{per_sm}",
-         dict(gemm1_busy=dataclasses.replace(base.gemm1_busy, num_stages=stages, programs_per_sm=per_sm)))
-        for stages, per_sm in ((2, 3), (3, 2))))]
+        for stages in (2, 3)))]
 
 
 def combine_variants(base):

@@ -85,17 +85,6 @@ def test_layer_lowers_with_fused_routing(num_tokens, device_kind):
     assert grids[2:4] == [(tiles.busy_min_tiles - 1) * num_n_tiles, num_m_tiles * num_n_tiles]
 
 
-def test_persistent_busy_gemm1_lowers():
-  """The busy GEMM1 launch on a persistent grid (`programs_per_sm`): the same kernels, its grid the programs
-  that fit the SMs (a loop over the used tiles' items with a device-side count, which Triton must lower)."""
-  base = tiling.default_tiling(57, CONFIG.top_k, CONFIG.num_local_experts, device_kind="NVIDIA H200")
-  tiles = dataclasses.replace(base, gemm1_busy=dataclasses.replace(base.gemm1_busy, programs_per_sm=2))
-  kernels = _lowered_kernels(57, "NVIDIA H200", tiles=tiles)
-  assert kernels == ROUTING_KERNELS + ["moe_gemm1_swiglu_fp8"] * 2 + ["moe_gemm2_fp8", "moe_combine"]
-  grids = [int(g) for g in re.findall(r"grid_x = (\d+)", _lowered_text(57, "NVIDIA H200", tiles=tiles))]
-  assert grids[3] == 2 * schedule.num_sms()
-
-
 def test_split_k_gemm1_lowers():
   """Split-K GEMM1 (two kernels: K-range partials, then their sum with SwiGLU + quant) and GEMM2 (partial rows
   that the combine sums), bf16 intermediate too."""

@@ -476,12 +476,8 @@ def test_layer_matches_oracle_wide_preset(seed, num_tokens, scenario):
                      tiling.GemmTiling(block_m=16, block_n=128, block_k=64, swap_ab=True),
                      gemm1_busy=tiling.GemmTiling(block_m=16, block_n=64, num_warps=8, swap_ab=True),
                      busy_min_tiles=3, bf16_rows=True),
-    tiling.MoETiling(tiling.GemmTiling(block_m=16, block_n=64), tiling.GemmTiling(block_m=16, block_n=64, block_k=64),
-                     gemm1_busy=tiling.GemmTiling(block_m=16, block_n=64, num_warps=8, programs_per_sm=1),
-                     busy_min_tiles=1),
 ], ids=["narrow", "grouped", "h200_small_t", "split_k", "gemm2_split_k", "busy_gemm1_picked",
-        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup", "swap_ab",
-        "busy_gemm1_persistent"])
+        "busy_gemm1_not_picked", "gemm1_stream_k", "k_unroll", "bf16_rows", "in_kernel_fixup", "swap_ab"])
 def test_layer_matches_oracle_other_tilings(seed, tiles):
   _check_layer(mp.SMALL, 50, seed, "skewed", 8, jnp.float8_e4m3fn, tiles=tiles)
 
@@ -510,43 +506,6 @@ def test_gemm1_used_tiles_range_picks_the_call_that_writes(seed, small_weights, 
     tiling.MoETiling(gemm1=tiles, gemm1_busy=tiles)
   with pytest.raises(ValueError, match="gemm1_busy.swap_ab must equal gemm1.swap_ab"):
     tiling.MoETiling(gemm1=tiles, gemm1_busy=dataclasses.replace(tiles, num_warps=8, swap_ab=True), busy_min_tiles=4)
-
-
-@pytest.mark.parametrize("programs_per_sm", [1, 2])
-def test_persistent_gemm1_computes_the_same_bits(seed, small_weights, interpret, programs_per_sm):
-  """GEMM1 on a persistent grid (`programs_per_sm`: each program loops over the used tiles' items) writes
-  what one program per item writes, bit for bit, alone and as the launch a used-tile range selects; outside
-  its range it leaves `into` as it was."""
-  acts, plan = _kernel_inputs(seed)
-  w1, w1s, _, _ = small_weights
-  sched = schedule.make_tile_schedule(plan, block_m=16)
-  tiles = tiling.GemmTiling(block_m=16, block_n=64, group_m=3)
-  persistent = dataclasses.replace(tiles, programs_per_sm=programs_per_sm)
-  args = (sched.tile_expert, sched.row_token, acts[2], acts[3], w1, w1s)
-  valid = np.asarray(sched.row_weight) != 0
-  used = int(sched.num_used_tiles)
-  if interpret:  # few programs there (schedule.num_sms): each loops over several items
-    assert used * (mp.SMALL.intermediate // 64) > 2 * programs_per_sm * schedule.num_sms(interpret)
-
-  def check(got, want):
-    np.testing.assert_array_equal(np.asarray(got[0], np.float32)[valid], np.asarray(want[0], np.float32)[valid])
-    np.testing.assert_array_equal(np.asarray(got[1])[:, valid], np.asarray(want[1])[:, valid])
-
-  plain = grouped_gemm.gemm1_swiglu(*args, tiling=tiles, interpret=interpret)
-  check(grouped_gemm.gemm1_swiglu(*args, tiling=persistent, interpret=interpret, used_tiles=sched.num_used_tiles),
-        plain)
-  sentinel = (jnp.full(plain[0].shape, 3.0, plain[0].dtype), jnp.full(plain[1].shape, -7.0, plain[1].dtype))
-  kwargs = dict(tiling=persistent, interpret=interpret, used_tiles=sched.num_used_tiles, into=sentinel)
-  check(grouped_gemm.gemm1_swiglu(*args, used_tiles_range=(used, 2**31 - 1), **kwargs), plain)
-  skipped = grouped_gemm.gemm1_swiglu(*args, used_tiles_range=(used + 1, 2**31 - 1), **kwargs)
-  for got, want in zip(skipped, sentinel):
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-  with pytest.raises(ValueError, match="used_tiles_range needs used_tiles"):
-    grouped_gemm.gemm1_swiglu(*args, tiling=persistent, interpret=interpret, used_tiles_range=(0, 4))
-  with pytest.raises(ValueError, match="programs_per_sm must be >= 0, and 0 with split_k above 1"):
-    tiling.GemmTiling(block_m=16, split_k=2, programs_per_sm=1)
-  with pytest.raises(ValueError, match="programs_per_sm are GEMM1's only"):
-    tiling.MoETiling(tiles, dataclasses.replace(tiles, programs_per_sm=1))
 
 
 def test_best_available_falls_back_to_xla_where_kernels_cannot_run(seed, monkeypatch, interpret):

@@ -93,7 +93,7 @@ def test_stream_k_tiling_is_checked():
     tiling.GemmTiling(block_m=16, fixup_in_kernel=True)
   with pytest.raises(ValueError, match="stream_k must be >= 0, and 0 with a split_k above 1"):
     tiling.GemmTiling(block_m=16, split_k=2, stream_k=1)
-  with pytest.raises(ValueError, match="stream_k and programs_per_sm are GEMM1's only"):
+  with pytest.raises(ValueError, match="stream_k is GEMM1's only"):
     tiling.MoETiling(tiling.GemmTiling(block_m=16), tiling.GemmTiling(block_m=16, stream_k=1))
   with pytest.raises(ValueError, match="gemm1.stream_k needs the Triton GEMMs and no gemm1_busy"):
     tiling.MoETiling(tiling.GemmTiling(block_m=16, stream_k=1), tiling.GemmTiling(block_m=16),

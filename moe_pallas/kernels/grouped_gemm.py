@@ -3,9 +3,7 @@
 Both kernels take rows already padded to whole M-tiles of one expert (see schedule.py); the expert of
 tile `i` is read inside the kernel from `tile_expert`, and a tile of no expert exits at once, so an
 expert that no token picked costs no weight reads. The grid is 1-D over (M-tile, N-tile) pairs in
-Triton's grouped order (`group_m` M-tiles per N sweep) to keep weight and activation tiles in L2; GEMM1
-with `GemmTiling.programs_per_sm` runs a persistent grid whose programs loop over the used tiles' pairs in
-that order.
+Triton's grouped order (`group_m` M-tiles per N sweep) to keep weight and activation tiles in L2.
 
 GEMM1 with `tiling.split_k > 1` runs as two kernels: K-range partials into a float32 workspace, then
 their fixed-order sum with the SwiGLU + quant epilogue (the epilogue needs full K sums).
@@ -149,40 +147,24 @@ def swiglu_out_shape(num_rows: int, intermediate: int, block_n: int, out_dtype) 
 
 
 def _gemm1_swiglu_kernel(*refs, num_m_tiles, num_n_tiles, num_k_steps, intermediate, num_local_experts, tiling,
-                         quantize_output, used_tiles_range, num_aliased, num_programs):
+                         quantize_output, used_tiles_range, num_aliased):
   tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, *rest = refs
-  if used_tiles_range is not None or num_programs:
+  if used_tiles_range is not None:
     used_tiles_ref, *rest = rest
   out_ref, *out_scale_refs = rest[num_aliased:]  # aliased inputs are written through the outputs
-  selected = True
+  i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
+  runs = tile_expert_ref[i] < num_local_experts
   if used_tiles_range is not None:
     used = used_tiles_ref[0]
-    selected = (used >= used_tiles_range[0]) & (used < used_tiles_range[1])
+    runs = runs & (used >= used_tiles_range[0]) & (used < used_tiles_range[1])
 
-  def item(i, j):
+  @pl.when(runs)
+  def _():
     acc_up, acc_gate = gemm1_accumulate(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref,
                                         i=i, j=j, k_start=0, num_k_steps=num_k_steps,
                                         intermediate=intermediate, tiling=tiling)
     store_swiglu(acc_up, acc_gate, out_ref, out_scale_refs, i=i, j=j, tiling=tiling,
                  quantize_output=quantize_output)
-
-  if num_programs:  # persistent: items program, program + num_programs, ... of the used tiles' items
-    used = used_tiles_ref[0]
-    items = jnp.where(selected, used * num_n_tiles, 0)
-    program = pl.program_id(0)
-    coordinates = lambda index: schedule.grouped_coordinates(index, used, num_n_tiles, tiling.group_m)
-    # The first item outside the loop: a K loop nested in the items' loop ran 1.7-3.4 us slower on the
-    # H200 at T=52-62 (PERF 69), and one wave of programs holds the items of up to ~25 used tiles.
-    pl.when(program < items)(lambda: item(*coordinates(program)))
-    trips = (jnp.maximum(items - program, 0) + num_programs - 1) // num_programs
-
-    def step(trip, carry):
-      item(*coordinates(program + trip * num_programs))
-      return carry
-    jax.lax.fori_loop(1, trips, step, 0)
-    return
-  i, j = _tile_coordinates(num_m_tiles, num_n_tiles, tiling.group_m)
-  pl.when((tile_expert_ref[i] < num_local_experts) & selected)(lambda: item(i, j))
 
 
 def _gemm1_partial_kernel(tile_expert_ref, row_token_ref, a_ref, a_scale_ref, w_ref, w_scale_ref, partial_ref, *,
@@ -281,20 +263,12 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
   # launch where the other call computes and these all exit at once.
   grid_m_tiles = min(num_m_tiles, max(used_tiles_range[1] - 1, 1)) if selected else num_m_tiles
   grid = (grid_m_tiles * num_n_tiles,)
-  num_programs = 0
-  if tiling.programs_per_sm:  # persistent: no more programs than the items, nor than fit the SMs at once
-    num_programs = min(grid[0], tiling.programs_per_sm * schedule.num_sms(interpret))
-    grid = (num_programs,)
 
-  if selected and used_tiles is None:
-    raise ValueError("used_tiles_range needs used_tiles (the device's count of used M-tiles), got None")
   into = tuple(x for x in into if x is not None) if into is not None else None  # bf16: no scales
   if (selected or into is not None) and tiling.split_k > 1:
     raise NotImplementedError("used_tiles_range and into need an unsplit GEMM1 (split_k = 1)")
-  takes_count = selected or bool(num_programs)
-  count = (schedule.used_tiles_operand(used_tiles, num_m_tiles),) if takes_count else ()
-  extra = count + tuple(into or ())
-  aliases = {6 + takes_count + k: k for k in range(len(into or ()))}
+  extra = ((used_tiles.reshape(1),) if selected else ()) + tuple(into or ())
+  aliases = {6 + selected + k: k for k in range(len(into or ()))}
   operands = (tile_expert, row_token, a, a_scale, w13, w13_scale)
 
   if tiling.split_k > 1:
@@ -310,8 +284,7 @@ def gemm1_swiglu(tile_expert, row_token, a, a_scale, w13, w13_scale, *, tiling: 
   kernel = functools.partial(
       _gemm1_swiglu_kernel, num_m_tiles=grid_m_tiles, num_n_tiles=num_n_tiles,
       num_k_steps=num_k_steps, intermediate=intermediate, num_local_experts=num_local,
-      tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases),
-      num_programs=num_programs)
+      tiling=tiling, quantize_output=quantize_output, used_tiles_range=used_tiles_range, num_aliased=len(aliases))
   outs = pl.pallas_call(
       kernel, out_shape=swiglu_out_shape(num_rows, intermediate, tiling.block_n, out_dtype), grid=grid,
       interpret=interpret, input_output_aliases=aliases,

@@ -46,13 +46,6 @@ class GemmTiling:
       interpret mode equal up to float32 summation order; compiled, the fp8 MMA accumulates each K step in
       reduced precision, differently for the other shape (a few outputs differ by ~1 %, relative L2 ~2e-3;
       experiments/PERF.md 48). GEMM1's two launches (`MoETiling.gemm1_busy`) must agree on it (PERF 49).
-    programs_per_sm: above 0 (an unsplit GEMM1), a persistent grid of this many programs per SM, each looping
-      over the used (M-tile, N-tile) items in grouped order, instead of one program per item that the worst
-      case could need (T * top_k / block_m + E_local M-tiles). The same items, sums and bits; a launch that
-      the count of used tiles does not select (`MoETiling.gemm1_busy`) then starts one wave of programs that
-      exit at once instead of up to a few (~0.7 us each on the H200). A program's first item runs outside
-      the loop (as one program per item does): a K loop nested in the items' loop ran slower (PERF 69).
-      Pick the programs that fit an SM at once (SMEM: num_stages x the stage's tiles).
   """
 
   block_m: int = 64
@@ -66,7 +59,6 @@ class GemmTiling:
   fixup_in_kernel: bool = False
   k_unroll: int = 1
   swap_ab: bool = False
-  programs_per_sm: int = 0
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
@@ -84,10 +76,6 @@ class GemmTiling:
                        f"split_k={self.split_k}")
     if self.fixup_in_kernel and not self.stream_k:
       raise ValueError("fixup_in_kernel needs stream_k >= 1 (it is the stream-K kernel's fix-up)")
-    if self.programs_per_sm < 0 or (self.programs_per_sm and (self.split_k != 1 or self.stream_k)):
-      raise ValueError(f"programs_per_sm must be >= 0, and 0 with split_k above 1 or stream_k (a persistent grid "
-                       f"of whole items); got programs_per_sm={self.programs_per_sm}, split_k={self.split_k}, "
-                       f"stream_k={self.stream_k}")
     if self.k_unroll < 1 or (self.k_unroll > 1 and self.stream_k):
       raise ValueError(f"k_unroll must be >= 1, and 1 with stream_k (its shares start at any K step); got "
                        f"k_unroll={self.k_unroll}, stream_k={self.stream_k}")
@@ -181,9 +169,8 @@ class MoETiling:
                          f"gemm1.block_n={SCALE_BLOCK}, no split-K, no k_unroll, no swap_ab and no gemm1_busy; got "
                          f"(block_m, gemm1.block_n, split_k, gemm2 split_k, k_unroll, gemm2 k_unroll, swap_ab) = "
                          f"{blocks}, gemm1_busy={self.gemm1_busy}")
-    if self.gemm2.stream_k or self.gemm2.programs_per_sm:
-      raise ValueError(f"stream_k and programs_per_sm are GEMM1's only, got gemm2.stream_k={self.gemm2.stream_k}, "
-                       f"gemm2.programs_per_sm={self.gemm2.programs_per_sm}")
+    if self.gemm2.stream_k:
+      raise ValueError(f"stream_k is GEMM1's only, got gemm2.stream_k={self.gemm2.stream_k}")
     if self.gemm1.stream_k and (self.mosaic or self.gemm1_busy is not None):
       raise ValueError(f"gemm1.stream_k needs the Triton GEMMs and no gemm1_busy, got gemm_kernels="
                        f"{self.gemm_kernels!r}, gemm1_busy={self.gemm1_busy}")
