@@ -282,8 +282,9 @@ def _h200_tiling(rows_per_expert: float) -> MoETiling:
     # On today's kernels (since the block-major weight tiles, 3ff0092) the busy launch is faster with 3 stages
     # again, in both weight orders (2026-12-01, h200_2026-12-01_s17/call1/tune48 and call2/tune49, PERF 69;
     # GEMM1 us, block-major / SPEC order): T=52 150.3 -> 148.7 / 161.4 -> 159.9, T=55 138.3 -> 134.7 / 150.6 ->
-    # 148.0, T=57 143.1 -> 140.5 / 155.7 -> 152.1, T=62 133.1 -> 129.3 / 144.8 -> 139.8 (call 1; call 2 the same
-    # within 1.5 us); where it only exits (8-16 tiles used) the same 2.2-3.1 us.
+    # 148.0, T=57 143.1 -> 140.5 / 155.7 -> 152.1, T=62 133.1 -> 129.3 / 144.8 -> 139.8 (call 1; calls 2 and 3
+    # agree at T=55, 57 and 62, call 2 saw T=52 block-major unchanged); where it only exits (8-16 tiles used)
+    # the same 2.2-3.1 us.
     return MoETiling(gemm1=GemmTiling(block_m=16, block_n=128, group_m=8, num_warps=8, num_stages=3),
                      gemm2=dataclasses.replace(gemm2, swap_ab=True),
                      combine=CombineTiling(block_t=1, block_h=1024, num_warps=8, branch_per_pick=True),
